@@ -1,0 +1,84 @@
+// CPU mixer step: V = s * U M^T forward; dU = s * dV M and dM = s * dV^T U
+// backward, fused into one pass over row chunks.
+#include "../kernel_math.h"
+#include "../kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+namespace moslora::cpu {
+
+at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double scale) {
+  auto v = at::empty_like(u);
+  const int64_t n = u.size(0), r = u.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "moslora_mixer_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* u_ptr = u.const_data_ptr<scalar_t>();
+    const scalar_t* m_ptr = mixer.const_data_ptr<scalar_t>();
+    scalar_t* v_ptr = v.mutable_data_ptr<scalar_t>();
+    const acc_t s = static_cast<acc_t>(scale);
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (r * r));
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for (int64_t i = 0; i < r; ++i) {
+          v_ptr[row * r + i] =
+              static_cast<scalar_t>(s * strided_dot<acc_t>(u_ptr + row * r, 1, m_ptr + i * r, 1, r));
+        }
+      }
+    });
+  });
+  return v;
+}
+
+std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
+                                                  const at::Tensor& mixer, double scale,
+                                                  bool need_dmixer) {
+  auto du = at::empty_like(dv);
+  const int64_t n = dv.size(0), r = dv.size(1);
+  const int64_t chunk = mixer_chunk_rows(n);
+  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  at::Tensor dmixer;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dv.scalar_type(), "moslora_mixer_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dv_ptr = dv.const_data_ptr<scalar_t>();
+    const scalar_t* u_ptr = u.const_data_ptr<scalar_t>();
+    const scalar_t* m_ptr = mixer.const_data_ptr<scalar_t>();
+    scalar_t* du_ptr = du.mutable_data_ptr<scalar_t>();
+    const acc_t s = static_cast<acc_t>(scale);
+    // partials[c] = dV[rows of c]^T U[rows of c], unscaled, in acc_t.
+    std::vector<acc_t> partials(need_dmixer ? n_chunks * r * r : 0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t first = c * chunk, rows = std::min(chunk, n - first);
+        for (int64_t row = first; row < first + rows; ++row) {
+          for (int64_t j = 0; j < r; ++j) {
+            du_ptr[row * r + j] =
+                static_cast<scalar_t>(s * strided_dot<acc_t>(dv_ptr + row * r, 1, m_ptr + j, r, r));
+          }
+        }
+        if (!need_dmixer) continue;
+        for (int64_t i = 0; i < r; ++i) {
+          for (int64_t j = 0; j < r; ++j) {
+            partials[(c * r + i) * r + j] = strided_dot<acc_t>(
+                dv_ptr + first * r + i, r, u_ptr + first * r + j, r, rows);
+          }
+        }
+      }
+    });
+    if (!need_dmixer) return;
+    dmixer = at::empty({r, r}, dv.options());
+    scalar_t* dm_ptr = dmixer.mutable_data_ptr<scalar_t>();
+    for (int64_t ij = 0; ij < r * r; ++ij) {
+      acc_t sum = acc_t(0);
+      for (int64_t c = 0; c < n_chunks; ++c) sum += partials[c * r * r + ij];
+      dm_ptr[ij] = static_cast<scalar_t>(s * sum);
+    }
+  });
+  return {du, dmixer};
+}
+
+}  // namespace moslora::cpu

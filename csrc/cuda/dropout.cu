@@ -1,0 +1,53 @@
+// CUDA dropout: applies the counter-based mask of kernel_math.h to a row
+// block; the same mask as the CPU kernel for the same seed.
+#include "../kernel_math.h"
+#include "../kernels.h"
+#include "launch.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace moslora::cuda {
+namespace {
+
+// One thread handles four consecutive columns of one row: one Philox call.
+template <typename scalar_t, typename acc_t>
+__global__ void dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+                               int64_t rows, int64_t cols, int64_t first_row, uint64_t seed,
+                               uint32_t drop_threshold, acc_t keep_scale) {
+  const int64_t col_groups = (cols + 3) / 4;
+  for (int64_t idx = grid_start(); idx < rows * col_groups; idx += grid_stride()) {
+    const int64_t row = idx / col_groups, g = idx % col_groups;
+    const Philox4 words = philox4x32_10(seed, first_row + row, static_cast<uint32_t>(g));
+    for (int t = 0; t < 4 && 4 * g + t < cols; ++t) {
+      const int64_t offset = row * cols + 4 * g + t;
+      out[offset] = dropout_keep(words.w[t], drop_threshold)
+                        ? static_cast<scalar_t>(static_cast<acc_t>(in[offset]) * keep_scale)
+                        : scalar_t(0);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+  const auto x_contig = x.contiguous();
+  auto out = at::empty_like(x_contig);
+  const int64_t rows = x_contig.size(0), cols = x_contig.size(1);
+  const int64_t work = rows * ((cols + 3) / 4);
+  if (work == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dropout_kernel<scalar_t, acc_t><<<grid_for(work), kThreads, 0, stream>>>(
+        x_contig.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), rows, cols, first_row,
+        spec.seed, spec.drop_threshold, static_cast<acc_t>(spec.keep_scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace moslora::cuda

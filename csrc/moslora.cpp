@@ -1,0 +1,265 @@
+// The moslora_ext operators: argument checks and the device-generic algorithm
+// (ATen GEMMs, which are cuBLAS on CUDA), calling the device kernels of
+// kernels.h for the mixer step and the dropout mask.
+#include "kernel_math.h"
+#include "kernels.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace moslora {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------
+// Argument checks. Shapes and values raise ValueError, dtypes TypeError; each
+// message names both sides of the mismatch.
+// ---------------------------------------------------------------------------
+
+void check_same_dtype_device(const Tensor& x, const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "moslora_ext: ", name, " has dtype ",
+                   t.scalar_type(), " but x has dtype ", x.scalar_type(),
+                   "; cast the input or the layer so they match");
+  TORCH_CHECK_VALUE(t.device() == x.device(), "moslora_ext: ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+}
+
+// Checks weight (k, d), lora_A (r, d), mixer (r, r), lora_B (k, r) against
+// each other; x supplies the dtype and device they must share.
+void check_adapter(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& mixer,
+                   const Tensor& lora_B) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "moslora_ext: x must be a floating point tensor, got dtype ", x.scalar_type());
+  check_same_dtype_device(x, weight, "weight");
+  check_same_dtype_device(x, lora_A, "lora_A");
+  check_same_dtype_device(x, mixer, "mixer");
+  check_same_dtype_device(x, lora_B, "lora_B");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "moslora_ext: weight must be 2-D (out_features, in_features), got shape ",
+                    weight.sizes());
+  const int64_t k = weight.size(0), d = weight.size(1);
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == d,
+                    "moslora_ext: lora_A must have shape (r, in_features) with in_features = ", d,
+                    " (weight has shape ", weight.sizes(), "), got ", lora_A.sizes());
+  const int64_t r = lora_A.size(0);
+  TORCH_CHECK_VALUE(r >= 1, "moslora_ext: the rank r must be >= 1, lora_A has shape ", lora_A.sizes());
+  TORCH_CHECK_VALUE(mixer.dim() == 2 && mixer.size(0) == r && mixer.size(1) == r,
+                    "moslora_ext: mixer must have shape (r, r) = (", r, ", ", r, ") to match lora_A ",
+                    lora_A.sizes(), ", got ", mixer.sizes());
+  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == k && lora_B.size(1) == r,
+                    "moslora_ext: lora_B must have shape (out_features, r) = (", k, ", ", r,
+                    ") to match weight ", weight.sizes(), " and lora_A ", lora_A.sizes(), ", got ",
+                    lora_B.sizes());
+}
+
+void check_input(const Tensor& x, const Tensor& weight) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "moslora_ext: x must have in_features = ",
+                    weight.size(1), " in its last dimension (weight has shape ", weight.sizes(),
+                    "), got x of shape ", x.sizes());
+}
+
+DropoutSpec dropout_spec(double p, const std::optional<Tensor>& seed) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "moslora_ext: dropout probability must be in [0, 1), got ", p);
+  if (p == 0.0) return DropoutSpec{0, 0, 1.0};
+  TORCH_CHECK_VALUE(seed.has_value() && seed->defined(),
+                    "moslora_ext: dropout_p = ", p, " > 0 needs a dropout_seed tensor");
+  TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+                    "moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got dtype ",
+                    seed->scalar_type(), ", shape ", seed->sizes(), " on ", seed->device());
+  const auto threshold = static_cast<uint32_t>(std::llround(p * 16777216.0));  // p * 2^24
+  return DropoutSpec{static_cast<uint64_t>(seed->item<int64_t>()), threshold, 1.0 / (1.0 - p)};
+}
+
+void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
+}
+
+// ---------------------------------------------------------------------------
+// Device kernels, picked by the device of the operands.
+// ---------------------------------------------------------------------------
+
+Tensor mixer_forward(const Tensor& u, const Tensor& mixer, double scale) {
+#ifdef WITH_CUDA
+  if (u.is_cuda()) return cuda::mixer_forward(u, mixer, scale);
+#endif
+  return cpu::mixer_forward(u, mixer, scale);
+}
+
+std::tuple<Tensor, Tensor> mixer_backward(const Tensor& dv, const Tensor& u, const Tensor& mixer,
+                                          double scale, bool need_dmixer) {
+#ifdef WITH_CUDA
+  if (dv.is_cuda()) return cuda::mixer_backward(dv, u, mixer, scale, need_dmixer);
+#endif
+  return cpu::mixer_backward(dv, u, mixer, scale, need_dmixer);
+}
+
+Tensor dropout_rows(const Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+#ifdef WITH_CUDA
+  if (x.is_cuda()) return cuda::dropout_rows(x, spec, first_row);
+#endif
+  return cpu::dropout_rows(x, spec, first_row);
+}
+
+// With dropout on, rows are processed in blocks so the dropped copy of x only
+// ever exists one block (about 2^20 elements) at a time.
+int64_t dropout_block_rows(int64_t cols) {
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cols, 1));
+}
+
+int64_t leading_rows(const Tensor& x) {
+  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+// U = dropout(X) A^T without materialising dropout(X) beyond one row block.
+Tensor project_down(const Tensor& x2, const Tensor& lora_A, const DropoutSpec& dropout, double p) {
+  if (p == 0.0) return at::mm(x2, lora_A.t());
+  const int64_t n = x2.size(0), block = dropout_block_rows(x2.size(1));
+  auto u = at::empty({n, lora_A.size(0)}, x2.options());
+  for (int64_t first = 0; first < n; first += block) {
+    const int64_t rows = std::min(block, n - first);
+    auto u_block = u.narrow(0, first, rows);
+    at::mm_out(u_block, dropout_rows(x2.narrow(0, first, rows), dropout, first), lora_A.t());
+  }
+  return u;
+}
+
+// ---------------------------------------------------------------------------
+// Operators
+// ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                   const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B,
+                                   double scale, double dropout_p, const std::optional<Tensor>& dropout_seed) {
+  check_adapter(x, weight, lora_A, mixer, lora_B);
+  check_input(x, weight);
+  check_scale(scale);
+  const DropoutSpec dropout = dropout_spec(dropout_p, dropout_seed);
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_same_dtype_device(x, *bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                      "moslora_ext: bias must have shape (out_features,) = (", weight.size(0),
+                      ",), got ", bias->sizes());
+  }
+  const c10::DeviceGuard guard(x.device());
+  const int64_t n = leading_rows(x), d = weight.size(1);
+  const auto x2 = x.reshape({n, d});
+  auto y = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  auto u = project_down(x2, lora_A, dropout, dropout_p);
+  // The adapter accumulates straight into the base output (beta = 1).
+  y.addmm_(mixer_forward(u, mixer.contiguous(), scale), lora_B.t());
+  auto y_sizes = x.sizes().vec();
+  y_sizes.back() = weight.size(0);
+  return {y.view(y_sizes), u};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& x,
+                                                    const Tensor& weight, const Tensor& lora_A,
+                                                    const Tensor& mixer, const Tensor& lora_B, const Tensor& u,
+                                                    double scale, double dropout_p,
+                                                    const std::optional<Tensor>& dropout_seed,
+                                                    std::array<bool, 4> output_mask) {
+  check_adapter(x, weight, lora_A, mixer, lora_B);
+  check_input(x, weight);
+  check_scale(scale);
+  check_same_dtype_device(x, grad_out, "grad_out");
+  check_same_dtype_device(x, u, "u");
+  const DropoutSpec dropout = dropout_spec(dropout_p, dropout_seed);
+  const int64_t n = leading_rows(x), d = weight.size(1), k = weight.size(0), r = lora_A.size(0);
+  auto y_sizes = x.sizes().vec();
+  y_sizes.back() = k;
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(y_sizes), "moslora_ext: grad_out must have the output's shape ",
+                    at::IntArrayRef(y_sizes), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == n && u.size(1) == r, "moslora_ext: u must have shape (", n, ", ",
+                    r, ") as returned by forward, got ", u.sizes());
+  const auto [need_dx, need_dA, need_dmixer, need_dB] = output_mask;
+  const c10::DeviceGuard guard(x.device());
+  const auto g = grad_out.reshape({n, k});
+  const auto x2 = x.reshape({n, d});
+  const auto u_c = u.contiguous();
+  const auto mixer_c = mixer.contiguous();
+  Tensor dx, dA, dmixer, dB;
+  if (need_dB) dB = at::mm(g.t(), mixer_forward(u_c, mixer_c, scale));
+  if (need_dx) dx = at::mm(g, weight);
+  if (need_dx || need_dA || need_dmixer) {
+    const auto dv = at::mm(g, lora_B);
+    Tensor du;
+    std::tie(du, dmixer) = mixer_backward(dv, u_c, mixer_c, scale, need_dmixer);
+    if (dropout_p == 0.0) {
+      if (need_dA) dA = at::mm(du.t(), x2);
+      if (need_dx) dx.addmm_(du, lora_A);
+    } else if (need_dx || need_dA) {
+      // Regenerate the mask block by block: dA = dU^T dropout(X),
+      // dX += dropout(dU A) with the same mask.
+      if (need_dA) dA = at::zeros({r, d}, x.options());
+      const int64_t block = dropout_block_rows(d);
+      for (int64_t first = 0; first < n; first += block) {
+        const int64_t rows = std::min(block, n - first);
+        const auto du_block = du.narrow(0, first, rows);
+        if (need_dA) dA.addmm_(du_block.t(), dropout_rows(x2.narrow(0, first, rows), dropout, first));
+        if (need_dx) dx.narrow(0, first, rows).add_(dropout_rows(at::mm(du_block, lora_A), dropout, first));
+      }
+    }
+  }
+  if (need_dx) dx = dx.view(x.sizes());
+  return {dx, dA, dmixer, dB};
+}
+
+void merge_(Tensor weight, const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B, double scale) {
+  check_adapter(weight, weight, lora_A, mixer, lora_B);
+  check_scale(scale);
+  const c10::DeviceGuard guard(weight.device());
+  const bool reduced = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
+  const auto acc_type = reduced ? at::kFloat : weight.scalar_type();
+  const auto b_mixer = at::mm(lora_B.to(acc_type), mixer.to(acc_type));
+  const auto a = lora_A.to(acc_type);
+  if (!reduced) {
+    weight.addmm_(b_mixer, a, 1.0, scale);
+    return;
+  }
+  // Half precision: add in fp32 and round once, a block of rows at a time,
+  // so no k x d fp32 temporary is ever allocated.
+  const int64_t k = weight.size(0), block = dropout_block_rows(weight.size(1));
+  for (int64_t first = 0; first < k; first += block) {
+    const int64_t rows = std::min(block, k - first);
+    auto w_block = weight.narrow(0, first, rows);
+    auto acc_block = w_block.to(at::kFloat);
+    acc_block.addmm_(b_mixer.narrow(0, first, rows), a, 1.0, scale);
+    w_block.copy_(acc_block);
+  }
+}
+
+Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "moslora_ext: dropout needs a floating point x, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "moslora_ext: dropout needs x with at least one dimension");
+  const DropoutSpec spec = dropout_spec(p, seed);
+  if (p == 0.0) return x.clone();
+  const c10::DeviceGuard guard(x.device());
+  return dropout_rows(x.reshape({leading_rows(x), x.size(-1)}), spec, 0).view(x.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moslora_ext, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+  m.impl("merge_", &merge_);
+  m.impl("dropout", &dropout);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(moslora_ext, CUDA, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+  m.impl("merge_", &merge_);
+  m.impl("dropout", &dropout);
+}
+#endif
+
+}  // namespace moslora

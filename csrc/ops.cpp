@@ -1,0 +1,34 @@
+// Schemas of the moslora_ext operators, and the Python module moslora_ext._C
+// that loading registers them with. Kernels: moslora.cpp (CPU and CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing moslora_ext._C loads this library and so runs the registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(moslora_ext, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  // y = x W^T + b + scale * dropout(x) A^T M^T B^T, and u = dropout(x) A^T
+  // (rows of x flattened), which backward needs.
+  m.def(
+      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor mixer, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
+      tags);
+  // Gradients of forward for x, lora_A, mixer, lora_B; an output whose
+  // output_mask entry is false is not computed (None).
+  m.def(
+      "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor mixer, Tensor lora_B, "
+      "Tensor u, float scale, float dropout_p, Tensor? dropout_seed, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
+  // weight += scale * (lora_B mixer) lora_A, in place (scale < 0 unmerges).
+  m.def("merge_(Tensor(a!) weight, Tensor lora_A, Tensor mixer, Tensor lora_B, float scale) -> ()", tags);
+  // The dropout applied to the adapter input: rows of x (flattened to 2-D)
+  // masked by the counter-based mask of (seed, row, col), kept ones scaled.
+  m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor", tags);
+}

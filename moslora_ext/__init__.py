@@ -1,0 +1,62 @@
+"""moslora_ext: MoSLoRA (LoRA with a learnable r x r mixer) as fused PyTorch ops.
+
+    y = W0 x + b + s * B M A dropout(x)
+
+``moslora_ext.Linear`` is the layer; ``moslora_ext.ops`` has the functional
+ops; ``build_info()`` says what the installed extension was built with.
+"""
+
+from importlib import metadata
+
+import torch
+
+try:
+    from . import _build_config
+except ImportError as exc:  # pragma: no cover - only in an unbuilt source tree
+    raise ImportError(
+        "moslora_ext is not built: install it with `pip install .` "
+        "(or `pip install --no-build-isolation .` to build against the installed torch)"
+    ) from exc
+
+_REBUILD_HINT = (
+    "rebuild it against the installed torch with `pip install --no-build-isolation --force-reinstall .` "
+    "from the moslora_ext source tree"
+)
+
+if _build_config.TORCH_VERSION != torch.__version__:
+    raise ImportError(
+        f"moslora_ext was built against torch {_build_config.TORCH_VERSION} but torch {torch.__version__} "
+        f"is installed; {_REBUILD_HINT}"
+    )
+
+try:
+    from . import _C  # noqa: F401  (registers the torch.ops.moslora_ext operators)
+except ImportError as exc:
+    raise ImportError(f"moslora_ext's compiled extension failed to load ({exc}); {_REBUILD_HINT}") from exc
+
+from . import ops  # noqa: E402
+from .linear import Linear  # noqa: E402
+
+try:
+    __version__ = metadata.version("moslora_ext")
+except metadata.PackageNotFoundError:  # pragma: no cover - built in place, not installed
+    __version__ = "unknown"
+
+
+def build_info():
+    """What the installed extension was built with.
+
+    Returns a dict with ``torch_version`` (the torch it was compiled against),
+    ``with_cuda`` (whether the CUDA kernels were compiled), ``cuda_archs``
+    (the TORCH_CUDA_ARCH_LIST used, or None) and ``cuda_version``.
+    """
+    return {
+        "version": __version__,
+        "torch_version": _build_config.TORCH_VERSION,
+        "with_cuda": _build_config.WITH_CUDA,
+        "cuda_archs": _build_config.CUDA_ARCHS,
+        "cuda_version": _build_config.CUDA_VERSION,
+    }
+
+
+__all__ = ["Linear", "ops", "build_info", "__version__"]

@@ -1,0 +1,170 @@
+"""``moslora_ext.Linear``: a frozen linear layer with a MoSLoRA adapter."""
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+
+MIXER_INITS = ("kaiming", "orthogonal", "identity", "braid")
+
+
+def init_mixer_(mixer, mixer_init):
+    """Initialise an (r, r) mixer in place.
+
+    "kaiming": Kaiming-uniform with a = sqrt(5), as the released MoSLoRA code;
+    "orthogonal": a random orthogonal matrix; "identity": vanilla LoRA;
+    "braid": the two-subspace butterfly [[I, I], [I, I]] (even r only).
+    """
+    r = mixer.shape[0]
+    with torch.no_grad():
+        if mixer_init == "kaiming":
+            nn.init.kaiming_uniform_(mixer, a=math.sqrt(5))
+        elif mixer_init == "orthogonal":
+            nn.init.orthogonal_(mixer)
+        elif mixer_init == "identity":
+            mixer.copy_(torch.eye(r))
+        elif mixer_init == "braid":
+            if r % 2:
+                raise ValueError(f"mixer_init='braid' needs an even rank r, got r={r}")
+            half = torch.eye(r // 2)
+            mixer.copy_(torch.cat([torch.cat([half, half], 1), torch.cat([half, half], 1)], 0))
+        else:
+            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
+    return mixer
+
+
+class Linear(nn.Module):
+    """A linear layer with a frozen base and a trainable MoSLoRA adapter.
+
+    ``y = x W^T + b + scale * B M A dropout(x)`` with ``lora_A`` (r, in),
+    ``lora_mixer`` M (r, r) and ``lora_B`` (out, r); ``scale = lora_alpha / r``
+    (``lora_alpha / sqrt(r)`` with ``use_rslora``). ``lora_B`` starts at zero,
+    so a fresh adapter leaves the layer's output unchanged.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``torch.nn.Linear``.
+        r: adapter rank (>= 1).
+        lora_alpha: scale numerator.
+        lora_dropout: dropout on the adapter input, in [0, 1); active in
+            training mode only.
+        mixer_init: "kaiming" (default, as released), "orthogonal",
+            "identity" (vanilla LoRA) or "braid" (butterfly of two
+            subspaces, even r).
+        train_mixer: False freezes the mixer (identity + frozen = LoRA).
+        use_rslora: rank-stabilised scale lora_alpha / sqrt(r).
+
+    The base ``weight`` and ``bias`` are frozen (``requires_grad=False``).
+    ``merge()`` folds the adapter into ``weight`` for inference, ``unmerge()``
+    takes it out again.
+    """
+
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias=True,
+        mixer_init="kaiming",
+        train_mixer=True,
+        use_rslora=False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        base = nn.Linear(in_features, out_features, bias=bias, **factory)
+        self._init_from_base(base.weight, base.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora)
+
+    @classmethod
+    def from_linear(cls, linear, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming", train_mixer=True,
+                    use_rslora=False):
+        """Wrap an existing ``nn.Linear``: its weight and bias Parameters are
+        shared (not copied) and frozen; the adapter is created on their
+        device and dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_from_base(linear.weight, linear.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer,
+                              use_rslora)
+        return layer
+
+    def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora):
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r (the adapter rank) must be a positive integer, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if mixer_init not in MIXER_INITS:
+            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
+        if mixer_init == "braid" and r % 2:
+            raise ValueError(f"mixer_init='braid' needs an even rank r, got r={r}")
+        self.out_features, self.in_features = weight.shape
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.mixer_init = mixer_init
+        self.use_rslora = use_rslora
+        self.scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.merged = False
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.weight = weight
+        self.bias = bias
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        self.lora_mixer = nn.Parameter(torch.empty(r, r, **factory), requires_grad=train_mixer)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_mixer_(self.lora_mixer, mixer_init)
+
+    def forward(self, x):
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        dropout_p = self.lora_dropout if self.training else 0.0
+        return ops.moslora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_mixer, self.lora_B, self.scale, dropout_p
+        )
+
+    def delta_weight(self):
+        """The adapter as a weight update, ``scale * B M A`` (out, in)."""
+        with torch.no_grad():
+            return self.scale * (self.lora_B @ self.lora_mixer) @ self.lora_A
+
+    def merge(self, safe=False):
+        """Fold the adapter into ``weight`` in place; forward is then the base layer alone.
+
+        With ``safe=True`` the merged weight is computed in a copy first and
+        the merge is refused (ValueError, weight untouched) if it has
+        non-finite values; this costs one weight-sized temporary.
+        """
+        if self.merged:
+            raise RuntimeError("this moslora_ext.Linear is already merged; call unmerge() first")
+        if safe:
+            with torch.no_grad():
+                merged = self.weight.clone()
+                ops.merge_(merged, self.lora_A, self.lora_mixer, self.lora_B, self.scale)
+                if not torch.isfinite(merged).all():
+                    raise ValueError("safe merge refused: the merged weight would contain inf or NaN "
+                                     "(the weight is left unchanged)")
+                self.weight.copy_(merged)
+        else:
+            ops.merge_(self.weight, self.lora_A, self.lora_mixer, self.lora_B, self.scale)
+        self.merged = True
+
+    def unmerge(self):
+        """Take the adapter back out of ``weight`` (exact up to rounding)."""
+        if not self.merged:
+            raise RuntimeError("this moslora_ext.Linear is not merged; nothing to unmerge")
+        ops.merge_(self.weight, self.lora_A, self.lora_mixer, self.lora_B, -self.scale)
+        self.merged = False
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"mixer_init={self.mixer_init!r}, train_mixer={self.lora_mixer.requires_grad}, "
+                f"merged={self.merged}")

@@ -1,0 +1,154 @@
+"""The moslora_ext operators: typed wrappers over ``torch.ops.moslora_ext.*``,
+each with its fake (shape-only) kernel beside it, and their autograd.
+
+The operators themselves are defined in C++ (csrc/ops.cpp) with CPU and CUDA
+kernels; the fake kernels make them traceable by ``torch.compile`` and
+``torch.export``.
+"""
+
+import math
+
+import torch
+
+_C_OPS = torch.ops.moslora_ext
+
+
+def moslora_linear(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p=0.0):
+    """MoSLoRA linear map ``y = x W^T + b + scale * dropout(x) A^T M^T B^T``.
+
+    Args:
+        x: input of shape (..., in_features).
+        weight: frozen base weight (out_features, in_features).
+        bias: base bias (out_features,) or None.
+        lora_A: (r, in_features); mixer: (r, r); lora_B: (out_features, r).
+        scale: the adapter scale (lora_alpha / r, or lora_alpha / sqrt(r)).
+        dropout_p: dropout probability on the adapter input, in [0, 1).
+
+    Differentiable in x, the three adapter matrices and (unfused) weight and
+    bias. The dropout mask is drawn from torch's default generator, so
+    ``torch.manual_seed`` reproduces it; backward regenerates it rather than
+    storing a dropped copy of x. Under autocast every operand is cast to the
+    autocast dtype, as ``torch.nn.functional.linear`` does.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, lora_A, mixer, lora_B = (t.to(dtype) for t in (x, weight, lora_A, mixer, lora_B))
+        bias = None if bias is None else bias.to(dtype)
+    seed = new_dropout_seed() if dropout_p > 0 else None
+    y, _ = _C_OPS.forward(x, weight, bias, lora_A, mixer, lora_B, float(scale), float(dropout_p), seed)
+    return y
+
+
+def new_dropout_seed():
+    """A fresh dropout seed (one-element int64 CPU tensor) from torch's default generator."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def merge_(weight, lora_A, mixer, lora_B, scale):
+    """``weight += scale * (lora_B @ mixer) @ lora_A`` in place; a negative scale unmerges.
+
+    Half-precision weights are updated in fp32 a block of rows at a time, so
+    no (out_features, in_features) temporary is allocated.
+    """
+    with torch.no_grad():
+        _C_OPS.merge_(weight, lora_A, mixer, lora_B, float(scale))
+
+
+def dropout(x, p, seed):
+    """The adapter-input dropout: x (flattened to rows) masked by the
+    counter-based mask of (seed, row, column), kept elements scaled by 1/(1-p)."""
+    return _C_OPS.dropout(x, float(p), seed)
+
+
+def dropout_mask(shape, p, seed, device="cpu"):
+    """The boolean keep-mask that ``moslora_linear`` with this seed applies to
+    an input of ``shape`` (True = kept). For tests and debugging."""
+    ones = torch.ones(shape, device=device)
+    return dropout(ones, p, seed) != 0
+
+
+# ---------------------------------------------------------------------------
+# Fake kernels: output shapes and the checks needed to compute them.
+# ---------------------------------------------------------------------------
+
+
+def _check_like(x, t, name):
+    torch._check(t.dtype == x.dtype, lambda: f"moslora_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+    torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_shapes(x, weight, lora_A, mixer, lora_B):
+    for t, name in ((weight, "weight"), (lora_A, "lora_A"), (mixer, "mixer"), (lora_B, "lora_B")):
+        _check_like(x, t, name)
+    k, d = weight.shape
+    r = lora_A.shape[0]
+    torch._check(
+        x.dim() >= 1 and x.shape[-1] == d,
+        lambda: f"moslora_ext: x must have in_features = {d} in its last dimension, got {tuple(x.shape)}",
+    )
+    torch._check(r >= 1, lambda: f"moslora_ext: the rank r must be >= 1, lora_A has shape {tuple(lora_A.shape)}")
+    torch._check(
+        tuple(lora_A.shape) == (r, d) and tuple(mixer.shape) == (r, r) and tuple(lora_B.shape) == (k, r),
+        lambda: f"moslora_ext: inconsistent adapter shapes weight {tuple(weight.shape)}, lora_A "
+        f"{tuple(lora_A.shape)}, mixer {tuple(mixer.shape)}, lora_B {tuple(lora_B.shape)}",
+    )
+
+
+@torch.library.register_fake("moslora_ext::forward")
+def _forward_fake(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed):
+    _check_shapes(x, weight, lora_A, mixer, lora_B)
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    u = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
+    return y, u
+
+
+@torch.library.register_fake("moslora_ext::backward")
+def _backward_fake(grad_out, x, weight, lora_A, mixer, lora_B, u, scale, dropout_p, dropout_seed, output_mask):
+    _check_shapes(x, weight, lora_A, mixer, lora_B)
+    shapes = (x.shape, lora_A.shape, mixer.shape, lora_B.shape)
+    return tuple(x.new_empty(shape) if needed else None for shape, needed in zip(shapes, output_mask))
+
+
+@torch.library.register_fake("moslora_ext::merge_")
+def _merge_fake(weight, lora_A, mixer, lora_B, scale):
+    _check_shapes(weight, weight, lora_A, mixer, lora_B)
+
+
+@torch.library.register_fake("moslora_ext::dropout")
+def _dropout_fake(x, p, seed):
+    return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------------------
+# Autograd of forward: the fused backward op for x and the adapter; plain
+# PyTorch for the base weight and bias in the rare case they are trained.
+# ---------------------------------------------------------------------------
+
+
+def _forward_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, weight, lora_A, mixer, lora_B, u, dropout_seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _forward_backward(ctx, grad_y, grad_u):
+    x, weight, lora_A, mixer, lora_B, u, dropout_seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[3], needs[4], needs[5]]
+    grad_x, grad_A, grad_mixer, grad_B = _C_OPS.backward(
+        grad_y, x, weight, lora_A, mixer, lora_B, u, ctx.scale, ctx.dropout_p, dropout_seed, output_mask
+    )
+    grad_weight = grad_bias = None
+    if needs[1] or needs[2]:
+        grad_y2 = grad_y.reshape(-1, weight.shape[0])
+        if needs[1]:
+            grad_weight = grad_y2.t() @ x.reshape(-1, weight.shape[1])
+        if needs[2]:
+            grad_bias = grad_y2.sum(0)
+    return grad_x, grad_weight, grad_bias, grad_A, grad_mixer, grad_B, None, None, None
+
+
+torch.library.register_autograd("moslora_ext::forward", _forward_backward, setup_context=_forward_setup_context)

@@ -1,0 +1,128 @@
+"""Build of the moslora_ext extension (moslora_ext._C).
+
+The CPU kernels are always built. The CUDA kernels are added whenever nvcc
+and a CUDA build of torch are present, with or without a GPU; set
+MOSLORA_BUILD_CUDA=0 or 1 to force them off or on. What was built is
+recorded in moslora_ext/_build_config.py, which the package checks on import.
+"""
+
+import glob
+import os
+import shutil
+import site
+import subprocess
+import sysconfig
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def find_cuda_home():
+    """CUDA_HOME/CUDA_PATH if set, else the toolkit holding nvcc on PATH, else /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+        # nvcc on PATH may be a wrapper script: ask nvcc itself where it lives.
+        dryrun = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True)
+        for line in (dryrun.stdout + dryrun.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                return os.path.realpath(line.split("=", 1)[1].strip())
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+_cuda_home = find_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def want_cuda():
+    """Whether to compile the CUDA kernels (never asks for a GPU)."""
+    possible = torch.version.cuda is not None and _cuda_home is not None
+    flag = os.environ.get("MOSLORA_BUILD_CUDA", "")
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not possible:
+            raise RuntimeError(
+                "MOSLORA_BUILD_CUDA=1 but the CUDA kernels cannot be built: "
+                f"torch {torch.__version__} is {'a CUDA' if torch.version.cuda else 'a CPU-only'} build "
+                f"and nvcc was {'found at ' + _cuda_home if _cuda_home else 'not found'}"
+            )
+        return True
+    if flag:
+        raise RuntimeError(f"MOSLORA_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    return possible
+
+
+def cuda_arch_list():
+    """Honour TORCH_CUDA_ARCH_LIST; without it, the visible GPUs, else a default list."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+
+
+def cuda_wheel_include_dirs():
+    """Headers (cuBLAS, ...) that the nvidia-* pip wheels ship outside the toolkit."""
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
+    roots.add(os.path.dirname(os.path.dirname(torch.__file__)))
+    dirs = []
+    for root in sorted(roots):
+        dirs += sorted(glob.glob(os.path.join(root, "nvidia", "*", "include")))
+    return dirs
+
+
+def write_build_config(with_cuda, archs):
+    path = os.path.join(ROOT, "moslora_ext", "_build_config.py")
+    with open(path, "w") as f:
+        f.write(
+            "# Written by setup.py: what moslora_ext._C was built with.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"WITH_CUDA = {with_cuda!r}\n"
+            f"CUDA_ARCHS = {archs!r}\n"
+            f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+        )
+
+
+def extension():
+    sources = ["csrc/ops.cpp", "csrc/moslora.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    extra_compile_args = {"cxx": ["-O3"]}
+    with_cuda = want_cuda()
+    if not with_cuda:
+        write_build_config(False, None)
+        return cpp_extension.CppExtension(
+            "moslora_ext._C", sources, extra_compile_args=extra_compile_args, py_limited_api=False
+        )
+    archs = cuda_arch_list()
+    write_build_config(True, archs)
+    extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
+    # The toolkit's own headers first, so that the wheels only fill the gaps.
+    include_dirs = [os.path.join(_cuda_home, "include"), *cuda_wheel_include_dirs()]
+    return cpp_extension.CUDAExtension(
+        "moslora_ext._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=include_dirs,
+        define_macros=[("WITH_CUDA", None)],
+        extra_compile_args=extra_compile_args,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
