@@ -31,7 +31,7 @@ def moslora_linear(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p=0.0)
     autocast dtype, as ``torch.nn.functional.linear`` does.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, lora_A, mixer, lora_B = (t.to(dtype) for t in (x, weight, lora_A, mixer, lora_B))
         bias = None if bias is None else bias.to(dtype)

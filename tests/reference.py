@@ -1,0 +1,41 @@
+"""Independent plain-PyTorch references for the tests (no moslora_ext code)."""
+
+import torch
+import torch.nn.functional as F
+
+# (rtol, atol) for comparing an op in this dtype with a float64 reference.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (2e-2, 5e-2),
+    torch.float16: (5e-3, 1e-2),
+}
+
+
+def moslora_reference(x, weight, bias, lora_A, mixer, lora_B, scale, keep_mask=None, p=0.0):
+    """y = x W^T + b + scale * (dropout(x) A^T) M^T B^T in plain PyTorch."""
+    dropped = x if keep_mask is None else x * keep_mask / (1 - p)
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(F.linear(dropped, lora_A), mixer), lora_B)
+
+
+def make_adapter(k, d, r, dtype=torch.float32, device="cpu", bias=True, seed=0):
+    """Random base and adapter tensors (B and the mixer nonzero, unlike a fresh layer)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+    return {
+        "weight": rand(k, d) / d**0.5,
+        "bias": rand(k) if bias else None,
+        "lora_A": rand(r, d) / d**0.5,
+        "mixer": rand(r, r) / r**0.5,
+        "lora_B": rand(k, r),
+    }
+
+
+def assert_close_to_reference(actual, expected, dtype):
+    """Compare with a float64 reference; tolerances scale with the reference's magnitude."""
+    rtol, atol = TOLERANCES[dtype]
+    magnitude = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol * magnitude)

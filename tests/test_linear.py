@@ -1,0 +1,317 @@
+"""moslora_ext.Linear: initialisation, forward/backward against the reference,
+merge/unmerge, dropout behaviour, torch.compile and misuse."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import moslora_ext
+from reference import assert_close_to_reference, moslora_reference
+
+
+def randomize_adapter(layer, seed=0):
+    """Give the layer a nonzero adapter (a fresh one has B = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_mixer, layer.lora_B):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(p.shape[-1]))
+    return layer
+
+
+def reference_output(layer, x, keep_mask=None):
+    params = {name: getattr(layer, attr).detach().double() for name, attr in (
+        ("weight", "weight"), ("lora_A", "lora_A"), ("mixer", "lora_mixer"), ("lora_B", "lora_B"))}
+    bias = None if layer.bias is None else layer.bias.detach().double()
+    return moslora_reference(x.double(), bias=bias, scale=layer.scale, keep_mask=keep_mask,
+                             p=layer.lora_dropout, **params)
+
+
+# --- construction and initialisation ---------------------------------------------------------
+
+
+def test_fresh_layer_equals_base_layer_and_freezes_it(device):
+    torch.manual_seed(0)
+    layer = moslora_ext.Linear(64, 32, r=8, device=device)
+    x = torch.randn(4, 10, 64, device=device)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_mixer", "lora_B"]
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert layer.lora_A.abs().max() <= 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) bound
+
+
+@pytest.mark.parametrize("r", [1, 2, 8, 16])
+def test_mixer_inits(r):
+    torch.manual_seed(0)
+    eye = torch.eye(r)
+    identity = moslora_ext.Linear(16, 8, r=r, mixer_init="identity").lora_mixer
+    assert torch.equal(identity, eye)
+    kaiming = moslora_ext.Linear(16, 8, r=r, mixer_init="kaiming").lora_mixer
+    assert kaiming.abs().max() <= 1 / math.sqrt(r) and not torch.equal(kaiming, eye)
+    orthogonal = moslora_ext.Linear(16, 8, r=r, mixer_init="orthogonal").lora_mixer.detach()
+    torch.testing.assert_close(orthogonal @ orthogonal.t(), eye)
+    if r % 2 == 0:
+        braid = moslora_ext.Linear(16, 8, r=r, mixer_init="braid").lora_mixer
+        half = torch.eye(r // 2)
+        assert torch.equal(braid, torch.cat([torch.cat([half, half], 1)] * 2, 0))
+
+
+def test_scale_and_rslora():
+    assert moslora_ext.Linear(8, 8, r=4, lora_alpha=16).scale == 4.0
+    assert moslora_ext.Linear(8, 8, r=4, lora_alpha=16, use_rslora=True).scale == 8.0
+
+
+def test_from_linear_shares_weight_and_bias(device):
+    base = nn.Linear(12, 6, device=device)
+    layer = moslora_ext.Linear.from_linear(base, r=2)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not base.weight.requires_grad
+    assert layer.lora_A.device == base.weight.device
+    with torch.no_grad():
+        base.weight.add_(1.0)
+    assert torch.equal(layer.weight, base.weight)
+
+
+def test_from_linear_keeps_dtype():
+    layer = moslora_ext.Linear.from_linear(nn.Linear(12, 6, bias=False, dtype=torch.float64), r=2)
+    assert layer.lora_A.dtype == layer.lora_mixer.dtype == layer.lora_B.dtype == torch.float64
+    assert layer.bias is None
+
+
+# --- forward and backward ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 2, 3), ()])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_backward_match_reference(device, lead, bias):
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(20, 12, r=4, bias=bias, device=device, dtype=torch.float64))
+    x = torch.randn(*lead, 20, dtype=torch.float64, device=device, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*lead, 12)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref_params = [p.detach().clone().requires_grad_(True) for p in (layer.lora_A, layer.lora_mixer, layer.lora_B)]
+    expected = moslora_reference(x_ref, layer.weight, layer.bias, *ref_params, scale=layer.scale)
+    assert_close_to_reference(y, expected, torch.float64)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expected.backward(grad_y)
+    for got, want in zip([x.grad, layer.lora_A.grad, layer.lora_mixer.grad, layer.lora_B.grad],
+                         [x_ref.grad, *(p.grad for p in ref_params)]):
+        assert_close_to_reference(got, want, torch.float64)
+
+
+def test_identity_frozen_mixer_is_lora(device):
+    torch.manual_seed(0)
+    layer = moslora_ext.Linear(16, 8, r=4, lora_alpha=8, mixer_init="identity", train_mixer=False,
+                               device=device, dtype=torch.float64)
+    randomize_adapter(layer)
+    with torch.no_grad():
+        layer.lora_mixer.copy_(torch.eye(4))
+    x = torch.randn(3, 16, dtype=torch.float64, device=device)
+    lora = nn.functional.linear(x, layer.weight, layer.bias) + 2.0 * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    assert_close_to_reference(layer(x), lora.detach(), torch.float64)
+    layer(x).sum().backward()
+    assert layer.lora_mixer.grad is None and layer.lora_A.grad is not None
+
+
+def test_training_the_base_weight_still_gets_its_gradient():
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(10, 6, r=2, dtype=torch.float64))
+    layer.weight.requires_grad_(True)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(4, 10, dtype=torch.float64)
+    layer(x).pow(2).sum().backward()
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    moslora_reference(x, weight, bias, layer.lora_A.detach(), layer.lora_mixer.detach(), layer.lora_B.detach(),
+                      layer.scale).pow(2).sum().backward()
+    assert_close_to_reference(layer.weight.grad, weight.grad, torch.float64)
+    assert_close_to_reference(layer.bias.grad, bias.grad, torch.float64)
+
+
+def test_bfloat16_layer(device):
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(64, 32, r=8, device=device, dtype=torch.bfloat16))
+    x = torch.randn(4, 64, device=device, dtype=torch.bfloat16)
+    assert_close_to_reference(layer(x), reference_output(layer, x), torch.bfloat16)
+
+
+def test_autocast_casts_to_the_autocast_dtype(device):
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(32, 16, r=4, device=device))
+    x = torch.randn(3, 32, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert_close_to_reference(y, reference_output(layer, x.bfloat16()), torch.bfloat16)
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32
+
+
+# --- merge ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_unmerge_roundtrip(device, dtype):
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(48, 24, r=8, device=device, dtype=dtype))
+    x = torch.randn(5, 48, device=device, dtype=dtype)
+    unmerged = layer(x)
+    original = layer.weight.detach().clone()
+    delta = layer.delta_weight()
+    layer.merge()
+    assert layer.merged
+    assert_close_to_reference(layer.weight, (original + delta).double(), dtype)
+    assert_close_to_reference(layer(x), unmerged.double(), dtype)
+    layer.unmerge()
+    assert not layer.merged
+    assert_close_to_reference(layer.weight, original.double(), dtype)
+    assert_close_to_reference(layer(x), unmerged.double(), dtype)
+
+
+def test_delta_weight_matches_formula():
+    layer = randomize_adapter(moslora_ext.Linear(10, 6, r=3, lora_alpha=6, dtype=torch.float64))
+    expected = 2.0 * layer.lora_B.detach() @ layer.lora_mixer.detach() @ layer.lora_A.detach()
+    torch.testing.assert_close(layer.delta_weight(), expected)
+
+
+def test_merge_twice_and_unmerge_unmerged_are_refused():
+    layer = randomize_adapter(moslora_ext.Linear(10, 6, r=2))
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    weight = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    assert torch.equal(layer.weight, weight)
+
+
+def test_safe_merge_refuses_non_finite_and_leaves_weight():
+    layer = randomize_adapter(moslora_ext.Linear(10, 6, r=2))
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("inf")
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="inf or NaN"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.weight, weight) and not layer.merged
+    with torch.no_grad():
+        layer.lora_B[0, 0] = 1.0
+    layer.merge(safe=True)
+    assert layer.merged
+
+
+# --- dropout ----------------------------------------------------------------------------------
+
+
+def test_dropout_same_seed_same_result_and_successive_calls_differ(device):
+    layer = randomize_adapter(moslora_ext.Linear(32, 16, r=4, lora_dropout=0.5, device=device))
+    x = torch.randn(8, 32, device=device)
+    torch.manual_seed(7)
+    first = layer(x)
+    second = layer(x)
+    torch.manual_seed(7)
+    again = layer(x)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+
+
+def test_dropout_matches_reference_with_its_mask(device):
+    layer = randomize_adapter(moslora_ext.Linear(32, 16, r=4, lora_dropout=0.3, device=device, dtype=torch.float64))
+    x = torch.randn(2, 8, 32, device=device, dtype=torch.float64)
+    torch.manual_seed(11)
+    seed = moslora_ext.ops.new_dropout_seed()
+    torch.manual_seed(11)
+    y = layer(x)
+    mask = moslora_ext.ops.dropout_mask(x.shape, 0.3, seed, device=device)
+    assert_close_to_reference(y, reference_output(layer, x, keep_mask=mask), torch.float64)
+
+
+def test_eval_disables_dropout(device):
+    layer = randomize_adapter(moslora_ext.Linear(32, 16, r=4, lora_dropout=0.5, device=device, dtype=torch.float64))
+    layer.eval()
+    x = torch.randn(6, 32, device=device, dtype=torch.float64)
+    assert_close_to_reference(layer(x), reference_output(layer, x), torch.float64)
+
+
+def test_dropout_drop_fraction_and_scale():
+    p = 0.3
+    x = torch.ones(512, 512)
+    out = moslora_ext.ops.dropout(x, p, torch.tensor([42]))
+    dropped = (out == 0).float().mean().item()
+    # 262144 Bernoulli(0.3) draws: the standard deviation of the mean is ~9e-4.
+    assert abs(dropped - p) < 0.01
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / (1 - p)))
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        moslora_ext.Linear(32, 48, r=4), nn.GELU(), moslora_ext.Linear(48, 16, r=8, mixer_init="orthogonal")
+    ).to(device)
+    for layer in (model[0], model[2]):
+        randomize_adapter(layer)
+    x = torch.randn(2, 5, 32, device=device, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+
+    def run(module):
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        y = module(x)
+        y.pow(2).sum().backward()
+        return [y.detach(), x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for got, want in zip(run(compiled), run(model)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# --- misuse -----------------------------------------------------------------------------------
+
+
+def test_wrong_in_features_names_both_sides():
+    layer = moslora_ext.Linear(16, 8, r=2)
+    with pytest.raises(ValueError, match=r"in_features = 16.*got x of shape \[3, 15\]"):
+        layer(torch.randn(3, 15))
+
+
+def test_dtype_mismatch_names_both_dtypes():
+    layer = moslora_ext.Linear(16, 8, r=2)
+    with pytest.raises(TypeError, match="weight has dtype Float but x has dtype Double"):
+        layer(torch.randn(3, 16, dtype=torch.float64))
+
+
+def test_device_mismatch_is_refused():
+    layer = moslora_ext.Linear(16, 8, r=2)
+    with pytest.raises((RuntimeError, ValueError), match="meta"):
+        layer(torch.randn(3, 16, device="meta"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"r": 0}, "positive integer"),
+    ({"r": -2}, "positive integer"),
+    ({"lora_dropout": 1.0}, r"\[0, 1\)"),
+    ({"lora_dropout": -0.1}, r"\[0, 1\)"),
+    ({"mixer_init": "braid", "r": 3}, "even rank"),
+    ({"mixer_init": "random"}, "mixer_init must be one of"),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        moslora_ext.Linear(16, 8, **kwargs)
+
+
+def test_import_under_another_torch_says_how_to_rebuild():
+    code = "import torch; torch.__version__ = '0.0.0'; import moslora_ext"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__))
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr and "built against torch" in result.stderr
+    assert "--no-build-isolation" in result.stderr

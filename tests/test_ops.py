@@ -1,0 +1,185 @@
+"""The raw operators against the plain-PyTorch reference, gradcheck and opcheck."""
+
+import os
+
+import pytest
+import torch
+
+import moslora_ext
+from moslora_ext import ops
+from reference import assert_close_to_reference, make_adapter, moslora_reference
+
+OPS = torch.ops.moslora_ext
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+RANKS = [1, 2, 8, 16, 64]
+SHAPES = [(7,), (3, 5)]  # leading dims: 2-D and 3-D inputs
+K, D = 24, 40
+
+
+def adapter_args(adapter, scale=0.7, dropout_p=0.0, seed=None):
+    a = adapter
+    return (a["weight"], a["bias"], a["lora_A"], a["mixer"], a["lora_B"], scale, dropout_p, seed)
+
+
+def as_float64(adapter):
+    return {name: None if t is None else t.detach().double() for name, t in adapter.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("r", RANKS)
+def test_forward_matches_reference(device, dtype, lead, bias, r):
+    adapter = make_adapter(K, D, r, dtype, device, bias)
+    x = torch.randn(*lead, D, dtype=torch.float64).to(dtype=dtype, device=device)
+    y, u = OPS.forward(x, *adapter_args(adapter))
+    assert y.shape == (*lead, K) and y.dtype == dtype
+    assert u.shape == (x.numel() // D, r)
+    expected = moslora_reference(x.double(), **as_float64(adapter), scale=0.7)
+    assert_close_to_reference(y, expected, dtype)
+    assert_close_to_reference(u, x.double().reshape(-1, D) @ adapter["lora_A"].double().t(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("x_requires_grad", [True, False])
+def test_backward_matches_reference(device, dtype, lead, bias, r, x_requires_grad):
+    adapter = make_adapter(K, D, r, dtype, device, bias)
+    x = torch.randn(*lead, D, dtype=torch.float64).to(dtype=dtype, device=device)
+    grad_y = torch.randn(*lead, K, dtype=torch.float64).to(dtype=dtype, device=device)
+    trained = ["lora_A", "mixer", "lora_B"]
+
+    def grads(inputs, x_in, function):
+        x_in = x_in.clone().requires_grad_(x_requires_grad)
+        for name in trained:
+            inputs[name] = inputs[name].clone().requires_grad_(True)
+        (function(x_in, inputs) * grad_y.to(x_in.dtype)).sum().backward()
+        return ([x_in.grad] if x_requires_grad else []) + [inputs[name].grad for name in trained]
+
+    actual = grads(dict(adapter), x, lambda x_in, a: OPS.forward(x_in, *adapter_args(a))[0])
+    expected = grads(as_float64(adapter), x.double(), lambda x_in, a: moslora_reference(x_in, **a, scale=0.7))
+    for got, want in zip(actual, expected):
+        assert got.dtype == dtype
+        assert_close_to_reference(got, want, dtype)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(dropout_p, bias):
+    adapter = make_adapter(5, 6, 3, torch.float64, "cpu", bias)
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    seed = torch.tensor([1234])
+    inputs = [x, adapter["weight"], adapter["bias"], adapter["lora_A"], adapter["mixer"], adapter["lora_B"]]
+    inputs = [None if t is None else t.clone().requires_grad_(True) for t in inputs]
+
+    def function(x, weight, bias, lora_A, mixer, lora_B):
+        return OPS.forward(x, weight, bias, lora_A, mixer, lora_B, 0.9, dropout_p, seed)[0]
+
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+def test_dropout_forward_backward_match_reference_with_same_mask(device):
+    p, seed = 0.3, torch.tensor([99])
+    adapter = make_adapter(K, D, 8, torch.float64, device)
+    x = torch.randn(4, 6, D, dtype=torch.float64, device=device, requires_grad=True)
+    y, _ = OPS.forward(x, *adapter_args(adapter, dropout_p=p, seed=seed))
+    mask = ops.dropout_mask(x.shape, p, seed, device=device)
+    assert 0 < mask.sum() < mask.numel()
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = moslora_reference(x_ref, **adapter, scale=0.7, keep_mask=mask, p=p)
+    assert_close_to_reference(y, expected, torch.float64)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expected.backward(grad_y)
+    assert_close_to_reference(x.grad, x_ref.grad, torch.float64)
+
+
+def test_dropout_op_masks_and_scales(device):
+    x = torch.randn(64, 33, device=device)
+    seed = torch.tensor([5])
+    out = ops.dropout(x, 0.4, seed)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.6)
+    torch.testing.assert_close(ops.dropout(x, 0.4, seed), out, rtol=0, atol=0)
+    assert not torch.equal(ops.dropout(x, 0.4, torch.tensor([6])), out)
+
+
+def test_dropout_mask_is_the_same_on_cpu_and_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    seed = torch.tensor([2024])
+    cpu = ops.dropout_mask((300, 77), 0.1, seed, device="cpu")
+    cuda = ops.dropout_mask((300, 77), 0.1, seed, device="cuda")
+    assert torch.equal(cpu, cuda.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_merge_matches_reference(device, dtype):
+    adapter = make_adapter(K, D, 8, dtype, device)
+    weight = adapter["weight"].clone()
+    ops.merge_(weight, adapter["lora_A"], adapter["mixer"], adapter["lora_B"], 0.5)
+    a = as_float64(adapter)
+    expected = a["weight"] + 0.5 * a["lora_B"] @ a["mixer"] @ a["lora_A"]
+    assert_close_to_reference(weight, expected, dtype)
+    ops.merge_(weight, adapter["lora_A"], adapter["mixer"], adapter["lora_B"], -0.5)
+    assert_close_to_reference(weight, a["weight"], dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck_forward(device, bias, dropout_p):
+    adapter = make_adapter(K, D, 4, torch.float32, device, bias)
+    for name in ("lora_A", "mixer", "lora_B"):
+        adapter[name].requires_grad_(True)
+    x = torch.randn(3, 5, D, device=device, requires_grad=True)
+    torch.library.opcheck(OPS.forward, (x, *adapter_args(adapter, dropout_p=dropout_p, seed=torch.tensor([3]))))
+
+
+@pytest.mark.parametrize("output_mask", [[True, True, True, True], [False, True, False, True], [True, False, False, False]])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck_backward(device, output_mask, dropout_p):
+    a = make_adapter(K, D, 4, torch.float32, device)
+    seed = torch.tensor([3])
+    x = torch.randn(3, 5, D, device=device)
+    _, u = OPS.forward(x, *adapter_args(a, dropout_p=dropout_p, seed=seed))
+    grad_y = torch.randn(3, 5, K, device=device)
+    args = (grad_y, x, a["weight"], a["lora_A"], a["mixer"], a["lora_B"], u, 0.7, dropout_p, seed, output_mask)
+    torch.library.opcheck(OPS.backward, args)
+    grads = OPS.backward(*args)
+    assert [g is not None for g in grads] == output_mask
+
+
+def test_opcheck_merge_and_dropout(device):
+    a = make_adapter(K, D, 4, torch.float32, device)
+    torch.library.opcheck(OPS.merge_, (a["weight"].clone(), a["lora_A"], a["mixer"], a["lora_B"], 0.3))
+    torch.library.opcheck(OPS.dropout, (torch.randn(6, D, device=device), 0.3, torch.tensor([1])))
+
+
+def test_empty_batch(device):
+    adapter = make_adapter(K, D, 4, torch.float32, device)
+    x = torch.zeros(0, 3, D, device=device, requires_grad=True)
+    y, u = OPS.forward(x, *adapter_args(adapter))
+    assert y.shape == (0, 3, K) and u.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_non_contiguous_input(device):
+    adapter = make_adapter(K, D, 4, torch.float64, device)
+    x = torch.randn(D, 9, dtype=torch.float64, device=device).t()  # (9, D), transposed
+    y, _ = OPS.forward(x, *adapter_args(adapter))
+    assert_close_to_reference(y, moslora_reference(x, **adapter, scale=0.7), torch.float64)
+
+
+def test_cuda_build_required_by_ci():
+    """CI sets MOSLORA_REQUIRE_CUDA_BUILD=1: there, a build without the CUDA kernels fails."""
+    info = moslora_ext.build_info()
+    assert info["torch_version"] == torch.__version__
+    if info["with_cuda"]:
+        assert info["cuda_archs"]
+    else:
+        assert info["cuda_archs"] is None
+    if torch.cuda.is_available() or os.environ.get("MOSLORA_REQUIRE_CUDA_BUILD") == "1":
+        assert info["with_cuda"], "the CUDA kernels were not compiled (MOSLORA_REQUIRE_CUDA_BUILD=1 or a GPU is visible)"
