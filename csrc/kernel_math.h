@@ -65,13 +65,19 @@ MOSLORA_HOST_DEVICE acc_t strided_dot(const scalar_t* a, int64_t a_stride,
 }
 
 // The mixer backward reduces dM over rows in fixed chunks: each chunk writes
-// a partial r x r sum, and the partials are added in chunk order. The chunk
-// size depends only on N, so the result is deterministic on both devices.
-MOSLORA_HOST_DEVICE int64_t mixer_chunk_rows(int64_t n_rows) {
-  const int64_t max_chunks = 1024;
-  const int64_t min_rows = 64;
-  const int64_t rows = (n_rows + max_chunks - 1) / max_chunks;
-  return rows > min_rows ? rows : min_rows;
+// a partial r x r sum, and the partials are added in chunk order. The chunks
+// depend only on N, so the result is deterministic on both devices; there are
+// at most 1024 of them.
+struct RowChunks {
+  int64_t rows;   // rows per chunk (the last one may have fewer)
+  int64_t count;  // number of chunks
+};
+
+MOSLORA_HOST_DEVICE RowChunks mixer_row_chunks(int64_t n_rows) {
+  const int64_t max_chunks = 1024, min_rows = 64;
+  const int64_t needed = (n_rows + max_chunks - 1) / max_chunks;
+  const int64_t rows = needed > min_rows ? needed : min_rows;
+  return RowChunks{rows, (n_rows + rows - 1) / rows};
 }
 
 }  // namespace moslora

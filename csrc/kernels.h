@@ -1,5 +1,5 @@
 // Device kernels behind the ops: the mixer step and the dropout mask.
-// Each exists once per device (cpu/, cuda/); csrc/moslora.cpp picks by device.
+// csrc/moslora.cpp picks the device's specialisation.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,26 +17,20 @@ struct DropoutSpec {
   double keep_scale;
 };
 
-namespace cpu {
+// Declared once for every device; cpu/ and cuda/ define the specialisations.
+
 // v = scale * u @ mixer^T, u (N, r) and mixer (r, r) contiguous.
+template <c10::DeviceType device>
 at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double scale);
+
 // (du, dmixer) = (scale * dv @ mixer, scale * dv^T @ u) in one pass over the
 // rows; dmixer is undefined unless need_dmixer.
+template <c10::DeviceType device>
 std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
-                                                  const at::Tensor& mixer, double scale,
-                                                  bool need_dmixer);
-// Dropout of the rows first_row, first_row + 1, ... of a (rows, cols) matrix.
-at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row);
-}  // namespace cpu
+                                                  const at::Tensor& mixer, double scale, bool need_dmixer);
 
-#ifdef WITH_CUDA
-namespace cuda {
-at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double scale);
-std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
-                                                  const at::Tensor& mixer, double scale,
-                                                  bool need_dmixer);
+// Dropout of the rows first_row, first_row + 1, ... of a (rows, cols) matrix.
+template <c10::DeviceType device>
 at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row);
-}  // namespace cuda
-#endif
 
 }  // namespace moslora

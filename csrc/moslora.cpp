@@ -85,24 +85,24 @@ void check_scale(double scale) {
 
 Tensor mixer_forward(const Tensor& u, const Tensor& mixer, double scale) {
 #ifdef WITH_CUDA
-  if (u.is_cuda()) return cuda::mixer_forward(u, mixer, scale);
+  if (u.is_cuda()) return moslora::mixer_forward<c10::kCUDA>(u, mixer, scale);
 #endif
-  return cpu::mixer_forward(u, mixer, scale);
+  return moslora::mixer_forward<c10::kCPU>(u, mixer, scale);
 }
 
 std::tuple<Tensor, Tensor> mixer_backward(const Tensor& dv, const Tensor& u, const Tensor& mixer,
                                           double scale, bool need_dmixer) {
 #ifdef WITH_CUDA
-  if (dv.is_cuda()) return cuda::mixer_backward(dv, u, mixer, scale, need_dmixer);
+  if (dv.is_cuda()) return moslora::mixer_backward<c10::kCUDA>(dv, u, mixer, scale, need_dmixer);
 #endif
-  return cpu::mixer_backward(dv, u, mixer, scale, need_dmixer);
+  return moslora::mixer_backward<c10::kCPU>(dv, u, mixer, scale, need_dmixer);
 }
 
 Tensor dropout_rows(const Tensor& x, const DropoutSpec& spec, int64_t first_row) {
 #ifdef WITH_CUDA
-  if (x.is_cuda()) return cuda::dropout_rows(x, spec, first_row);
+  if (x.is_cuda()) return moslora::dropout_rows<c10::kCUDA>(x, spec, first_row);
 #endif
-  return cpu::dropout_rows(x, spec, first_row);
+  return moslora::dropout_rows<c10::kCPU>(x, spec, first_row);
 }
 
 // With dropout on, rows are processed in blocks so the dropped copy of x only

@@ -8,9 +8,10 @@
 #include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <ATen/ops/empty_like.h>
 
-namespace moslora::cpu {
+namespace moslora {
 
-at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+template <>
+at::Tensor dropout_rows<c10::kCPU>(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row) {
   const auto x_contig = x.contiguous();
   auto out = at::empty_like(x_contig);
   const int64_t rows = x_contig.size(0), cols = x_contig.size(1);
@@ -40,4 +41,4 @@ at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t fi
   return out;
 }
 
-}  // namespace moslora::cpu
+}  // namespace moslora

@@ -10,9 +10,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
-namespace moslora::cpu {
+namespace moslora {
 
-at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double scale) {
+template <>
+at::Tensor mixer_forward<c10::kCPU>(const at::Tensor& u, const at::Tensor& mixer, double scale) {
   auto v = at::empty_like(u);
   const int64_t n = u.size(0), r = u.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "moslora_mixer_forward", [&] {
@@ -34,13 +35,13 @@ at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double sc
   return v;
 }
 
-std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
+template <>
+std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCPU>(const at::Tensor& dv, const at::Tensor& u,
                                                   const at::Tensor& mixer, double scale,
                                                   bool need_dmixer) {
   auto du = at::empty_like(dv);
   const int64_t n = dv.size(0), r = dv.size(1);
-  const int64_t chunk = mixer_chunk_rows(n);
-  const int64_t n_chunks = (n + chunk - 1) / chunk;
+  const RowChunks chunks = mixer_row_chunks(n);
   at::Tensor dmixer;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dv.scalar_type(), "moslora_mixer_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -50,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at
     scalar_t* du_ptr = du.mutable_data_ptr<scalar_t>();
     const acc_t s = static_cast<acc_t>(scale);
     // partials[c] = dV[rows of c]^T U[rows of c], unscaled, in acc_t.
-    std::vector<acc_t> partials(need_dmixer ? n_chunks * r * r : 0);
-    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> partials(need_dmixer ? chunks.count * r * r : 0);
+    at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const int64_t first = c * chunk, rows = std::min(chunk, n - first);
+        const int64_t first = c * chunks.rows, rows = std::min(chunks.rows, n - first);
         for (int64_t row = first; row < first + rows; ++row) {
           for (int64_t j = 0; j < r; ++j) {
             du_ptr[row * r + j] =
@@ -74,11 +75,11 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at
     scalar_t* dm_ptr = dmixer.mutable_data_ptr<scalar_t>();
     for (int64_t ij = 0; ij < r * r; ++ij) {
       acc_t sum = acc_t(0);
-      for (int64_t c = 0; c < n_chunks; ++c) sum += partials[c * r * r + ij];
+      for (int64_t c = 0; c < chunks.count; ++c) sum += partials[c * r * r + ij];
       dm_ptr[ij] = static_cast<scalar_t>(s * sum);
     }
   });
   return {du, dmixer};
 }
 
-}  // namespace moslora::cpu
+}  // namespace moslora

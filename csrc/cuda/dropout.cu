@@ -9,7 +9,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 
-namespace moslora::cuda {
+namespace moslora {
 namespace {
 
 // One thread handles four consecutive columns of one row: one Philox call.
@@ -32,7 +32,8 @@ __global__ void dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __rest
 
 }  // namespace
 
-at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+template <>
+at::Tensor dropout_rows<c10::kCUDA>(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row) {
   const auto x_contig = x.contiguous();
   auto out = at::empty_like(x_contig);
   const int64_t rows = x_contig.size(0), cols = x_contig.size(1);
@@ -50,4 +51,4 @@ at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t fi
   return out;
 }
 
-}  // namespace moslora::cuda
+}  // namespace moslora

@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace moslora::cuda {
+namespace moslora {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // threads per block of every kernel
 
 // Blocks for a grid-stride loop over `work` items (work > 0).
 inline unsigned int grid_for(int64_t work) {
@@ -25,4 +25,4 @@ __device__ __forceinline__ int64_t grid_stride() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
-}  // namespace moslora::cuda
+}  // namespace moslora

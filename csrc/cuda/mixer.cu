@@ -11,7 +11,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 
-namespace moslora::cuda {
+namespace moslora {
 namespace {
 
 // One thread computes one element V[row, i] of the N x r output.
@@ -58,7 +58,8 @@ __global__ void reduce_partials_kernel(const acc_t* __restrict__ partials, scala
 
 }  // namespace
 
-at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double scale) {
+template <>
+at::Tensor mixer_forward<c10::kCUDA>(const at::Tensor& u, const at::Tensor& mixer, double scale) {
   auto v = at::empty_like(u);
   const int64_t n = u.size(0), r = u.size(1);
   if (n == 0) return v;
@@ -74,7 +75,8 @@ at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double sc
   return v;
 }
 
-std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
+template <>
+std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCUDA>(const at::Tensor& dv, const at::Tensor& u,
                                                   const at::Tensor& mixer, double scale,
                                                   bool need_dmixer) {
   auto du = at::empty_like(dv);
@@ -86,26 +88,25 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at
   }
   const c10::cuda::CUDAGuard guard(dv.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t chunk = mixer_chunk_rows(n);
-  const int64_t n_chunks = (n + chunk - 1) / chunk;  // <= 1024 by mixer_chunk_rows
+  const RowChunks chunks = mixer_row_chunks(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dv.scalar_type(), "moslora_mixer_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor partials;
     if (need_dmixer) {
-      partials = at::empty({n_chunks, r, r}, dv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      partials = at::empty({chunks.count, r, r}, dv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     }
     acc_t* partials_ptr = need_dmixer ? partials.mutable_data_ptr<acc_t>() : nullptr;
-    mixer_backward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(n_chunks), kThreads, 0, stream>>>(
+    mixer_backward_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(chunks.count), kThreads, 0, stream>>>(
         dv.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), mixer.const_data_ptr<scalar_t>(),
-        du.mutable_data_ptr<scalar_t>(), partials_ptr, n, r, chunk, static_cast<acc_t>(scale));
+        du.mutable_data_ptr<scalar_t>(), partials_ptr, n, r, chunks.rows, static_cast<acc_t>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_dmixer) {
       reduce_partials_kernel<scalar_t, acc_t><<<grid_for(r * r), kThreads, 0, stream>>>(
-          partials_ptr, dmixer.mutable_data_ptr<scalar_t>(), n_chunks, r * r, static_cast<acc_t>(scale));
+          partials_ptr, dmixer.mutable_data_ptr<scalar_t>(), chunks.count, r * r, static_cast<acc_t>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {du, dmixer};
 }
 
-}  // namespace moslora::cuda
+}  // namespace moslora
