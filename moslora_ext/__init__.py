@@ -6,6 +6,8 @@
 ops; ``build_info()`` says what the installed extension was built with.
 """
 
+import glob
+import os
 from importlib import metadata
 
 import torch
@@ -32,6 +34,13 @@ if _build_config.TORCH_VERSION != torch.__version__:
 try:
     from . import _C  # noqa: F401  (registers the torch.ops.moslora_ext operators)
 except ImportError as exc:
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    if not glob.glob(os.path.join(package_dir, "_C.*")):
+        raise ImportError(
+            f"moslora_ext was imported from {package_dir}, which holds no compiled extension: this is "
+            "probably the source tree shadowing the installed package. Run from another directory, "
+            "or build in place with `pip install --no-build-isolation -e .`"
+        ) from exc
     raise ImportError(f"moslora_ext's compiled extension failed to load ({exc}); {_REBUILD_HINT}") from exc
 
 from . import ops  # noqa: E402
