@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace moslora {
 namespace {
@@ -22,24 +21,24 @@ using at::Tensor;
 // message names both sides of the mismatch.
 // ---------------------------------------------------------------------------
 
-void check_same_dtype_device(const Tensor& x, const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "moslora_ext: ", name, " has dtype ",
-                   t.scalar_type(), " but x has dtype ", x.scalar_type(),
-                   "; cast the input or the layer so they match");
-  TORCH_CHECK_VALUE(t.device() == x.device(), "moslora_ext: ", name, " is on ", t.device(),
-                    " but x is on ", x.device());
+// `ref` (called ref_name in messages) sets the dtype and device that t must share.
+void check_same_dtype_device(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "moslora_ext: ", name, " has dtype ", t.scalar_type(),
+                   " but ", ref_name, " has dtype ", ref.scalar_type(), "; cast them so they match");
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "moslora_ext: ", name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device());
 }
 
 // Checks weight (k, d), lora_A (r, d), mixer (r, r), lora_B (k, r) against
-// each other; x supplies the dtype and device they must share.
-void check_adapter(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& mixer,
-                   const Tensor& lora_B) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "moslora_ext: x must be a floating point tensor, got dtype ", x.scalar_type());
-  check_same_dtype_device(x, weight, "weight");
-  check_same_dtype_device(x, lora_A, "lora_A");
-  check_same_dtype_device(x, mixer, "mixer");
-  check_same_dtype_device(x, lora_B, "lora_B");
+// each other; ref (x, or the weight for merge) sets their dtype and device.
+void check_adapter(const Tensor& ref, const char* ref_name, const Tensor& weight, const Tensor& lora_A,
+                   const Tensor& mixer, const Tensor& lora_B) {
+  TORCH_CHECK_TYPE(at::isFloatingType(ref.scalar_type()), "moslora_ext: ", ref_name,
+                   " must be a floating point tensor, got dtype ", ref.scalar_type());
+  check_same_dtype_device(ref, ref_name, weight, "weight");
+  check_same_dtype_device(ref, ref_name, lora_A, "lora_A");
+  check_same_dtype_device(ref, ref_name, mixer, "mixer");
+  check_same_dtype_device(ref, ref_name, lora_B, "lora_B");
   TORCH_CHECK_VALUE(weight.dim() == 2, "moslora_ext: weight must be 2-D (out_features, in_features), got shape ",
                     weight.sizes());
   const int64_t k = weight.size(0), d = weight.size(1);
@@ -135,13 +134,13 @@ Tensor project_down(const Tensor& x2, const Tensor& lora_A, const DropoutSpec& d
 std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                    const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B,
                                    double scale, double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  check_adapter(x, weight, lora_A, mixer, lora_B);
+  check_adapter(x, "x", weight, lora_A, mixer, lora_B);
   check_input(x, weight);
   check_scale(scale);
   const DropoutSpec dropout = dropout_spec(dropout_p, dropout_seed);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    check_same_dtype_device(x, *bias, "bias");
+    check_same_dtype_device(x, "x", *bias, "bias");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
                       "moslora_ext: bias must have shape (out_features,) = (", weight.size(0),
                       ",), got ", bias->sizes());
@@ -164,11 +163,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
                                                     double scale, double dropout_p,
                                                     const std::optional<Tensor>& dropout_seed,
                                                     std::array<bool, 4> output_mask) {
-  check_adapter(x, weight, lora_A, mixer, lora_B);
+  check_adapter(x, "x", weight, lora_A, mixer, lora_B);
   check_input(x, weight);
   check_scale(scale);
-  check_same_dtype_device(x, grad_out, "grad_out");
-  check_same_dtype_device(x, u, "u");
+  check_same_dtype_device(x, "x", grad_out, "grad_out");
+  check_same_dtype_device(x, "x", u, "u");
   const DropoutSpec dropout = dropout_spec(dropout_p, dropout_seed);
   const int64_t n = leading_rows(x), d = weight.size(1), k = weight.size(0), r = lora_A.size(0);
   auto y_sizes = x.sizes().vec();
@@ -211,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
 }
 
 void merge_(Tensor weight, const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B, double scale) {
-  check_adapter(weight, weight, lora_A, mixer, lora_B);
+  check_adapter(weight, "weight", weight, lora_A, mixer, lora_B);
   check_scale(scale);
   const c10::DeviceGuard guard(weight.device());
   const bool reduced = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
