@@ -148,10 +148,13 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
   const c10::DeviceGuard guard(x.device());
   const int64_t n = leading_rows(x), d = weight.size(1);
   const auto x2 = x.reshape({n, d});
-  auto y = has_bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
   auto u = project_down(x2, lora_A, dropout, dropout_p);
-  // The adapter accumulates straight into the base output (beta = 1).
-  y.addmm_(mixer_forward(u, mixer.contiguous(), scale), lora_B.t());
+  const auto v = mixer_forward(u, mixer.contiguous(), scale);
+  // The small adapter GEMM writes y (with the bias) and the base GEMM
+  // accumulates into it (beta = 1): y is written once and read once, inside
+  // the base GEMM, with no separate add, scale or bias pass.
+  auto y = has_bias ? at::addmm(*bias, v, lora_B.t()) : at::mm(v, lora_B.t());
+  y.addmm_(x2, weight.t());
   auto y_sizes = x.sizes().vec();
   y_sizes.back() = weight.size(0);
   return {y.view(y_sizes), u};
@@ -178,34 +181,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
                     r, ") as returned by forward, got ", u.sizes());
   const auto [need_dx, need_dA, need_dmixer, need_dB] = output_mask;
   const c10::DeviceGuard guard(x.device());
-  const auto g = grad_out.reshape({n, k});
+  // Contiguous once here rather than once per GEMM (an expanded grad, e.g. of
+  // y.sum(), would otherwise be copied by each of them).
+  const auto g = grad_out.reshape({n, k}).contiguous();
   const auto x2 = x.reshape({n, d});
   const auto u_c = u.contiguous();
   const auto mixer_c = mixer.contiguous();
   Tensor dx, dA, dmixer, dB;
   if (need_dB) dB = at::mm(g.t(), mixer_forward(u_c, mixer_c, scale));
-  if (need_dx) dx = at::mm(g, weight);
   if (need_dx || need_dA || need_dmixer) {
     const auto dv = at::mm(g, lora_B);
     Tensor du;
     std::tie(du, dmixer) = mixer_backward(dv, u_c, mixer_c, scale, need_dmixer);
     if (dropout_p == 0.0) {
       if (need_dA) dA = at::mm(du.t(), x2);
-      if (need_dx) dx.addmm_(du, lora_A);
+      if (need_dx) dx = at::mm(du, lora_A);
     } else if (need_dx || need_dA) {
-      // Regenerate the mask block by block: dA = dU^T dropout(X),
-      // dX += dropout(dU A) with the same mask.
+      // Regenerate the mask block by block: dA = dU^T dropout(X) and
+      // dX = dropout(dU A), with the mask of forward.
       if (need_dA) dA = at::zeros({r, d}, x.options());
+      if (need_dx) dx = at::empty({n, d}, x.options());
       const int64_t block = dropout_block_rows(d);
       for (int64_t first = 0; first < n; first += block) {
         const int64_t rows = std::min(block, n - first);
         const auto du_block = du.narrow(0, first, rows);
         if (need_dA) dA.addmm_(du_block.t(), dropout_rows(x2.narrow(0, first, rows), dropout, first));
-        if (need_dx) dx.narrow(0, first, rows).add_(dropout_rows(at::mm(du_block, lora_A), dropout, first));
+        if (need_dx) dx.narrow(0, first, rows).copy_(dropout_rows(at::mm(du_block, lora_A), dropout, first));
       }
     }
   }
-  if (need_dx) dx = dx.view(x.sizes());
+  if (need_dx) {
+    dx.addmm_(g, weight);  // as in forward, the base GEMM accumulates into the adapter's part
+    dx = dx.view(x.sizes());
+  }
   return {dx, dA, dmixer, dB};
 }
 

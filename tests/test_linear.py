@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 import moslora_ext
@@ -249,16 +250,22 @@ def test_dropout_drop_fraction_and_scale():
     torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / (1 - p)))
 
 
-# --- torch.compile ----------------------------------------------------------------------------
+# --- torch.compile, checkpoint, export --------------------------------------------------------
 
 
-def test_compile_fullgraph_matches_eager(device):
+def small_model(device, lora_dropout=0.0):
     torch.manual_seed(0)
     model = nn.Sequential(
-        moslora_ext.Linear(32, 48, r=4), nn.GELU(), moslora_ext.Linear(48, 16, r=8, mixer_init="orthogonal")
+        moslora_ext.Linear(32, 48, r=4, lora_dropout=lora_dropout), nn.GELU(),
+        moslora_ext.Linear(48, 16, r=8, mixer_init="orthogonal", lora_dropout=lora_dropout),
     ).to(device)
     for layer in (model[0], model[2]):
         randomize_adapter(layer)
+    return model
+
+
+def test_compile_fullgraph_matches_eager(device):
+    model = small_model(device)
     x = torch.randn(2, 5, 32, device=device, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True)
 
@@ -272,6 +279,36 @@ def test_compile_fullgraph_matches_eager(device):
 
     for got, want in zip(run(compiled), run(model)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_fullgraph_trains_with_dropout(device):
+    model = small_model(device, lora_dropout=0.1)
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(torch.randn(2, 5, 32, device=device)).pow(2).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_checkpoint_regenerates_the_same_dropout_mask(device):
+    model = small_model(device, lora_dropout=0.3)
+    x = torch.randn(3, 32, device=device, requires_grad=True)
+
+    def grads(use_checkpoint):
+        model.zero_grad()
+        x.grad = None
+        torch.manual_seed(5)
+        y = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False) if use_checkpoint else model(x)
+        y.pow(2).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for with_checkpoint, without in zip(grads(True), grads(False)):
+        assert torch.equal(with_checkpoint, without)
+
+
+def test_export_matches_eager():
+    model = small_model("cpu").eval()
+    x = torch.randn(4, 32)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
 
 
 # --- misuse -----------------------------------------------------------------------------------
