@@ -104,9 +104,10 @@ Tensor dropout_rows(const Tensor& x, const DropoutSpec& spec, int64_t first_row)
   return moslora::dropout_rows<c10::kCPU>(x, spec, first_row);
 }
 
-// With dropout on, rows are processed in blocks so the dropped copy of x only
-// ever exists one block (about 2^20 elements) at a time.
-int64_t dropout_block_rows(int64_t cols) {
+// Rows per block of a row-blocked loop, so that a block's temporaries hold
+// about 2^20 elements: with dropout on, the dropped copy of x only ever
+// exists one block at a time; merge rounds fp16/bf16 weights block by block.
+int64_t rows_per_block(int64_t cols) {
   return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cols, 1));
 }
 
@@ -117,7 +118,7 @@ int64_t leading_rows(const Tensor& x) {
 // U = dropout(X) A^T without materialising dropout(X) beyond one row block.
 Tensor project_down(const Tensor& x2, const Tensor& lora_A, const DropoutSpec& dropout, double p) {
   if (p == 0.0) return at::mm(x2, lora_A.t());
-  const int64_t n = x2.size(0), block = dropout_block_rows(x2.size(1));
+  const int64_t n = x2.size(0), block = rows_per_block(x2.size(1));
   auto u = at::empty({n, lora_A.size(0)}, x2.options());
   for (int64_t first = 0; first < n; first += block) {
     const int64_t rows = std::min(block, n - first);
@@ -201,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
       // dX = dropout(dU A), with the mask of forward.
       if (need_dA) dA = at::zeros({r, d}, x.options());
       if (need_dx) dx = at::empty({n, d}, x.options());
-      const int64_t block = dropout_block_rows(d);
+      const int64_t block = rows_per_block(d);
       for (int64_t first = 0; first < n; first += block) {
         const int64_t rows = std::min(block, n - first);
         const auto du_block = du.narrow(0, first, rows);
@@ -231,7 +232,7 @@ void merge_(Tensor weight, const Tensor& lora_A, const Tensor& mixer, const Tens
   }
   // Half precision: add in fp32 and round once, a block of rows at a time,
   // so no k x d fp32 temporary is ever allocated.
-  const int64_t k = weight.size(0), block = dropout_block_rows(weight.size(1));
+  const int64_t k = weight.size(0), block = rows_per_block(weight.size(1));
   for (int64_t first = 0; first < k; first += block) {
     const int64_t rows = std::min(block, k - first);
     auto w_block = weight.narrow(0, first, rows);

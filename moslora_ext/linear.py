@@ -22,7 +22,9 @@ def init_mixer_(mixer, mixer_init):
         if mixer_init == "kaiming":
             nn.init.kaiming_uniform_(mixer, a=math.sqrt(5))
         elif mixer_init == "orthogonal":
-            nn.init.orthogonal_(mixer)
+            # QR has no fp16/bf16 kernels: draw in (at least) fp32, then cast.
+            dtype = torch.promote_types(mixer.dtype, torch.float32)
+            mixer.copy_(nn.init.orthogonal_(torch.empty(r, r, dtype=dtype, device=mixer.device)))
         elif mixer_init == "identity":
             mixer.copy_(torch.eye(r))
         elif mixer_init == "braid":

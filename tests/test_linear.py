@@ -62,6 +62,14 @@ def test_mixer_inits(r):
         assert torch.equal(braid, torch.cat([torch.cat([half, half], 1)] * 2, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mixer_init", ["kaiming", "orthogonal", "identity", "braid"])
+def test_every_mixer_init_in_every_dtype(dtype, mixer_init):
+    layer = moslora_ext.Linear(16, 8, r=4, mixer_init=mixer_init, dtype=dtype)
+    assert layer.lora_mixer.dtype == dtype and torch.isfinite(layer.lora_mixer).all()
+    assert torch.linalg.matrix_rank(layer.lora_mixer.double()) >= 2
+
+
 def test_scale_and_rslora():
     assert moslora_ext.Linear(8, 8, r=4, lora_alpha=16).scale == 4.0
     assert moslora_ext.Linear(8, 8, r=4, lora_alpha=16, use_rslora=True).scale == 8.0
