@@ -252,22 +252,37 @@ Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
   return dropout_rows(x.reshape({leading_rows(x), x.size(-1)}), spec, 0).view(x.sizes());
 }
 
+void register_kernels(torch::Library& m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+  m.impl("merge_", &merge_);
+  m.impl("dropout", &dropout);
+}
+
+#ifndef WITH_CUDA
+// A build without the CUDA kernels says so for CUDA tensors, instead of the
+// dispatcher's generic "could not run with arguments from the CUDA backend".
+void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, "moslora_ext was built without its CUDA kernels, so ", op.schema().name(),
+              " cannot run on CUDA tensors; rebuild with nvcc available: "
+              "MOSLORA_BUILD_CUDA=1 pip install --no-build-isolation .");
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moslora_ext, CPU, m) {
-  m.impl("forward", &forward);
-  m.impl("backward", &backward);
-  m.impl("merge_", &merge_);
-  m.impl("dropout", &dropout);
+  register_kernels(m);
 }
 
-#ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(moslora_ext, CUDA, m) {
-  m.impl("forward", &forward);
-  m.impl("backward", &backward);
-  m.impl("merge_", &merge_);
-  m.impl("dropout", &dropout);
-}
+#ifdef WITH_CUDA
+  register_kernels(m);
+#else
+  for (const char* name : {"forward", "backward", "merge_", "dropout"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
+  }
 #endif
+}
 
 }  // namespace moslora
