@@ -100,10 +100,9 @@ class Linear(nn.Module):
             raise ValueError(f"r (the adapter rank) must be a positive integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        if mixer_init not in MIXER_INITS:
-            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
-        if mixer_init == "braid" and r % 2:
-            raise ValueError(f"mixer_init='braid' needs an even rank r, got r={r}")
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        # Built first: it validates mixer_init before anything is changed.
+        mixer = init_mixer_(torch.empty(r, r, **factory), mixer_init)
         self.out_features, self.in_features = weight.shape
         self.r = r
         self.lora_alpha = lora_alpha
@@ -117,12 +116,10 @@ class Linear(nn.Module):
             bias.requires_grad_(False)
         self.weight = weight
         self.bias = bias
-        factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_mixer = nn.Parameter(torch.empty(r, r, **factory), requires_grad=train_mixer)
+        self.lora_mixer = nn.Parameter(mixer, requires_grad=train_mixer)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        init_mixer_(self.lora_mixer, mixer_init)
 
     def forward(self, x):
         if self.merged:

@@ -353,6 +353,15 @@ def test_bad_constructor_arguments(kwargs, message):
         moslora_ext.Linear(16, 8, **kwargs)
 
 
+def test_from_linear_refusal_leaves_the_base_layer_untouched():
+    base = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match="even rank"):
+        moslora_ext.Linear.from_linear(base, r=3, mixer_init="braid")
+    assert base.weight.requires_grad and base.bias.requires_grad
+    with pytest.raises(TypeError, match="expects a torch.nn.Linear, got Conv1d"):
+        moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1))
+
+
 def test_import_under_another_torch_says_how_to_rebuild():
     code = "import torch; torch.__version__ = '0.0.0'; import moslora_ext"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

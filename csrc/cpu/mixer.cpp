@@ -36,9 +36,8 @@ at::Tensor mixer_forward<c10::kCPU>(const at::Tensor& u, const at::Tensor& mixer
 }
 
 template <>
-std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCPU>(const at::Tensor& dv, const at::Tensor& u,
-                                                  const at::Tensor& mixer, double scale,
-                                                  bool need_dmixer) {
+std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCPU>(
+    const at::Tensor& dv, const at::Tensor& u, const at::Tensor& mixer, double scale, bool need_dmixer) {
   auto du = at::empty_like(dv);
   const int64_t n = dv.size(0), r = dv.size(1);
   const RowChunks chunks = mixer_row_chunks(n);
