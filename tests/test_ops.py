@@ -230,3 +230,32 @@ def test_raw_merge_rejects_bad_arguments_and_leaves_weight():
     with pytest.raises(ValueError, match=r"lora_B must have shape \(out_features, r\)"):
         ops.merge_(weight, a["lora_A"], a["mixer"], a["lora_B"].t(), 1.0)
     assert torch.equal(weight, a["weight"])
+
+
+def test_row_blocked_paths_match_reference(device):
+    """Wide inputs are processed in blocks of 2^20 / d rows (64 here): dropout
+    forward/backward and fp16/bf16 merge must stitch the blocks correctly."""
+    k, d, n = 150, 2**14, 150
+    a = make_adapter(k, d, 2, torch.float64, device)
+    p, seed = 0.2, torch.tensor([8])
+    x = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
+    y, _ = OPS.forward(x, *adapter_args(a, dropout_p=p, seed=seed))
+    mask = ops.dropout_mask(x.shape, p, seed, device=device)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = moslora_reference(x_ref, **a, scale=0.7, keep_mask=mask, p=p)
+    assert_close_to_reference(y, expected, torch.float64)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expected.backward(grad_y)
+    assert_close_to_reference(x.grad, x_ref.grad, torch.float64)
+    lora_A = a["lora_A"].clone().requires_grad_(True)
+    OPS.forward(x.detach(), a["weight"], a["bias"], lora_A, a["mixer"], a["lora_B"], 0.7, p, seed)[0].backward(grad_y)
+    a_ref = a["lora_A"].clone().requires_grad_(True)
+    moslora_reference(x.detach(), a["weight"], a["bias"], a_ref, a["mixer"], a["lora_B"], 0.7, mask, p).backward(grad_y)
+    assert_close_to_reference(lora_A.grad, a_ref.grad, torch.float64)
+
+    weight = a["weight"].to(torch.bfloat16)
+    ops.merge_(weight, *(a[name].to(torch.bfloat16) for name in ("lora_A", "mixer", "lora_B")), 0.5)
+    a16 = {name: a[name].to(torch.bfloat16).double() for name in ("weight", "lora_A", "mixer", "lora_B")}
+    expected_weight = a16["weight"] + 0.5 * a16["lora_B"] @ a16["mixer"] @ a16["lora_A"]
+    assert_close_to_reference(weight, expected_weight, torch.bfloat16)
