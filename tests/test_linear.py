@@ -258,6 +258,22 @@ def test_dropout_drop_fraction_and_scale():
     torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / (1 - p)))
 
 
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_saves_x_itself_and_nothing_else_of_its_size(lora_dropout):
+    layer = randomize_adapter(moslora_ext.Linear(64, 32, r=4, lora_dropout=lora_dropout))
+    x = torch.randn(50, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    input_sized = [t for t in saved if t.numel() >= x.numel()]
+    assert len(input_sized) == 1 and input_sized[0].data_ptr() == x.data_ptr()
+    # x, the weight and adapter matrices (no copies), U (N x r) and the one-element dropout seed.
+    parameters = layer.weight, layer.lora_A, layer.lora_mixer, layer.lora_B
+    allowed = x.numel() + sum(p.numel() for p in parameters) + 50 * layer.r + 1
+    assert sum(t.numel() for t in saved) <= allowed
+    y.sum().backward()
+
+
 # --- torch.compile, checkpoint, export --------------------------------------------------------
 
 
