@@ -27,17 +27,24 @@ def moslora_linear(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p=0.0)
     Differentiable in x, the three adapter matrices and (unfused) weight and
     bias. The dropout mask is drawn from torch's default generator, so
     ``torch.manual_seed`` reproduces it; backward regenerates it rather than
-    storing a dropped copy of x. Under autocast every operand is cast to the
-    autocast dtype, as ``torch.nn.functional.linear`` does.
+    storing a dropped copy of x. Under autocast the float32/16 operands are cast
+    to the autocast dtype, as for ``torch.nn.functional.linear``.
     """
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_A, mixer, lora_B = (t.to(dtype) for t in (x, weight, lora_A, mixer, lora_B))
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, lora_A, mixer, lora_B = (
+            _autocast(t, dtype) for t in (x, weight, bias, lora_A, mixer, lora_B))
     seed = new_dropout_seed() if dropout_p > 0 else None
     y, _ = _C_OPS.forward(x, weight, bias, lora_A, mixer, lora_B, float(scale), float(dropout_p), seed)
     return y
+
+
+def _autocast(t, dtype):
+    # As autocast itself: float64 and non-floating tensors are left alone.
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
 
 
 def new_dropout_seed():

@@ -163,6 +163,12 @@ def test_autocast_casts_to_the_autocast_dtype(device):
     assert layer.lora_A.grad.dtype == torch.float32
 
 
+def test_autocast_does_not_hide_an_integer_input():
+    layer = moslora_ext.Linear(16, 8, r=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="floating point"):
+        layer(torch.ones(3, 16, dtype=torch.int64))
+
+
 # --- merge ------------------------------------------------------------------------------------
 
 
