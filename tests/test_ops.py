@@ -80,20 +80,30 @@ def test_gradcheck_float64(dropout_p, bias):
     assert torch.autograd.gradcheck(function, inputs)
 
 
-def test_dropout_forward_backward_match_reference_with_same_mask(device):
-    p, seed = 0.3, torch.tensor([99])
-    adapter = make_adapter(K, D, 8, torch.float64, device)
-    x = torch.randn(4, 6, D, dtype=torch.float64, device=device, requires_grad=True)
-    y, _ = OPS.forward(x, *adapter_args(adapter, dropout_p=p, seed=seed))
-    mask = ops.dropout_mask(x.shape, p, seed, device=device)
+def assert_dropout_matches_reference(x, adapter, p, seed):
+    """Forward and every gradient equal the reference with the mask of `seed`."""
+    trained = ("lora_A", "mixer", "lora_B")
+
+    def run(function, inputs):
+        x_in = x.clone().requires_grad_(True)
+        inputs = {**inputs, **{name: inputs[name].clone().requires_grad_(True) for name in trained}}
+        y = function(x_in, inputs)
+        y.backward(grad_y)
+        return [y, x_in.grad] + [inputs[name].grad for name in trained]
+
+    mask = ops.dropout_mask(x.shape, p, seed, device=x.device)
     assert 0 < mask.sum() < mask.numel()
-    x_ref = x.detach().clone().requires_grad_(True)
-    expected = moslora_reference(x_ref, **adapter, scale=0.7, keep_mask=mask, p=p)
-    assert_close_to_reference(y, expected, torch.float64)
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    expected.backward(grad_y)
-    assert_close_to_reference(x.grad, x_ref.grad, torch.float64)
+    grad_y = torch.randn(*x.shape[:-1], adapter["weight"].shape[0], dtype=x.dtype, device=x.device)
+    actual = run(lambda x_in, a: OPS.forward(x_in, *adapter_args(a, dropout_p=p, seed=seed))[0], adapter)
+    expected = run(lambda x_in, a: moslora_reference(x_in, **a, scale=0.7, keep_mask=mask, p=p), adapter)
+    for got, want in zip(actual, expected):
+        assert_close_to_reference(got, want, x.dtype)
+
+
+def test_dropout_forward_backward_match_reference_with_same_mask(device):
+    adapter = make_adapter(K, D, 8, torch.float64, device)
+    x = torch.randn(4, 6, D, dtype=torch.float64, device=device)
+    assert_dropout_matches_reference(x, adapter, 0.3, torch.tensor([99]))
 
 
 def test_dropout_op_masks_and_scales(device):
@@ -232,30 +242,19 @@ def test_raw_merge_rejects_bad_arguments_and_leaves_weight():
     assert torch.equal(weight, a["weight"])
 
 
-def test_row_blocked_paths_match_reference(device):
+def test_row_blocked_dropout_matches_reference(device):
     """Wide inputs are processed in blocks of 2^20 / d rows (64 here): dropout
-    forward/backward and fp16/bf16 merge must stitch the blocks correctly."""
-    k, d, n = 150, 2**14, 150
-    a = make_adapter(k, d, 2, torch.float64, device)
-    p, seed = 0.2, torch.tensor([8])
-    x = torch.randn(n, d, dtype=torch.float64, device=device, requires_grad=True)
-    y, _ = OPS.forward(x, *adapter_args(a, dropout_p=p, seed=seed))
-    mask = ops.dropout_mask(x.shape, p, seed, device=device)
-    x_ref = x.detach().clone().requires_grad_(True)
-    expected = moslora_reference(x_ref, **a, scale=0.7, keep_mask=mask, p=p)
-    assert_close_to_reference(y, expected, torch.float64)
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    expected.backward(grad_y)
-    assert_close_to_reference(x.grad, x_ref.grad, torch.float64)
-    lora_A = a["lora_A"].clone().requires_grad_(True)
-    OPS.forward(x.detach(), a["weight"], a["bias"], lora_A, a["mixer"], a["lora_B"], 0.7, p, seed)[0].backward(grad_y)
-    a_ref = a["lora_A"].clone().requires_grad_(True)
-    moslora_reference(x.detach(), a["weight"], a["bias"], a_ref, a["mixer"], a["lora_B"], 0.7, mask, p).backward(grad_y)
-    assert_close_to_reference(lora_A.grad, a_ref.grad, torch.float64)
+    forward and backward must stitch the blocks with the right mask rows."""
+    adapter = make_adapter(150, 2**14, 2, torch.float64, device)
+    x = torch.randn(150, 2**14, dtype=torch.float64, device=device)
+    assert_dropout_matches_reference(x, adapter, 0.2, torch.tensor([8]))
 
-    weight = a["weight"].to(torch.bfloat16)
-    ops.merge_(weight, *(a[name].to(torch.bfloat16) for name in ("lora_A", "mixer", "lora_B")), 0.5)
-    a16 = {name: a[name].to(torch.bfloat16).double() for name in ("weight", "lora_A", "mixer", "lora_B")}
-    expected_weight = a16["weight"] + 0.5 * a16["lora_B"] @ a16["mixer"] @ a16["lora_A"]
-    assert_close_to_reference(weight, expected_weight, torch.bfloat16)
+
+def test_row_blocked_half_precision_merge_matches_reference(device):
+    """fp16/bf16 merge adds in fp32 a block of 2^20 / d rows (64 here) at a time."""
+    a = make_adapter(150, 2**14, 2, torch.bfloat16, device)
+    weight = a["weight"].clone()
+    ops.merge_(weight, a["lora_A"], a["mixer"], a["lora_B"], 0.5)
+    a64 = as_float64(a)
+    expected = a64["weight"] + 0.5 * a64["lora_B"] @ a64["mixer"] @ a64["lora_A"]
+    assert_close_to_reference(weight, expected, torch.bfloat16)
