@@ -78,6 +78,16 @@ void check_scale(double scale) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
 }
 
+// The checks forward and backward share; returns their dropout mask spec.
+DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& mixer,
+                             const Tensor& lora_B, double scale, double dropout_p,
+                             const std::optional<Tensor>& dropout_seed) {
+  check_adapter(x, "x", weight, lora_A, mixer, lora_B);
+  check_input(x, weight);
+  check_scale(scale);
+  return dropout_spec(dropout_p, dropout_seed);
+}
+
 // ---------------------------------------------------------------------------
 // Device kernels, picked by the device of the operands.
 // ---------------------------------------------------------------------------
@@ -135,10 +145,7 @@ Tensor project_down(const Tensor& x2, const Tensor& lora_A, const DropoutSpec& d
 std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                    const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B,
                                    double scale, double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  check_adapter(x, "x", weight, lora_A, mixer, lora_B);
-  check_input(x, weight);
-  check_scale(scale);
-  const DropoutSpec dropout = dropout_spec(dropout_p, dropout_seed);
+  const DropoutSpec dropout = check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed);
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_same_dtype_device(x, "x", *bias, "bias");
@@ -167,12 +174,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
                                                     double scale, double dropout_p,
                                                     const std::optional<Tensor>& dropout_seed,
                                                     std::array<bool, 4> output_mask) {
-  check_adapter(x, "x", weight, lora_A, mixer, lora_B);
-  check_input(x, weight);
-  check_scale(scale);
+  const DropoutSpec dropout = check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed);
   check_same_dtype_device(x, "x", grad_out, "grad_out");
   check_same_dtype_device(x, "x", u, "u");
-  const DropoutSpec dropout = dropout_spec(dropout_p, dropout_seed);
   const int64_t n = leading_rows(x), d = weight.size(1), k = weight.size(0), r = lora_A.size(0);
   auto y_sizes = x.sizes().vec();
   y_sizes.back() = k;
