@@ -30,8 +30,7 @@ def init_mixer_(mixer, mixer_init):
         elif mixer_init == "braid":
             if r % 2:
                 raise ValueError(f"mixer_init='braid' needs an even rank r, got r={r}")
-            half = torch.eye(r // 2)
-            mixer.copy_(torch.cat([torch.cat([half, half], 1), torch.cat([half, half], 1)], 0))
+            mixer.copy_(torch.eye(r // 2).repeat(2, 2))
         else:
             raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
     return mixer
