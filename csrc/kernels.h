@@ -29,8 +29,9 @@ template <c10::DeviceType device>
 std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
                                                   const at::Tensor& mixer, double scale, bool need_dmixer);
 
-// Dropout of the rows first_row, first_row + 1, ... of a (rows, cols) matrix.
+// out = dropout of the rows first_row, first_row + 1, ... of the (rows, cols)
+// matrix x; out is contiguous with x's shape and may be x itself (in place).
 template <c10::DeviceType device>
-at::Tensor dropout_rows(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row);
+void dropout_rows(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec, int64_t first_row);
 
 }  // namespace moslora

@@ -107,11 +107,18 @@ std::tuple<Tensor, Tensor> mixer_backward(const Tensor& dv, const Tensor& u, con
   return moslora::mixer_backward<c10::kCPU>(dv, u, mixer, scale, need_dmixer);
 }
 
-Tensor dropout_rows(const Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+void dropout_rows(const Tensor& x, const Tensor& out, const DropoutSpec& spec, int64_t first_row) {
 #ifdef WITH_CUDA
-  if (x.is_cuda()) return moslora::dropout_rows<c10::kCUDA>(x, spec, first_row);
+  if (x.is_cuda()) return moslora::dropout_rows<c10::kCUDA>(x, out, spec, first_row);
 #endif
-  return moslora::dropout_rows<c10::kCPU>(x, spec, first_row);
+  moslora::dropout_rows<c10::kCPU>(x, out, spec, first_row);
+}
+
+// A new tensor holding the dropout of rows first_row, ... of x.
+Tensor dropped_rows(const Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+  auto out = at::empty(x.sizes(), x.options());
+  dropout_rows(x, out, spec, first_row);
+  return out;
 }
 
 // Rows per block of a row-blocked loop, so that a block's temporaries hold
@@ -133,7 +140,7 @@ Tensor project_down(const Tensor& x2, const Tensor& lora_A, const DropoutSpec& d
   for (int64_t first = 0; first < n; first += block) {
     const int64_t rows = std::min(block, n - first);
     auto u_block = u.narrow(0, first, rows);
-    at::mm_out(u_block, dropout_rows(x2.narrow(0, first, rows), dropout, first), lora_A.t());
+    at::mm_out(u_block, dropped_rows(x2.narrow(0, first, rows), dropout, first), lora_A.t());
   }
   return u;
 }
@@ -210,8 +217,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
       for (int64_t first = 0; first < n; first += block) {
         const int64_t rows = std::min(block, n - first);
         const auto du_block = du.narrow(0, first, rows);
-        if (need_dA) dA.addmm_(du_block.t(), dropout_rows(x2.narrow(0, first, rows), dropout, first));
-        if (need_dx) dx.narrow(0, first, rows).copy_(dropout_rows(at::mm(du_block, lora_A), dropout, first));
+        if (need_dA) dA.addmm_(du_block.t(), dropped_rows(x2.narrow(0, first, rows), dropout, first));
+        if (need_dx) {
+          auto dx_block = dx.narrow(0, first, rows);  // contiguous rows of dx
+          at::mm_out(dx_block, du_block, lora_A);
+          dropout_rows(dx_block, dx_block, dropout, first);  // in place
+        }
       }
     }
   }
@@ -253,7 +264,7 @@ Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
   const DropoutSpec spec = dropout_spec(p, seed);
   if (p == 0.0) return x.clone();
   const c10::DeviceGuard guard(x.device());
-  return dropout_rows(x.reshape({leading_rows(x), x.size(-1)}), spec, 0).view(x.sizes());
+  return dropped_rows(x.reshape({leading_rows(x), x.size(-1)}), spec, 0).view(x.sizes());
 }
 
 void register_kernels(torch::Library& m) {

@@ -6,14 +6,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
-#include <ATen/ops/empty_like.h>
 
 namespace moslora {
 
 template <>
-at::Tensor dropout_rows<c10::kCPU>(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+void dropout_rows<c10::kCPU>(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec,
+                             int64_t first_row) {
   const auto x_contig = x.contiguous();
-  auto out = at::empty_like(x_contig);
   const int64_t rows = x_contig.size(0), cols = x_contig.size(1);
   const int64_t col_groups = (cols + 3) / 4;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
@@ -38,7 +37,6 @@ at::Tensor dropout_rows<c10::kCPU>(const at::Tensor& x, const DropoutSpec& spec,
       }
     });
   });
-  return out;
 }
 
 }  // namespace moslora

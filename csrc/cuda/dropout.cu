@@ -6,15 +6,15 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 
 namespace moslora {
 namespace {
 
 // One thread handles four consecutive columns of one row: one Philox call.
+// in and out may be the same buffer (in-place dropout), hence no __restrict__.
 template <typename scalar_t, typename acc_t>
-__global__ void dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+__global__ void dropout_kernel(const scalar_t* in, scalar_t* out,
                                int64_t rows, int64_t cols, int64_t first_row, uint64_t seed,
                                uint32_t drop_threshold, acc_t keep_scale) {
   const int64_t col_groups = (cols + 3) / 4;
@@ -33,12 +33,12 @@ __global__ void dropout_kernel(const scalar_t* __restrict__ in, scalar_t* __rest
 }  // namespace
 
 template <>
-at::Tensor dropout_rows<c10::kCUDA>(const at::Tensor& x, const DropoutSpec& spec, int64_t first_row) {
+void dropout_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec,
+                              int64_t first_row) {
   const auto x_contig = x.contiguous();
-  auto out = at::empty_like(x_contig);
   const int64_t rows = x_contig.size(0), cols = x_contig.size(1);
   const int64_t work = rows * ((cols + 3) / 4);
-  if (work == 0) return out;
+  if (work == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
@@ -48,7 +48,6 @@ at::Tensor dropout_rows<c10::kCUDA>(const at::Tensor& x, const DropoutSpec& spec
         spec.seed, spec.drop_threshold, static_cast<acc_t>(spec.keep_scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
 }  // namespace moslora
