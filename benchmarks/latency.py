@@ -1,0 +1,453 @@
+"""What does the mixer cost? Latency and memory of moslora_ext against LoRA.
+
+Every contender wraps the same frozen base ``nn.Linear`` and runs on the same
+input in one process, measured round-robin (one repetition of each in turn)
+so that machine drift hits all of them alike; the median is reported.
+
+Contenders:
+  base            the frozen nn.Linear alone: the floor
+  lora_torch      LoRA as usually written: base(x) + lora_B(lora_A(dropout(x))) * s
+  moslora_torch   MoSLoRA as the released code writes it: three nn.Linear
+  peft_lora       PEFT's own LoRA layer (when peft is installed)
+  ours            moslora_ext.Linear, unmerged
+  ours_lora       moslora_ext.Linear with an identity, frozen mixer (LoRA on our kernels)
+  ours_merged     moslora_ext.Linear after merge() (inference only)
+
+Modes: inference (forward under no_grad), training (forward + backward with an
+input that requires grad, as inside a network), merge (folding the adapter
+into the weight). Memory: bytes saved for backward by each contender (the
+parameters themselves excluded), with dropout off and on, and on CUDA the
+peak allocated memory of a training step.
+
+    python benchmarks/latency.py --quick            # one LLaMA shape, ~2 min on 2 CPU cores
+    python benchmarks/latency.py                    # all shapes, ranks and token counts
+    python benchmarks/latency.py --device cuda      # bf16 and fp16 on the GPU
+
+Writes a table to stdout, every measurement to <out>/latency-<device>.json and
+a plot of the ratios to <out>/latency-<device>.png.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import moslora_ext
+
+# (in_features, out_features) of LLaMA-7B/8B projections.
+SHAPES = {
+    "attn 4096x4096": (4096, 4096),
+    "mlp up 4096x11008": (4096, 11008),
+    "mlp down 11008x4096": (11008, 4096),
+}
+LORA_ALPHA = 16
+
+
+class PlainLoRA(nn.Module):
+    """LoRA written the usual way (as PEFT's layer computes it)."""
+
+    def __init__(self, base, r, lora_dropout):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.dropout = nn.Dropout(lora_dropout)
+        self.scale = LORA_ALPHA / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scale
+
+
+class PlainMoSLoRA(PlainLoRA):
+    """MoSLoRA as the released code writes it: the mixer is a third nn.Linear."""
+
+    def __init__(self, base, r, lora_dropout):
+        super().__init__(base, r, lora_dropout)
+        self.lora_AB = nn.Linear(r, r, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_AB(self.lora_A(self.dropout(x)))) * self.scale
+
+
+def peft_lora(base, r, lora_dropout):
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+    except ImportError:
+        return None
+    config = LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout)
+    layer = PeftLinear(base, "default", config=config, r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout)
+    layer.base_layer.requires_grad_(False)
+    return layer
+
+
+def ours(base, r, lora_dropout, **kwargs):
+    return moslora_ext.Linear.from_linear(base, r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout, **kwargs)
+
+
+def ours_merged(base, r, lora_dropout):
+    layer = ours(copy.deepcopy(base), r, lora_dropout)  # merging changes the weight: a copy of its own
+    layer.merge()
+    return layer
+
+
+CONTENDERS = {
+    "base": lambda base, r, p: base,
+    "lora_torch": PlainLoRA,
+    "moslora_torch": PlainMoSLoRA,
+    "peft_lora": peft_lora,
+    "ours": ours,
+    "ours_lora": lambda base, r, p: ours(base, r, p, mixer_init="identity", train_mixer=False),
+    "ours_merged": ours_merged,
+}
+TRAINABLE = ["base", "lora_torch", "moslora_torch", "peft_lora", "ours", "ours_lora"]
+# Contenders whose dropout cost is measured (those that have dropout).
+WITH_DROPOUT = ["lora_torch", "moslora_torch", "peft_lora", "ours"]
+
+
+def build_contenders(base, r, lora_dropout, names):
+    built = {}
+    for name in names:
+        module = CONTENDERS[name](base, r, lora_dropout)
+        if module is not None:
+            built[name] = module.train()
+    return built
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def elapsed_seconds(fn, device):
+    """Wall time of one call of fn (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def time_round_robin(fns, reps, warmup, device, progress):
+    """Median seconds of each fn, repetitions interleaved across fns."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(elapsed_seconds(fn, device))
+        progress.update(1)
+    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
+
+
+def inference_step(module, x):
+    def step():
+        with torch.no_grad():
+            module(x)
+    return step
+
+
+def training_step(module, x, grad_y):
+    trainable = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        x.grad = None
+        for p in trainable:
+            p.grad = None
+        module(x).backward(grad_y)
+    return step
+
+
+def saved_bytes(module, x):
+    """Bytes of the tensors module's forward saves for backward, each storage
+    counted once, the module's parameters not counted (they are not copies).
+
+    Returns (all, beyond_input): the second leaves out x itself, which the
+    caller holds anyway, so it is the memory this layer adds.
+    """
+    parameter_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    total = sum(storages.values())
+    return total, total - storages.get(x.untyped_storage().data_ptr(), 0)
+
+
+def peak_training_bytes(step, device):
+    """Peak CUDA memory allocated during one training step, above what was allocated before it."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def plain_merge(layer):
+    """Folding an adapter into the weight as plain PyTorch does it."""
+    with torch.no_grad():
+        layer.weight += layer.scale * (layer.lora_B @ layer.lora_mixer) @ layer.lora_A
+
+
+def check_same_function(contenders, x):
+    """Every unmerged contender, given the same adapter, computes the same y."""
+    reference = None
+    with torch.no_grad():
+        for name, module in contenders.items():
+            if name in ("base", "ours_merged") or module is None:
+                continue
+            if reference is None:
+                reference = module(x).float()
+            torch.testing.assert_close(module(x).float(), reference, rtol=2e-2, atol=2e-2,
+                                       msg=lambda m: f"{name} computes something else: {m}")
+
+
+def share_adapter(contenders, base, r, generator):
+    """Give every contender the same adapter: A, B random and the mixer the
+    identity, so LoRA and MoSLoRA contenders compute the same function."""
+    k, d = base.weight.shape
+    factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+    A = (torch.randn(r, d, generator=generator) / d**0.5).to(**factory)
+    B = torch.randn(k, r, generator=generator).to(**factory)
+    eye = torch.eye(r, **factory)
+    with torch.no_grad():
+        for name, module in contenders.items():
+            if name == "peft_lora":
+                module.lora_A["default"].weight.copy_(A)
+                module.lora_B["default"].weight.copy_(B)
+            elif name in ("lora_torch", "moslora_torch"):
+                module.lora_A.weight.copy_(A)
+                module.lora_B.weight.copy_(B)
+                if name == "moslora_torch":
+                    module.lora_AB.weight.copy_(eye)
+            elif name in ("ours", "ours_lora"):
+                module.lora_A.copy_(A)
+                module.lora_B.copy_(B)
+                module.lora_mixer.copy_(eye)
+
+
+def measure_case(shape_name, tokens, r, dtype, device, args, progress):
+    d, k = SHAPES[shape_name]
+    generator = torch.Generator().manual_seed(0)
+    base = nn.Linear(d, k, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(tokens, d, generator=generator).to(device=device, dtype=dtype)
+    grad_y = torch.randn(tokens, k, generator=generator).to(device=device, dtype=dtype)
+    x_grad = x.clone().requires_grad_(True)
+    case = {"shape": shape_name, "in_features": d, "out_features": k, "tokens": tokens, "r": r,
+            "dtype": str(dtype).removeprefix("torch."), "lora_dropout": args.dropout}
+
+    contenders = build_contenders(base, r, 0.0, args.contenders)
+    share_adapter(contenders, base, r, generator)
+    check_same_function(contenders, x[:64])
+    case["inference_s"] = time_round_robin(
+        {n: inference_step(m, x) for n, m in contenders.items()}, args.reps, args.warmup, device, progress)
+    training = {n: contenders[n] for n in TRAINABLE if n in contenders}
+    case["training_s"] = time_round_robin(
+        {n: training_step(m, x_grad, grad_y) for n, m in training.items()}, args.reps, args.warmup, device,
+        progress)
+    case["saved_bytes"] = {n: saved_bytes(m, x_grad) for n, m in training.items()}
+    case["peak_bytes"] = {n: peak_training_bytes(training_step(m, x_grad, grad_y), device)
+                          for n, m in training.items()}
+
+    dropped = build_contenders(base, r, args.dropout, [n for n in WITH_DROPOUT if n in args.contenders])
+    case["training_dropout_s"] = time_round_robin(
+        {n: training_step(m, x_grad, grad_y) for n, m in dropped.items()}, args.reps, args.warmup, device,
+        progress)
+    case["saved_bytes_dropout"] = {n: saved_bytes(m, x_grad) for n, m in dropped.items()}
+
+    layer = contenders["ours"]
+    merges = {"ours": layer.merge, "plain_torch": lambda: plain_merge(layer)}
+    case["merge_s"] = {}
+    for name, merge in merges.items():
+        times = []
+        for _ in range(args.reps):
+            times.append(elapsed_seconds(merge, device))
+            layer.merged = True  # both merges fold the same adapter; unmerge restores the weight
+            layer.unmerge()
+        case["merge_s"][name] = (statistics.median(times), times)
+    progress.update(1)
+    return case
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def ratio(case, mode, name, reference):
+    table = case[mode]
+    if name not in table or reference not in table:
+        return None
+    return table[name][0] / table[reference][0]
+
+
+def format_case(case):
+    mib = 2**20
+    lines = [f"\n{case['shape']}  N={case['tokens']}  r={case['r']}  {case['dtype']}  "
+             f"(dropout {case['lora_dropout']} in the last columns)"]
+    header = (f"{'contender':<14}{'infer ms':>10}{'/base':>7}{'/lora':>7}{'train ms':>10}{'/base':>7}{'/lora':>7}"
+              f"{'saved MiB':>11}{'+drop MiB':>11}{'beyond x':>10}{'drop/no':>9}")
+    lines += [header, "-" * len(header)]
+    for name in case["inference_s"]:
+        def cell(value, fmt):
+            return format(value, fmt) if value is not None else "-"
+        train = case["training_s"].get(name)
+        saved = case["saved_bytes"].get(name, (None,))[0]
+        saved_drop, drop_beyond_x = case["saved_bytes_dropout"].get(name, (None, None))
+        drop_cost = (case["training_dropout_s"][name][0] / train[0]
+                     if name in case["training_dropout_s"] else None)
+        lines.append(
+            f"{name:<14}{case['inference_s'][name][0] * 1e3:>10.2f}"
+            f"{cell(ratio(case, 'inference_s', name, 'base'), '.3f'):>7}"
+            f"{cell(ratio(case, 'inference_s', name, 'lora_torch'), '.3f'):>7}"
+            f"{cell(train[0] * 1e3 if train else None, '.2f'):>10}"
+            f"{cell(ratio(case, 'training_s', name, 'base'), '.3f'):>7}"
+            f"{cell(ratio(case, 'training_s', name, 'lora_torch'), '.3f'):>7}"
+            f"{cell(saved / mib if saved is not None else None, '.2f'):>11}"
+            f"{cell(saved_drop / mib if saved_drop is not None else None, '.2f'):>11}"
+            f"{cell(drop_beyond_x / mib if drop_beyond_x is not None else None, '.2f'):>10}"
+            f"{cell(drop_cost, '.3f'):>9}")
+    merge = case["merge_s"]
+    lines.append(f"merge: ours {merge['ours'][0] * 1e3:.2f} ms, plain PyTorch {merge['plain_torch'][0] * 1e3:.2f} ms "
+                 f"(ratio {merge['ours'][0] / merge['plain_torch'][0]:.3f})")
+    if any(v is not None for v in case["peak_bytes"].values()):
+        lines.append("peak training MiB: " + ", ".join(
+            f"{n} {v / mib:.1f}" for n, v in case["peak_bytes"].items()))
+    return "\n".join(lines)
+
+
+def plot(cases, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.5 * len(cases) + 4), sharey=True)
+    labels = [f"{c['shape']} N={c['tokens']} r={c['r']} {c['dtype']}" for c in cases]
+    for ax, mode, title in zip(axes, ("inference_s", "training_s"), ("inference", "training (fwd+bwd)")):
+        names = [n for n in cases[0][mode] if n != "base"]
+        height = 0.8 / len(names)
+        smallest = 1.0
+        for i, name in enumerate(names):
+            values = [ratio(c, mode, name, "base") or 0.0 for c in cases]
+            smallest = min([smallest] + [v for v in values if v > 0])
+            ax.barh([j + i * height for j in range(len(cases))], values, height=height, label=name)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlim(left=smallest - 0.1)  # the differences are a few percent: start the axis near them
+        ax.set_title(f"{title}: time / frozen base layer")
+        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(cases))], labels)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine_info(device):
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "moslora_ext": moslora_ext.build_info()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="one case: attn 4096x4096, N=2048, r=16, fewer repetitions")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: all")
+    parser.add_argument("--tokens", nargs="+", type=int, help="default: 512 2048 (and 8192 on CUDA)")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 64])
+    parser.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, bfloat16 float16 on CUDA")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS),
+                        help="default: all (base, lora_torch and ours are always measured)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the dropout columns")
+    parser.add_argument("--reps", type=int, help="repetitions per contender (default 10 on CPU, 50 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="benchmark-results", help="folder for the JSON and PNG")
+    parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # smoke test: tiny shapes
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    args.contenders = [n for n in CONTENDERS if n in {"base", "lora_torch", "ours", *args.contenders}]
+    on_cuda = args.device.type == "cuda"
+    if args.quick:
+        args.shapes = args.shapes or ["attn 4096x4096"]
+        args.tokens = args.tokens or [2048]
+        args.ranks = [16] if args.ranks == [8, 16, 64] else args.ranks
+        args.reps = args.reps or (7 if not on_cuda else 30)
+    args.shapes = args.shapes or list(SHAPES)
+    args.tokens = args.tokens or ([512, 2048, 8192] if on_cuda else [512, 2048])
+    args.dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16", "float16"] if on_cuda else ["float32"]))]
+    args.reps = args.reps or (50 if on_cuda else 10)
+    if args.small:
+        SHAPES.update({name: (d // 32, k // 32) for name, (d, k) in SHAPES.items()})
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is a nicety
+        tqdm = None
+    cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
+    total = len(cases) * (3 * args.reps + 1)
+    progress = tqdm(total=total, desc="latency", file=sys.stderr) if tqdm else _NoProgress()
+    print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({machine_info(args.device)['processor'] or ''} "
+          f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    results = []
+    for shape_name, tokens, r, dtype in cases:
+        results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
+        progress.write(format_case(results[-1]))
+    progress.close()
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"latency-{args.device.type}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
+                   "cases": results}, f, indent=1)
+    print(f"\nwrote {stem}.json")
+    try:
+        plot(results, stem + ".png")
+        print(f"wrote {stem}.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+    return results
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def write(self, text):
+        print(text)
+
+    def close(self):
+        pass
+
+
+if __name__ == "__main__":
+    main()
