@@ -44,6 +44,18 @@ except ImportError as exc:
     raise ImportError(f"moslora_ext's compiled extension failed to load ({exc}); {_REBUILD_HINT}") from exc
 
 from . import ops  # noqa: E402
+from .adapters import (  # noqa: E402
+    AdapterConfig,
+    adapted_layers,
+    add_adapters,
+    load_adapter,
+    load_peft_adapter,
+    merge_adapters,
+    merge_and_unload,
+    save_adapter,
+    trainable_parameters,
+    unmerge_adapters,
+)
 from .linear import Linear  # noqa: E402
 
 try:
@@ -68,4 +80,8 @@ def build_info():
     }
 
 
-__all__ = ["Linear", "ops", "build_info", "__version__"]
+__all__ = [
+    "Linear", "ops", "build_info", "__version__",
+    "AdapterConfig", "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters",
+    "unmerge_adapters", "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter",
+]

@@ -1,0 +1,322 @@
+"""Adapters on whole models: inject by name, count, merge, save and load.
+
+    model = moslora_ext.add_adapters(model, ["q_proj", "v_proj"], r=16, lora_alpha=32)
+    ...train...
+    moslora_ext.save_adapter(model, "my-adapter")          # adapter tensors + JSON config
+    moslora_ext.load_adapter(fresh_model, "my-adapter")    # adds the adapters and loads them
+    plain = moslora_ext.merge_and_unload(model)            # nn.Linear only, adapter folded in
+
+Checkpoints of PEFT's LoRA and of the released MoSLoRA code load with
+``load_peft_adapter``.
+"""
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from .linear import Linear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "moslora_ext"
+ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
+
+
+@dataclass
+class AdapterConfig:
+    """The settings of one layer's adapter (the arguments of ``moslora_ext.Linear``)."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    mixer_init: str = "kaiming"
+    train_mixer: bool = True
+    use_rslora: bool = False
+
+    @classmethod
+    def of(cls, layer):
+        """The settings of an existing ``moslora_ext.Linear``."""
+        return cls(r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=layer.lora_dropout,
+                   mixer_init=layer.mixer_init, train_mixer=layer.lora_mixer.requires_grad,
+                   use_rslora=layer.use_rslora)
+
+
+def matching_names(model, target_modules):
+    """Names of the modules of ``model`` that ``target_modules`` selects.
+
+    A list (or tuple/set) of strings selects a module whose name equals one of
+    them or ends with ``"." + it`` (``"q_proj"`` selects
+    ``model.layers.0.self_attn.q_proj``); a single string is a regular
+    expression that must match the whole name (as in PEFT).
+    """
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]
+    targets = list(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
+    return [name for name, _ in model.named_modules()
+            if name and any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
+                 train_mixer=True, use_rslora=False):
+    """Put a MoSLoRA adapter on every ``nn.Linear`` of ``model`` that
+    ``target_modules`` selects (see ``matching_names``) and freeze every other
+    parameter. The new ``moslora_ext.Linear`` layers share the base weights.
+
+    Returns ``model`` (changed in place). Raises ValueError, listing the
+    model's linear layers, if nothing matches, and TypeError if a selected
+    module is not an ``nn.Linear`` (or already has an adapter); on any error
+    the model is left untouched.
+    """
+    config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora)
+    names = matching_names(model, target_modules)
+    if not names:
+        available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                            if isinstance(m, nn.Linear)})
+        raise ValueError(f"target_modules {target_modules!r} matches no module of the model; "
+                         f"its linear layers are named {available}")
+    _wrap(model, {name: config for name in names})
+    return model
+
+
+def _wrap(model, configs):
+    """Replace the named nn.Linear modules by adapted ones (all built before
+    any is swapped in) and freeze everything but the adapters."""
+    for name in configs:
+        module = model.get_submodule(name)
+        if isinstance(module, Linear):
+            raise TypeError(f"{name} already has a MoSLoRA adapter")
+        if type(module) is not nn.Linear:
+            raise TypeError(f"{name} is a {type(module).__name__}; adapters go on torch.nn.Linear layers only")
+    # from_linear freezes each base layer it wraps: undo that if a later one fails.
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        replacements = {name: Linear.from_linear(model.get_submodule(name), **asdict(config))
+                        for name, config in configs.items()}
+    except Exception:
+        for parameter, flag in requires_grad:
+            parameter.requires_grad_(flag)
+        raise
+    for name, layer in replacements.items():
+        _set_submodule(model, name, layer)
+    # Freeze all but the adapters, which keep their own settings (a frozen mixer stays frozen).
+    adapter_parameters = {id(getattr(layer, t)) for layer in adapted_layers(model).values() for t in ADAPTER_TENSORS}
+    for parameter in model.parameters():
+        if id(parameter) not in adapter_parameters:
+            parameter.requires_grad_(False)
+
+
+def _set_submodule(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def adapted_layers(model):
+    """{name: moslora_ext.Linear} of every adapted layer in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+
+
+def _require_adapters(model):
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoSLoRA adapters (add them with moslora_ext.add_adapters)")
+    return layers
+
+
+def trainable_parameters(model):
+    """(trainable, total) parameter counts of ``model``."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def merge_adapters(model, safe=False):
+    """Merge every adapter into its base weight (see ``Linear.merge``). With
+    ``safe=True`` a refused merge unmerges the layers merged before it, so the
+    model is left as it was."""
+    merged = []
+    try:
+        for layer in _require_adapters(model).values():
+            layer.merge(safe=safe)
+            merged.append(layer)
+    except Exception:
+        for layer in merged:
+            layer.unmerge()
+        raise
+    return model
+
+
+def unmerge_adapters(model):
+    """Take every adapter back out of its base weight."""
+    layers = _require_adapters(model).values()
+    not_merged = [layer for layer in layers if not layer.merged]
+    if not_merged:
+        raise RuntimeError(f"{len(not_merged)} of {len(layers)} adapted layers are not merged; nothing was changed")
+    for layer in layers:
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model):
+    """Fold every adapter into its base weight and put plain ``nn.Linear``
+    layers back: the result has no trace of moslora_ext. Returns ``model``."""
+    for name, layer in _require_adapters(model).items():
+        if not layer.merged:
+            layer.merge()
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight = layer.weight
+        plain.bias = layer.bias
+        _set_submodule(model, name, plain)
+    return model
+
+
+# --- save and load ----------------------------------------------------------------------------
+
+
+def adapter_state_dict(model):
+    """The adapter tensors of ``model``: ``{"<layer>.lora_A": ..., "<layer>.lora_mixer": ..., "<layer>.lora_B": ...}``."""
+    return {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
+            for t in ADAPTER_TENSORS}
+
+
+def save_adapter(model, path):
+    """Save only the adapters of ``model`` to the folder ``path``:
+    ``adapter_model.safetensors`` (the tensors) and ``adapter_config.json``
+    (each adapted layer's settings and this library's version). Refuses a
+    merged model, whose adapters are also in the base weights."""
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    layers = _require_adapters(model)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("save_adapter needs unmerged adapters; call unmerge_adapters(model) first")
+    os.makedirs(path, exist_ok=True)
+    tensors = {key: t.detach().contiguous() for key, t in adapter_state_dict(model).items()}
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
+    config = {"format": FORMAT, "version": __version__,
+              "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in layers.items()}}
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def load_adapter(model, path):
+    """Load an adapter saved by ``save_adapter`` into ``model``.
+
+    Layers named in the checkpoint that are plain ``nn.Linear`` get an adapter
+    with the saved settings; layers that already have one must have the same
+    settings. Every tensor's shape is checked, and missing or unexpected keys
+    are reported, before anything changes: a failed load leaves the model
+    untouched. Returns ``model``.
+    """
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a moslora_ext adapter (format {config.get('format')!r}); "
+                         "for PEFT or released MoSLoRA checkpoints use load_peft_adapter")
+    settings = {}
+    for name, layer_config in config["layers"].items():
+        unknown = set(layer_config) - {f.name for f in fields(AdapterConfig)}
+        if unknown:
+            raise ValueError(f"{path}: unknown adapter settings {sorted(unknown)} for layer {name}")
+        settings[name] = AdapterConfig(**layer_config)
+    _load(model, settings, _read_tensors(os.path.join(path, WEIGHTS_NAME)), str(path))
+    return model
+
+
+def _read_tensors(file):
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(file)
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _load(model, settings, tensors, source):
+    """Check everything, then wrap the layers that need it and copy the tensors in."""
+    modules = dict(model.named_modules())
+    missing_layers = [name for name in settings if name not in modules]
+    if missing_layers:
+        raise ValueError(f"{source}: the model has no module named {missing_layers}")
+    expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS}
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
+    to_wrap = {}
+    for name, config in settings.items():
+        module = modules[name]
+        if isinstance(module, Linear):
+            if AdapterConfig.of(module) != config:
+                raise ValueError(f"{source}: layer {name} has adapter settings {AdapterConfig.of(module)} "
+                                 f"but the checkpoint has {config}")
+            if module.merged:
+                raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
+        elif type(module) is nn.Linear:
+            to_wrap[name] = config
+        else:
+            raise TypeError(f"{source}: layer {name} is a {type(module).__name__}, not a torch.nn.Linear")
+        out_features, in_features = module.weight.shape
+        r = config.r
+        wanted = {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}
+        for t, shape in wanted.items():
+            got = tuple(tensors[f"{name}.{t}"].shape)
+            if got != shape:
+                raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
+                                 f"({in_features} -> {out_features}, r={r}) needs {shape}")
+    if to_wrap:
+        _wrap(model, to_wrap)
+    layers = adapted_layers(model)
+    with torch.no_grad():
+        for name in settings:
+            for t in ADAPTER_TENSORS:
+                getattr(layers[name], t).copy_(tensors[f"{name}.{t}"])
+
+
+def load_peft_adapter(model, path):
+    """Load a LoRA adapter saved by PEFT, or a MoSLoRA adapter saved by the
+    released MoSLoRA code (a PEFT fork), from the folder ``path``
+    (``adapter_config.json`` and ``adapter_model.safetensors`` or ``.bin``).
+
+    Keys ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight`` (and
+    ``lora_AB.weight``, the mixer, for MoSLoRA) are mapped onto ``<layer>``
+    of ``model``. A LoRA adapter gets an identity, frozen mixer, so the
+    layer computes exactly what PEFT computes; a MoSLoRA adapter gets its
+    trained mixer. Same all-or-nothing checks as ``load_adapter``.
+    """
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        peft_config = json.load(f)
+    unsupported = {key: peft_config[key] for key in ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern")
+                   if peft_config.get(key)}
+    if peft_config.get("bias", "none") != "none":
+        unsupported["bias"] = peft_config["bias"]
+    if unsupported:
+        raise NotImplementedError(f"{path}: PEFT settings not supported by moslora_ext: {unsupported}")
+    files = [os.path.join(path, name) for name in (WEIGHTS_NAME, "adapter_model.bin")]
+    weights = next((f for f in files if os.path.exists(f)), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor adapter_model.bin")
+    key_pattern = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_AB|lora_B)(?:\.default)?\.weight")
+    by_layer = {}
+    for key, tensor in _read_tensors(weights).items():
+        match = key_pattern.fullmatch(key)
+        if match is None:
+            raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor)")
+        by_layer.setdefault(match.group(1), {})[match.group(2)] = tensor
+    r, alpha = peft_config["r"], peft_config["lora_alpha"]
+    settings, tensors = {}, {}
+    for name, parts in by_layer.items():
+        has_mixer = "lora_AB" in parts
+        settings[name] = AdapterConfig(r=r, lora_alpha=alpha, lora_dropout=peft_config.get("lora_dropout", 0.0),
+                                       mixer_init="kaiming" if has_mixer else "identity", train_mixer=has_mixer,
+                                       use_rslora=peft_config.get("use_rslora", False))
+        tensors[f"{name}.lora_mixer"] = parts.pop("lora_AB") if has_mixer else torch.eye(r)
+        for t, tensor in parts.items():
+            tensors[f"{name}.{t}"] = tensor
+    if not settings:
+        raise ValueError(f"{weights} holds no adapter tensors")
+    _load(model, settings, tensors, str(path))
+    return model

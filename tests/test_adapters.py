@@ -1,0 +1,296 @@
+"""Model-level API: add_adapters, counting, merge/unmerge/unload, save/load, PEFT and released-MoSLoRA checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import moslora_ext
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.q_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width, bias=False)
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        x = x + self.v_proj(self.q_proj(self.norm(x))).tanh()
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, width=16, depth=2):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return TinyModel()
+
+
+def randomize_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in moslora_ext.adapted_layers(model).values():
+            for t in (layer.lora_A, layer.lora_B):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+            if layer.lora_mixer.requires_grad:
+                layer.lora_mixer.copy_(torch.randn(layer.lora_mixer.shape, generator=g))
+    return model
+
+
+def state_snapshot(model):
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_same_state(model, snapshot):
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    for name, t in state.items():
+        assert torch.equal(t, snapshot[name]), name
+
+
+def test_add_adapters_by_suffix_shares_weights_and_freezes_the_rest():
+    model = tiny_model()
+    q_weight = model.layers[0].q_proj.weight
+    moslora_ext.add_adapters(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    adapted = moslora_ext.adapted_layers(model)
+    assert sorted(adapted) == ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]
+    assert model.layers[0].q_proj.weight is q_weight
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{layer}.{t}" for layer in adapted for t in ("lora_A", "lora_mixer", "lora_B")}
+    assert all(layer.r == 4 and layer.scale == 2.0 for layer in adapted.values())
+
+
+def test_add_adapters_by_regex_and_frozen_mixer():
+    model = moslora_ext.add_adapters(tiny_model(), r"layers\.1\.(up|down)", r=2, mixer_init="identity",
+                                     train_mixer=False)
+    assert sorted(moslora_ext.adapted_layers(model)) == ["layers.1.down", "layers.1.up"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "layers.1.up.lora_A", "layers.1.up.lora_B", "layers.1.down.lora_A", "layers.1.down.lora_B"}
+
+
+def test_fresh_adapters_leave_the_output_unchanged():
+    model = tiny_model()
+    x = torch.randn(5, 4)
+    before = model(x)
+    moslora_ext.add_adapters(model, ["q_proj", "up", "down"])
+    torch.testing.assert_close(model(x), before)
+
+
+def test_trainable_parameters():
+    model = moslora_ext.add_adapters(tiny_model(), ["q_proj"], r=4)
+    total = sum(p.numel() for p in tiny_model().parameters()) + 2 * (4 * 16 + 4 * 4 + 16 * 4)
+    assert moslora_ext.trainable_parameters(model) == (2 * (4 * 16 + 4 * 4 + 16 * 4), total)
+
+
+def test_training_changes_only_the_adapters():
+    model = moslora_ext.add_adapters(tiny_model(), ["q_proj", "v_proj", "up", "down"], r=4, lora_dropout=0.1)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    x, target = torch.randn(64, 4), torch.randn(64, 3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_merge_unmerge_and_merge_and_unload_keep_the_function():
+    model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["q_proj", "v_proj", "down"], r=4))
+    model.eval()
+    x = torch.randn(7, 4)
+    expected = model(x)
+    moslora_ext.merge_adapters(model)
+    assert all(layer.merged for layer in moslora_ext.adapted_layers(model).values())
+    torch.testing.assert_close(model(x), expected)
+    moslora_ext.unmerge_adapters(model)
+    torch.testing.assert_close(model(x), expected)
+    moslora_ext.merge_and_unload(model)
+    assert not moslora_ext.adapted_layers(model)
+    assert all(type(m).__module__.startswith("torch.") for m in model.modules() if m is not model
+               and not isinstance(m, (Block, nn.ModuleList)))
+    assert not any("lora" in key for key in model.state_dict())
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_safe_merge_failure_leaves_every_layer_unmerged():
+    model = moslora_ext.add_adapters(tiny_model(), ["q_proj"], r=2)
+    last = model.layers[1].q_proj
+    with torch.no_grad():
+        last.lora_B.fill_(float("inf"))
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        moslora_ext.merge_adapters(model, safe=True)
+    assert not any(layer.merged for layer in moslora_ext.adapted_layers(model).values())
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(t, snapshot[name], equal_nan=True)
+
+
+def test_save_and_load_roundtrip_into_a_fresh_model(tmp_path):
+    model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=4, lora_alpha=4,
+                                                        mixer_init="orthogonal", use_rslora=True))
+    moslora_ext.save_adapter(model, tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["layers"]["layers.0.q_proj"] == {"r": 4, "lora_alpha": 4, "lora_dropout": 0.0,
+                                                   "mixer_init": "orthogonal", "train_mixer": True,
+                                                   "use_rslora": True}
+    # Only the adapter tensors are saved: 4 layers x (A, M, B).
+    from safetensors.torch import load_file
+    assert len(load_file(tmp_path / "adapter_model.safetensors")) == 12
+
+    fresh = moslora_ext.load_adapter(tiny_model(), tmp_path)
+    x = torch.randn(6, 4)
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x))
+    assert moslora_ext.trainable_parameters(fresh) == moslora_ext.trainable_parameters(model)
+
+
+def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):
+    model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2))
+    moslora_ext.save_adapter(model, tmp_path)
+    other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2)
+    moslora_ext.load_adapter(other, tmp_path)
+    for name, t in moslora_ext.adapters.adapter_state_dict(model).items():
+        assert torch.equal(moslora_ext.adapters.adapter_state_dict(other)[name], t)
+
+
+def test_failed_loads_leave_the_model_untouched(tmp_path):
+    source = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=4))
+    moslora_ext.save_adapter(source, tmp_path)
+
+    wrong_rank = moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=8)
+    snapshot = state_snapshot(wrong_rank)
+    with pytest.raises(ValueError, match="r=8"):
+        moslora_ext.load_adapter(wrong_rank, tmp_path)
+    assert_same_state(wrong_rank, snapshot)
+
+    wider = TinyModel(width=24)  # every layer has other shapes; the first checked fails
+    snapshot = state_snapshot(wider)
+    with pytest.raises(ValueError, match="has shape"):
+        moslora_ext.load_adapter(wider, tmp_path)
+    assert_same_state(wider, snapshot)
+    assert not moslora_ext.adapted_layers(wider)
+
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors.pop("layers.1.up.lora_B")
+    tensors["layers.1.up.lora_C"] = torch.zeros(1)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = tiny_model()
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match=r"missing keys \['layers.1.up.lora_B'\], unexpected keys "
+                                         r"\['layers.1.up.lora_C'\]"):
+        moslora_ext.load_adapter(model, tmp_path)
+    assert_same_state(model, snapshot)
+
+
+def test_add_adapters_misuse_names_what_is_wrong():
+    model = tiny_model()
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match=r"matches no module.*'q_proj'"):
+        moslora_ext.add_adapters(model, ["qkv"])
+    with pytest.raises(TypeError, match="LayerNorm"):
+        moslora_ext.add_adapters(model, ["q_proj", "norm"])
+    with pytest.raises(ValueError, match="r \\(the adapter rank\\)"):
+        moslora_ext.add_adapters(model, ["q_proj"], r=0)
+    assert_same_state(model, snapshot)
+    assert not moslora_ext.adapted_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+    moslora_ext.add_adapters(model, ["q_proj"])
+    with pytest.raises(TypeError, match="already has a MoSLoRA adapter"):
+        moslora_ext.add_adapters(model, ["q_proj"])
+    with pytest.raises(ValueError, match="no MoSLoRA adapters"):
+        moslora_ext.save_adapter(tiny_model(), "unused")
+
+
+# --- checkpoints of other libraries -----------------------------------------------------------
+
+
+def test_peft_lora_adapter_gives_what_peft_gives(tmp_path):
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft_model.save_pretrained(tmp_path)
+    peft_model.eval()
+    x = torch.randn(9, 4)
+    expected = peft_model(x)
+
+    model = moslora_ext.load_peft_adapter(tiny_model(), tmp_path).eval()
+    adapted = moslora_ext.adapted_layers(model)
+    assert sorted(adapted) == ["layers.0.q_proj", "layers.0.up", "layers.1.q_proj", "layers.1.up"]
+    assert all(torch.equal(layer.lora_mixer, torch.eye(4)) and not layer.lora_mixer.requires_grad
+               for layer in adapted.values())
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_released_moslora_checkpoint_gives_the_released_formula(tmp_path):
+    # The released code (a PEFT fork) saves torch state dicts with lora_A / lora_AB / lora_B Linear weights.
+    r, alpha, width = 4, 16, 16
+    g = torch.Generator().manual_seed(3)
+    targets = ["layers.0.v_proj", "layers.1.v_proj"]
+    state = {}
+    for name in targets:
+        prefix = f"base_model.model.{name}"
+        state[f"{prefix}.lora_A.weight"] = torch.randn(r, width, generator=g)
+        state[f"{prefix}.lora_AB.weight"] = torch.randn(r, r, generator=g)
+        state[f"{prefix}.lora_B.weight"] = torch.randn(width, r, generator=g)
+    torch.save(state, tmp_path / "adapter_model.bin")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": ["v_proj"],
+         "bias": "none", "fan_in_fan_out": False, "task_type": "CAUSAL_LM"}))
+
+    reference = tiny_model()
+    for name in targets:  # the released formula: base(x) + lora_B(lora_AB(lora_A(x))) * alpha / r
+        base = reference.get_submodule(name)
+        prefix = f"base_model.model.{name}"
+        A, M, B = (state[f"{prefix}.{t}.weight"] for t in ("lora_A", "lora_AB", "lora_B"))
+        base.forward = (lambda b, A, M, B: lambda x: nn.functional.linear(x, b.weight, b.bias)
+                        + ((x @ A.t()) @ M.t()) @ B.t() * (alpha / r))(base, A, M, B)
+    model = moslora_ext.load_peft_adapter(tiny_model(), tmp_path).eval()
+    assert all(layer.lora_mixer.requires_grad and layer.lora_dropout == 0.05
+               for layer in moslora_ext.adapted_layers(model).values())
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+def test_peft_settings_we_do_not_support_are_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True}))
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        moslora_ext.load_peft_adapter(tiny_model(), tmp_path)
+
+
+def test_a_layer_that_fails_to_wrap_leaves_the_others_trainable():
+    model = tiny_model()
+    # The second layer (odd rank for a braid mixer) fails after the first was built.
+    with pytest.raises(ValueError, match="braid"):
+        moslora_ext.adapters._wrap(model, {"layers.0.q_proj": moslora_ext.AdapterConfig(r=2, mixer_init="braid"),
+                                           "layers.1.q_proj": moslora_ext.AdapterConfig(r=3, mixer_init="braid")})
+    assert all(p.requires_grad for p in model.parameters())
+    assert not moslora_ext.adapted_layers(model)

@@ -1,0 +1,114 @@
+"""Adapters on a tiny Hugging Face LlamaForCausalLM built from a config (no download)."""
+
+import pytest
+import torch
+
+import moslora_ext
+
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config)
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (4, 16), generator=g)
+
+
+def adapted_llama(lora_dropout=0.0):
+    model = moslora_ext.add_adapters(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=lora_dropout)
+    with torch.no_grad():  # a trained-looking adapter, so merging has something to fold in
+        for layer in moslora_ext.adapted_layers(model).values():
+            layer.lora_B.normal_(std=0.1)
+    return model
+
+
+def test_adapters_on_every_projection():
+    model = adapted_llama()
+    assert len(moslora_ext.adapted_layers(model)) == 2 * len(TARGETS)
+    trainable, total = moslora_ext.trainable_parameters(model)
+    assert 0 < trainable < total
+    assert all(("lora_" in name) == p.requires_grad for name, p in model.named_parameters())
+
+
+def test_adamw_lowers_the_loss_and_changes_only_the_adapters():
+    model = adapted_llama(lora_dropout=0.05)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ids = batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_merged_logits_equal_unmerged_logits():
+    model = adapted_llama().eval()
+    ids = batch(1)
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        moslora_ext.merge_adapters(model)
+        merged = model(input_ids=ids).logits
+        moslora_ext.merge_and_unload(model)
+        unloaded = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unloaded, unmerged, rtol=1e-4, atol=1e-4)
+    assert not moslora_ext.adapted_layers(model)
+
+
+def gradients(model, ids):
+    model.zero_grad()
+    torch.manual_seed(5)  # the same dropout masks in both runs
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = adapted_llama(lora_dropout=0.1).train()
+    ids = batch(2)
+    plain = gradients(model, ids)
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer name of gradient_checkpointing_enable
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    checkpointed = gradients(model, ids)
+    assert len(calls) == 2  # forward, then the recomputation in backward
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_matches_eager():
+    model = adapted_llama().train()
+    ids = batch(3)
+    eager = gradients(model, ids)
+    model.forward = torch.compile(model.forward)
+    compiled = gradients(model, ids)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
+
+
+def test_save_load_roundtrip_on_llama(tmp_path):
+    model = adapted_llama().eval()
+    moslora_ext.save_adapter(model, tmp_path)
+    size = (tmp_path / "adapter_model.safetensors").stat().st_size
+    adapter_numel = moslora_ext.trainable_parameters(model)[0]
+    assert size < adapter_numel * 4 + 16_384  # only the adapter tensors (plus the header)
+    fresh = moslora_ext.load_adapter(tiny_llama(), tmp_path).eval()
+    ids = batch(4)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
