@@ -1,10 +1,15 @@
-"""The benchmark scripts run end to end on tiny shapes (they must not rot)."""
+"""The benchmark and example scripts run end to end on tiny settings (they must not rot)."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
 
 def load_script(name):
@@ -30,3 +35,13 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert case["saved_bytes_dropout"]["lora_torch"][1] >= n * d * 4
     assert case["saved_bytes_dropout"]["ours"][1] <= n * r * 4 + 8
     assert (tmp_path / "latency-cpu.png").stat().st_size > 0
+
+
+def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
+    pytest.importorskip("transformers")
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "finetune_tiny_llama.py"), "--steps", "3",
+                             "--batch-size", "2", "--length", "32", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "reloaded adapter gives the same logits: True" in result.stdout
+    assert (tmp_path / "adapter_model.safetensors").exists()
