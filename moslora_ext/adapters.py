@@ -179,7 +179,7 @@ def merge_and_unload(model):
 
 
 def adapter_state_dict(model):
-    """The adapter tensors of ``model``: ``{"<layer>.lora_A": ..., "<layer>.lora_mixer": ..., "<layer>.lora_B": ...}``."""
+    """The adapter tensors of ``model``, keyed ``"<layer>.lora_A"``, ``"<layer>.lora_mixer"``, ``"<layer>.lora_B"``."""
     return {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
             for t in ADAPTER_TENSORS}
 

@@ -1,0 +1,249 @@
+"""Misuse and edge inputs.
+
+Every misuse case goes through the public API or a raw operator and must raise
+the stated exception type with a message that names what is wrong, leaving
+every weight and adapter tensor exactly as it was. The edge inputs at the end
+are unusual but valid and must match the plain-PyTorch reference.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import moslora_ext
+from moslora_ext import ops
+from reference import assert_close_to_reference, make_adapter, moslora_reference
+
+OPS = torch.ops.moslora_ext
+K, D, R = 24, 40, 4
+
+
+class World:
+    """Everything a misuse case may touch: a layer, a raw adapter, a small
+    model with adapters, and a saved adapter of that model."""
+
+    def __init__(self, tmp_path):
+        torch.manual_seed(0)
+        self.layer = moslora_ext.Linear(D, K, r=R)
+        nn.init.normal_(self.layer.lora_B)
+        self.raw = make_adapter(K, D, R)
+        self.x = torch.randn(3, D)
+        self.model = nn.Sequential(nn.Linear(D, K), nn.ReLU(), nn.Linear(K, 8))
+        moslora_ext.add_adapters(self.model, ["0", "2"], r=R)
+        self.saved = tmp_path / "adapter"
+        moslora_ext.save_adapter(self.model, self.saved)
+        self.tmp_path = tmp_path
+
+    def tensors(self):
+        found = dict(self.layer.state_dict(prefix="layer."))
+        found.update({f"raw.{k}": v for k, v in self.raw.items() if v is not None})
+        found.update(self.model.state_dict(prefix="model."))
+        return found
+
+    def raw_forward(self, **changes):
+        a = {**self.raw, "x": self.x, "scale": 0.5, "dropout_p": 0.0, "dropout_seed": None, **changes}
+        return OPS.forward(a["x"], a["weight"], a["bias"], a["lora_A"], a["mixer"], a["lora_B"], a["scale"],
+                           a["dropout_p"], a["dropout_seed"])
+
+    def raw_backward(self, grad_out=None, u=None):
+        a = self.raw
+        y, u_saved = self.raw_forward()
+        grad_out = torch.ones_like(y) if grad_out is None else grad_out
+        return OPS.backward(grad_out, self.x, a["weight"], a["lora_A"], a["mixer"], a["lora_B"],
+                            u_saved if u is None else u, 0.5, 0.0, None, [True] * 4)
+
+    def inf_adapter_layer(self):
+        with torch.no_grad():
+            self.layer.lora_B[0, 0] = float("inf")
+
+    def peft_checkpoint(self, **config):
+        path = self.tmp_path / "peft"
+        path.mkdir(exist_ok=True)
+        (path / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": 8, **config}))
+        return path
+
+
+@dataclass
+class Misuse:
+    id: str
+    act: Callable[[World], object]
+    error: type
+    message: str  # a regular expression the message must match
+    setup: Callable[[World], object] = lambda w: None  # the legitimate steps before the misuse
+
+
+def wider_model_with_adapters(r):
+    model = nn.Sequential(nn.Linear(D, K), nn.ReLU(), nn.Linear(K, 8))
+    return moslora_ext.add_adapters(model, ["0", "2"], r=r)
+
+
+MISUSES = [
+    # moslora_ext.Linear
+    Misuse("wrong in_features", lambda w: w.layer(torch.randn(3, D - 1)), ValueError,
+           rf"in_features = {D}.*got x of shape \[3, {D - 1}\]"),
+    Misuse("half x, float weight", lambda w: w.layer(w.x.half()), TypeError,
+           "weight has dtype Float but x has dtype Half"),
+    Misuse("integer x", lambda w: w.layer(torch.ones(3, D, dtype=torch.int64)), TypeError,
+           "x must be a floating point tensor, got dtype Long"),
+    Misuse("x on another device", lambda w: w.layer(torch.randn(3, D, device="meta")), (RuntimeError, ValueError),
+           "meta"),
+    Misuse("r = 0", lambda w: moslora_ext.Linear(D, K, r=0), ValueError, r"r \(the adapter rank\).*got 0"),
+    Misuse("negative r", lambda w: moslora_ext.Linear(D, K, r=-3), ValueError, r"r \(the adapter rank\).*got -3"),
+    Misuse("fractional r", lambda w: moslora_ext.Linear(D, K, r=2.5), ValueError, "positive integer, got 2.5"),
+    Misuse("dropout 1", lambda w: moslora_ext.Linear(D, K, lora_dropout=1.0), ValueError,
+           r"lora_dropout must be in \[0, 1\), got 1.0"),
+    Misuse("negative dropout", lambda w: moslora_ext.Linear(D, K, lora_dropout=-0.1), ValueError,
+           r"lora_dropout must be in \[0, 1\), got -0.1"),
+    Misuse("braid with odd r", lambda w: moslora_ext.Linear(D, K, r=3, mixer_init="braid"), ValueError,
+           "braid.*even rank r, got r=3"),
+    Misuse("unknown mixer_init", lambda w: moslora_ext.Linear(D, K, mixer_init="random"), ValueError,
+           "mixer_init must be one of .*'random'"),
+    Misuse("from_linear of a Conv1d", lambda w: moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1)), TypeError,
+           "expects a torch.nn.Linear, got Conv1d"),
+    Misuse("merge twice", lambda w: w.layer.merge(), RuntimeError, "already merged", setup=lambda w: w.layer.merge()),
+    Misuse("unmerge when not merged", lambda w: w.layer.unmerge(), RuntimeError, "not merged"),
+    Misuse("safe merge to inf", lambda w: w.layer.merge(safe=True), ValueError, "inf or NaN.*left unchanged",
+           setup=World.inf_adapter_layer),
+    # raw operators
+    Misuse("lora_A of another in_features", lambda w: w.raw_forward(lora_A=torch.randn(R, D + 1)), ValueError,
+           rf"lora_A must have shape \(r, in_features\) with in_features = {D}"),
+    Misuse("mixer not square", lambda w: w.raw_forward(mixer=torch.randn(R, R - 1)), ValueError,
+           rf"mixer must have shape \(r, r\) = \({R}, {R}\).*got \[{R}, {R - 1}\]"),
+    Misuse("lora_B of another rank", lambda w: w.raw_forward(lora_B=torch.randn(K, R + 1)), ValueError,
+           rf"lora_B must have shape \(out_features, r\) = \({K}, {R}\)"),
+    Misuse("raw r = 0", lambda w: w.raw_forward(lora_A=torch.randn(0, D), mixer=torch.randn(0, 0),
+                                                lora_B=torch.randn(K, 0)), ValueError, "r must be >= 1"),
+    Misuse("bias of another size", lambda w: w.raw_forward(bias=torch.randn(K + 1)), ValueError,
+           rf"bias must have shape \(out_features,\) = \({K},\)"),
+    Misuse("double adapter, float weight", lambda w: w.raw_forward(lora_A=w.raw["lora_A"].double()), TypeError,
+           "lora_A has dtype Double"),
+    Misuse("raw dropout 1", lambda w: w.raw_forward(dropout_p=1.0), ValueError,
+           r"dropout probability must be in \[0, 1\), got 1"),
+    Misuse("raw negative dropout", lambda w: w.raw_forward(dropout_p=-0.5), ValueError,
+           r"dropout probability must be in \[0, 1\)"),
+    Misuse("dropout without a seed", lambda w: w.raw_forward(dropout_p=0.1), ValueError, "needs a dropout_seed"),
+    Misuse("float dropout seed", lambda w: w.raw_forward(dropout_p=0.1, dropout_seed=torch.tensor([1.0])),
+           ValueError, "one-element int64 CPU tensor"),
+    Misuse("NaN scale", lambda w: w.raw_forward(scale=float("nan")), ValueError, "scale must be finite"),
+    Misuse("backward with a wrong u", lambda w: w.raw_backward(u=torch.zeros(2, R)), ValueError,
+           rf"u must have shape \(3, {R}\)"),
+    Misuse("backward with a wrong grad", lambda w: w.raw_backward(grad_out=torch.ones(3, K + 1)), ValueError,
+           rf"grad_out must have the output's shape \[3, {K}\]"),
+    Misuse("merge_ with mixed dtypes",
+           lambda w: ops.merge_(w.raw["weight"], w.raw["lora_A"].double(), w.raw["mixer"], w.raw["lora_B"], 1.0),
+           TypeError, "lora_A has dtype Double but weight has dtype Float"),
+    Misuse("merge_ with a transposed B",
+           lambda w: ops.merge_(w.raw["weight"], w.raw["lora_A"], w.raw["mixer"], w.raw["lora_B"].t(), 1.0),
+           ValueError, r"lora_B must have shape \(out_features, r\)"),
+    Misuse("dropout op with p = 1", lambda w: ops.dropout(w.x, 1.0, torch.tensor([1])), ValueError,
+           r"dropout probability must be in \[0, 1\)"),
+    # whole models
+    Misuse("targets that match nothing", lambda w: moslora_ext.add_adapters(w.model, ["q_proj"]), ValueError,
+           "matches no module"),
+    Misuse("a target that is not a Linear", lambda w: moslora_ext.add_adapters(w.model, ["1"]), TypeError,
+           "1 is a ReLU"),
+    Misuse("adapters added twice", lambda w: moslora_ext.add_adapters(w.model, ["0"]), TypeError,
+           "already has a MoSLoRA adapter"),
+    Misuse("load an adapter of another rank", lambda w: moslora_ext.load_adapter(wider_model_with_adapters(8),
+                                                                                 w.saved), ValueError,
+           "has adapter settings .*r=8.* but the checkpoint has .*r=4"),
+    Misuse("load an adapter into other shapes",
+           lambda w: moslora_ext.load_adapter(nn.Sequential(nn.Linear(D + 1, K), nn.ReLU(), nn.Linear(K, 8)),
+                                              w.saved), ValueError, rf"0.lora_A has shape \({R}, {D}\).*needs"),
+    Misuse("load an adapter into a model that lacks its layers",
+           lambda w: moslora_ext.load_adapter(nn.Sequential(nn.Linear(D, K)), w.saved), ValueError,
+           r"no module named \['2'\]"),
+    Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(
+        w.model, w.peft_checkpoint(use_dora=True)), NotImplementedError, "use_dora"),
+    Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(
+        w.model, w.peft_checkpoint()), FileNotFoundError, "neither adapter_model.safetensors"),
+]
+
+
+def equal_including_nan(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
+@pytest.mark.parametrize("case", MISUSES, ids=[case.id for case in MISUSES])
+def test_misuse_raises_a_clear_error_and_changes_nothing(case, tmp_path):
+    world = World(tmp_path)
+    case.setup(world)
+    before = {name: t.detach().clone() for name, t in world.tensors().items()}
+    requires_grad = {name: p.requires_grad for name, p in world.model.named_parameters()}
+    with pytest.raises(case.error, match=case.message):
+        case.act(world)
+    after = world.tensors()
+    assert after.keys() == before.keys()
+    changed = [name for name in before if not equal_including_nan(after[name], before[name])]
+    assert not changed, f"{case.id} changed {changed}"
+    assert requires_grad == {name: p.requires_grad for name, p in world.model.named_parameters()}
+
+
+def test_the_misuse_table_is_large_enough():
+    assert len(MISUSES) >= 20
+
+
+# --- edge inputs that must work ---------------------------------------------------------------
+
+
+def check_forward_backward(x, adapter, device):
+    """Forward and backward (x and the adapter) against the float64 reference."""
+    dtype = x.dtype
+    params = {k: None if v is None else v.detach().clone().requires_grad_(k in ("lora_A", "mixer", "lora_B"))
+              for k, v in adapter.items()}
+    x = x.detach().requires_grad_(True)
+    y = ops.moslora_linear(x, params["weight"], params["bias"], params["lora_A"], params["mixer"], params["lora_B"],
+                           0.7)
+    grad_y = torch.randn(y.shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    y.backward(grad_y)
+
+    ref_x = x.detach().double().requires_grad_(True)
+    ref = {k: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for k, v in params.items()}
+    expected = moslora_reference(ref_x, **ref, scale=0.7)
+    expected.backward(grad_y.double())
+    assert_close_to_reference(y, expected, dtype)
+    assert_close_to_reference(x.grad, ref_x.grad, dtype)
+    for name in ("lora_A", "mixer", "lora_B"):
+        assert_close_to_reference(params[name].grad, ref[name].grad, dtype)
+
+
+def test_transposed_input(device):
+    adapter = make_adapter(K, D, R, torch.float64, device)
+    x = torch.randn(D, 9, dtype=torch.float64, device=device).t()
+    assert not x.is_contiguous()
+    check_forward_backward(x, adapter, device)
+
+
+def test_strided_input(device):
+    adapter = make_adapter(K, D, R, torch.float64, device)
+    x = torch.randn(5, 4, 2 * D, dtype=torch.float64, device=device)[:, ::2, ::2]  # every other row and column
+    check_forward_backward(x, adapter, device)
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 3), (3, 0, 2)])
+def test_empty_batch(device, lead):
+    adapter = make_adapter(K, D, R, torch.float32, device)
+    x = torch.zeros(*lead, D, device=device, requires_grad=True)
+    y, u = OPS.forward(x, adapter["weight"], adapter["bias"], adapter["lora_A"], adapter["mixer"],
+                       adapter["lora_B"], 0.7, 0.0, None)
+    assert y.shape == (*lead, K) and u.shape == (0, R)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_four_dimensional_input(device):
+    check_forward_backward(torch.randn(2, 3, 4, D, dtype=torch.float64, device=device),
+                           make_adapter(K, D, R, torch.float64, device), device)
+
+
+def test_many_rows_few_features(device):
+    check_forward_backward(torch.randn(100_000, 3, device=device), make_adapter(2, 3, 2, device=device), device)
+
+
+def test_rank_larger_than_the_features(device):
+    check_forward_backward(torch.randn(6, 4, dtype=torch.float64, device=device),
+                           make_adapter(5, 4, 16, torch.float64, device), device)
