@@ -2,8 +2,10 @@
 
 The CPU kernels are always built. The CUDA kernels are added whenever nvcc
 and a CUDA build of torch are present, with or without a GPU; set
-MOSLORA_BUILD_CUDA=0 or 1 to force them off or on. What was built is
-recorded in moslora_ext/_build_config.py, which the package checks on import.
+MOSLORA_BUILD_CUDA=0 or 1 to force them off or on. MOSLORA_SANITIZE (e.g.
+"address,undefined") builds the C++ sources with those sanitizers, for
+tools/sanitize.sh. What was built is recorded in moslora_ext/_build_config.py,
+which the package checks on import.
 """
 
 import glob
@@ -102,11 +104,18 @@ def write_build_config(with_cuda, archs):
 def extension():
     sources = ["csrc/ops.cpp", "csrc/moslora.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     extra_compile_args = {"cxx": ["-O3"]}
+    extra_link_args = []
+    sanitizers = os.environ.get("MOSLORA_SANITIZE")
+    if sanitizers:
+        flags = [f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        extra_compile_args["cxx"] = ["-O1", *flags]
+        extra_link_args = flags
     with_cuda = want_cuda()
     if not with_cuda:
         write_build_config(False, None)
         return cpp_extension.CppExtension(
-            "moslora_ext._C", sources, extra_compile_args=extra_compile_args, py_limited_api=False
+            "moslora_ext._C", sources, extra_compile_args=extra_compile_args, extra_link_args=extra_link_args,
+            py_limited_api=False,
         )
     archs = cuda_arch_list()
     write_build_config(True, archs)
@@ -119,6 +128,7 @@ def extension():
         include_dirs=include_dirs,
         define_macros=[("WITH_CUDA", None)],
         extra_compile_args=extra_compile_args,
+        extra_link_args=extra_link_args,
     )
 
 
