@@ -13,6 +13,7 @@ import os
 import shutil
 import site
 import subprocess
+import sys
 import sysconfig
 
 from setuptools import setup
@@ -105,11 +106,16 @@ def extension():
     sources = ["csrc/ops.cpp", "csrc/moslora.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     extra_compile_args = {"cxx": ["-O3"]}
     extra_link_args = []
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        # at::parallel_for is inline OpenMP: without -fopenmp our CPU kernels
+        # would run on one thread. libgomp resolves to the copy torch loaded.
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     sanitizers = os.environ.get("MOSLORA_SANITIZE")
     if sanitizers:
         flags = [f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
-        extra_compile_args["cxx"] = ["-O1", *flags]
-        extra_link_args = flags
+        extra_compile_args["cxx"] = [*extra_compile_args["cxx"][1:], "-O1", *flags]
+        extra_link_args += flags
     with_cuda = want_cuda()
     if not with_cuda:
         write_build_config(False, None)

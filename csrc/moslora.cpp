@@ -70,8 +70,7 @@ DropoutSpec dropout_spec(double p, const std::optional<Tensor>& seed) {
   TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
                     "moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got dtype ",
                     seed->scalar_type(), ", shape ", seed->sizes(), " on ", seed->device());
-  const auto threshold = static_cast<uint32_t>(std::llround(p * 16777216.0));  // p * 2^24
-  return DropoutSpec{static_cast<uint64_t>(seed->item<int64_t>()), threshold, 1.0 / (1.0 - p)};
+  return DropoutSpec{static_cast<uint64_t>(seed->item<int64_t>()), dropout_threshold(p), 1.0 / (1.0 - p)};
 }
 
 void check_scale(double scale) {

@@ -116,6 +116,34 @@ def test_dropout_op_masks_and_scales(device):
     assert not torch.equal(ops.dropout(x, 0.4, torch.tensor([6])), out)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.7])
+def test_dropout_mask_statistics(p):
+    """The mask is Bernoulli(1 - p), the same in every row and column, with
+    neighbours (same Philox word, next row, next seed) uncorrelated. Every
+    bound is 6 standard deviations: a correct mask fails with probability
+    below 1e-8, a biased or patterned one cannot pass."""
+    rows = cols = 1024
+    dropped = (~ops.dropout_mask((rows, cols), p, torch.tensor([31337]))).double()
+    sd = (p * (1 - p)) ** 0.5
+    assert abs(dropped.mean().item() - p) < 6 * sd / (rows * cols) ** 0.5
+    for per_line, n in ((dropped.mean(0), rows), (dropped.mean(1), cols)):
+        assert (per_line - p).abs().max().item() < 6 * sd / n**0.5
+
+    def correlation(a, b):
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return (a @ b / (a.norm() * b.norm())).item()
+
+    bound = 6 / (rows * cols / 2) ** 0.5
+    assert abs(correlation(dropped[:, 0::2], dropped[:, 1::2])) < bound  # columns sharing a Philox word
+    assert abs(correlation(dropped[0::2], dropped[1::2])) < bound  # neighbouring rows
+    other_seed = (~ops.dropout_mask((rows, cols), p, torch.tensor([31338]))).double()
+    assert abs(correlation(dropped, other_seed)) < 6 / (rows * cols) ** 0.5
+    x = torch.randn(rows, 64)
+    out = ops.dropout(x, p, torch.tensor([7]))
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
+
+
 def test_dropout_mask_is_the_same_on_cpu_and_cuda():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible")

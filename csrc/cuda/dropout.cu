@@ -11,21 +11,22 @@
 namespace moslora {
 namespace {
 
-// One thread handles four consecutive columns of one row: one Philox call.
-// in and out may be the same buffer (in-place dropout), hence no __restrict__.
+// One thread handles kDropoutColsPerCall consecutive columns of one row: one
+// Philox call. in and out may be the same buffer (in-place dropout), hence no
+// __restrict__.
 template <typename scalar_t, typename acc_t>
 __global__ void dropout_kernel(const scalar_t* in, scalar_t* out,
                                int64_t rows, int64_t cols, int64_t first_row, uint64_t seed,
                                uint32_t drop_threshold, acc_t keep_scale) {
-  const int64_t col_groups = (cols + 3) / 4;
+  const int64_t col_groups = (cols + kDropoutColsPerCall - 1) / kDropoutColsPerCall;
   for (int64_t idx = grid_start(); idx < rows * col_groups; idx += grid_stride()) {
     const int64_t row = idx / col_groups, g = idx % col_groups;
     const Philox4 words = philox4x32_10(seed, first_row + row, static_cast<uint32_t>(g));
-    for (int t = 0; t < 4 && 4 * g + t < cols; ++t) {
-      const int64_t offset = row * cols + 4 * g + t;
-      out[offset] = dropout_keep(words.w[t], drop_threshold)
-                        ? static_cast<scalar_t>(static_cast<acc_t>(in[offset]) * keep_scale)
-                        : scalar_t(0);
+    const int64_t first_col = kDropoutColsPerCall * g;
+    for (int lane = 0; lane < kDropoutColsPerCall && first_col + lane < cols; ++lane) {
+      const int64_t offset = row * cols + first_col + lane;
+      out[offset] = static_cast<scalar_t>(static_cast<acc_t>(in[offset]) *
+                                          dropout_factor(words, lane, drop_threshold, keep_scale));
     }
   }
 }
@@ -37,7 +38,7 @@ void dropout_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& out, const 
                               int64_t first_row) {
   const auto x_contig = x.contiguous();
   const int64_t rows = x_contig.size(0), cols = x_contig.size(1);
-  const int64_t work = rows * ((cols + 3) / 4);
+  const int64_t work = rows * ((cols + kDropoutColsPerCall - 1) / kDropoutColsPerCall);
   if (work == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
