@@ -45,3 +45,28 @@ def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "reloaded adapter gives the same logits: True" in result.stdout
     assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_quality_study_runs_and_reports(tmp_path, capsys):
+    quality = load_script("quality")
+    rows = quality.main(["--pretrain-steps", "3", "--steps", "2", "--eval-every", "1", "--seeds", "2", "--no-sweep",
+                         "--batch", "2", "--methods", "lora", "moslora_kaiming", "--out", str(tmp_path)])
+    assert "moslora_kaiming" in capsys.readouterr().out
+    assert rows["lora"]["seeds"] == 2 and rows["moslora_kaiming"]["trainable_parameters"] > \
+        rows["lora"]["trainable_parameters"]
+    report = json.loads((tmp_path / "quality.json").read_text())
+    assert len(report["runs"]["lora"]["curves"][0]) == 3  # step 0, 1 and 2
+    assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("a, b", [
+    ([0.1, 0.5, 0.3, 0.9, 0.7], [0.2, 0.4, 0.6, 0.8, 1.0]),
+    ([1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0]),
+    ([3.1, 2.7, 5.5], [1.2, 0.4, 2.2, 0.9]),
+])
+def test_mann_whitney_matches_scipy(a, b):
+    stats = pytest.importorskip("scipy.stats")
+    u, p = load_script("quality").mann_whitney_u(a, b)
+    expected = stats.mannwhitneyu(a, b, alternative="two-sided", method="exact")
+    assert u == pytest.approx(expected.statistic)
+    assert p == pytest.approx(expected.pvalue)
