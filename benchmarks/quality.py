@@ -50,8 +50,8 @@ METHODS = {  # name: adapter settings (None: full fine-tuning)
     "moslora_orthogonal": {"mixer_init": "orthogonal", "train_mixer": True},
     "full": None,
 }
-LEARNING_RATES = {"adapter": [1e-3, 3e-3, 1e-2], "full": [1e-4, 3e-4, 1e-3]}
-DEFAULT_LR = {"adapter": 3e-3, "full": 3e-4}  # --quick uses these without a sweep
+LEARNING_RATES = {"adapter": [1e-3, 3e-3, 1e-2, 3e-2], "full": [3e-4, 1e-3, 3e-3, 1e-2]}
+DEFAULT_LR = {"adapter": 1e-2, "full": 3e-3}  # --quick uses these without a sweep
 
 
 # --- model --------------------------------------------------------------------------------------
