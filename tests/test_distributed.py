@@ -61,6 +61,7 @@ def worker(rank, init_file, wrapper, result_file):
             weights = {name: t.full_tensor() for name, t in adapter_weights(model).items()}
         if rank == 0:
             torch.save(weights, result_file)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
