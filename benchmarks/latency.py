@@ -1,8 +1,10 @@
 """What does the mixer cost? Latency and memory of moslora_ext against LoRA.
 
 Every contender wraps the same frozen base ``nn.Linear`` and runs on the same
-input in one process, measured round-robin (one repetition of each in turn)
-so that machine drift hits all of them alike; the median is reported.
+input in one process, measured round-robin (one repetition of each in turn,
+in a shuffled order) so that machine drift hits all of them alike; the median
+is reported. ours_merged computes exactly what base computes: its ratio shows
+the noise of the run.
 
 Contenders:
   base            the frozen nn.Linear alone: the floor
@@ -32,6 +34,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -144,15 +147,17 @@ def elapsed_seconds(fn, device):
 
 
 def time_round_robin(fns, reps, warmup, device, progress):
-    """Median seconds of each fn, repetitions interleaved across fns."""
+    """Median seconds of each fn, repetitions interleaved across fns in a
+    shuffled order each round (no contender always follows the same one)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     synchronize(device)
     times = {name: [] for name in fns}
+    order = random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
-            times[name].append(elapsed_seconds(fn, device))
+        for name in order.sample(list(fns), len(fns)):
+            times[name].append(elapsed_seconds(fns[name], device))
         progress.update(1)
     return {name: (statistics.median(ts), ts) for name, ts in times.items()}
 
