@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the plots are skipped without it
 
 
 def load_script(name):
@@ -34,7 +35,8 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     n, d, r = 64, 4096 // 32, 4
     assert case["saved_bytes_dropout"]["lora_torch"][1] >= n * d * 4
     assert case["saved_bytes_dropout"]["ours"][1] <= n * r * 4 + 8
-    assert (tmp_path / "latency-cpu.png").stat().st_size > 0
+    if HAVE_MATPLOTLIB:
+        assert (tmp_path / "latency-cpu.png").stat().st_size > 0
 
 
 def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
@@ -56,7 +58,8 @@ def test_quality_study_runs_and_reports(tmp_path, capsys):
         rows["lora"]["trainable_parameters"]
     report = json.loads((tmp_path / "quality.json").read_text())
     assert len(report["runs"]["lora"]["curves"][0]) == 3  # step 0, 1 and 2
-    assert (tmp_path / "quality.png").stat().st_size > 0
+    if HAVE_MATPLOTLIB:
+        assert (tmp_path / "quality.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("a, b", [
