@@ -3,7 +3,9 @@
     y = W0 x + b + s * B M A dropout(x)
 
 ``moslora_ext.Linear`` is the layer; ``moslora_ext.ops`` has the functional
-ops; ``build_info()`` says what the installed extension was built with.
+ops; ``add_adapters``, ``save_adapter``, ``load_adapter``, ``load_peft_adapter``,
+``merge_and_unload`` and their helpers (``moslora_ext.adapters``) work on whole
+models; ``build_info()`` says what the installed extension was built with.
 """
 
 import glob
