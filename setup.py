@@ -33,7 +33,8 @@ def find_cuda_home():
         if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
             return home
         # nvcc on PATH may be a wrapper script: ask nvcc itself where it lives.
-        dryrun = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True, text=True)
+        dryrun = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True)
         for line in (dryrun.stdout + dryrun.stderr).splitlines():
             if line.startswith("#$ TOP="):
                 return os.path.realpath(line.split("=", 1)[1].strip())

@@ -214,10 +214,10 @@ def peak_training_bytes(step, device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def plain_merge(layer):
-    """Folding an adapter into the weight as plain PyTorch does it."""
+def plain_merge(layer, sign=1.0):
+    """Folding an adapter into the weight (sign -1: out of it) as plain PyTorch does it."""
     with torch.no_grad():
-        layer.weight += layer.scale * (layer.lora_B @ layer.lora_mixer) @ layer.lora_A
+        layer.weight += sign * layer.scale * (layer.lora_B @ layer.lora_mixer) @ layer.lora_A
 
 
 def check_same_function(contenders, x):
@@ -225,7 +225,7 @@ def check_same_function(contenders, x):
     reference = None
     with torch.no_grad():
         for name, module in contenders.items():
-            if name in ("base", "ours_merged") or module is None:
+            if name in ("base", "ours_merged"):
                 continue
             if reference is None:
                 reference = module(x).float()
@@ -287,14 +287,14 @@ def measure_case(shape_name, tokens, r, dtype, device, args, progress):
     case["saved_bytes_dropout"] = {n: saved_bytes(m, x_grad) for n, m in dropped.items()}
 
     layer = contenders["ours"]
-    merges = {"ours": layer.merge, "plain_torch": lambda: plain_merge(layer)}
+    merges = {"ours": (layer.merge, layer.unmerge),
+              "plain_torch": (lambda: plain_merge(layer), lambda: plain_merge(layer, -1.0))}
     case["merge_s"] = {}
-    for name, merge in merges.items():
+    for name, (merge, unmerge) in merges.items():
         times = []
         for _ in range(args.reps):
             times.append(elapsed_seconds(merge, device))
-            layer.merged = True  # both merges fold the same adapter; unmerge restores the weight
-            layer.unmerge()
+            unmerge()
         case["merge_s"][name] = (statistics.median(times), times)
     progress.update(1)
     return case

@@ -143,7 +143,8 @@ def evaluate(model, windows, batch=64):
     return total / len(windows)
 
 
-def cosine_lr(optimizer, base_lr, steps):
+def cosine_lr(optimizer, steps):
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 % of the learning rate."""
     warmup = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
@@ -163,7 +164,7 @@ def pretrained_model(args, log):
     model = ByteLM()
     data = python_source_bytes()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = cosine_lr(optimizer, 3e-3, args.pretrain_steps)
+    schedule = cosine_lr(optimizer, args.pretrain_steps)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for step in range(1, args.pretrain_steps + 1):
@@ -200,7 +201,7 @@ def finetune(base, method, lr, seed, data, args):
     model = prepare(base, method, seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    schedule = cosine_lr(optimizer, lr, args.steps)
+    schedule = cosine_lr(optimizer, args.steps)
     generator = torch.Generator().manual_seed(1000 + seed)
     curve, step_times = [(0, evaluate(model, val_windows))], []
     for step in range(1, args.steps + 1):

@@ -18,8 +18,8 @@ namespace moslora {
 // (seed, row, col), so backward regenerates the mask instead of storing it,
 // and CPU and CUDA draw the same mask for the same seed.
 // One Philox call yields 128 bits, 16 per element: columns 8c..8c+7 share
-// counter c. (16 bits put p on a grid of 2^-16; a Philox call per 8 elements
-// instead of 4 halves the cost of the mask, which is most of dropout's cost.)
+// counter c. (16 bits put p on a grid of 2^-16 and let one call serve 8
+// elements instead of 4.)
 // ---------------------------------------------------------------------------
 constexpr int kDropoutColsPerCall = 8;
 

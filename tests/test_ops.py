@@ -175,7 +175,8 @@ def test_opcheck_forward(device, bias, dropout_p):
     torch.library.opcheck(OPS.forward, (x, *adapter_args(adapter, dropout_p=dropout_p, seed=torch.tensor([3]))))
 
 
-@pytest.mark.parametrize("output_mask", [[True, True, True, True], [False, True, False, True], [True, False, False, False]])
+@pytest.mark.parametrize("output_mask", [[True, True, True, True], [False, True, False, True],
+                                         [True, False, False, False]])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 def test_opcheck_backward(device, output_mask, dropout_p):
     a = make_adapter(K, D, 4, torch.float32, device)
@@ -204,7 +205,8 @@ def test_cuda_build_required_by_ci():
     else:
         assert info["cuda_archs"] is None
     if torch.cuda.is_available() or os.environ.get("MOSLORA_REQUIRE_CUDA_BUILD") == "1":
-        assert info["with_cuda"], "the CUDA kernels were not compiled (MOSLORA_REQUIRE_CUDA_BUILD=1 or a GPU is visible)"
+        assert info["with_cuda"], \
+            "the CUDA kernels were not compiled (MOSLORA_REQUIRE_CUDA_BUILD=1 or a GPU is visible)"
 
 
 def test_row_blocked_dropout_matches_reference(device):

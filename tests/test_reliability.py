@@ -73,7 +73,8 @@ def forward_backward_digest(device="cpu"):
     return digest.hexdigest()
 
 
-DIGEST_SCRIPT = "import sys; sys.path.insert(0, {tests!r}); import test_reliability as t; print(t.forward_backward_digest())"
+DIGEST_SCRIPT = ("import sys; sys.path.insert(0, {tests!r}); import test_reliability as t; "
+                 "print(t.forward_backward_digest())")
 
 
 def test_cpu_results_are_bitwise_identical_across_runs():
