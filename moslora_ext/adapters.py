@@ -250,8 +250,9 @@ def _load(model, settings, tensors, source):
     for name, config in settings.items():
         module = modules[name]
         if isinstance(module, Linear):
-            if AdapterConfig.of(module) != config:
-                raise ValueError(f"{source}: layer {name} has adapter settings {AdapterConfig.of(module)} "
+            existing = AdapterConfig.of(module)
+            if existing != config:
+                raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
                                  f"but the checkpoint has {config}")
             if module.merged:
                 raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
