@@ -258,7 +258,7 @@ def share_adapter(contenders, base, r, generator):
 
 
 def measure_case(shape_name, tokens, r, dtype, device, args, progress):
-    d, k = SHAPES[shape_name]
+    d, k = (size // args.shrink for size in SHAPES[shape_name])
     generator = torch.Generator().manual_seed(0)
     base = nn.Linear(d, k, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, d, generator=generator).to(device=device, dtype=dtype)
@@ -310,6 +310,11 @@ def ratio(case, mode, name, reference):
     return table[name][0] / table[reference][0]
 
 
+def cell(value, fmt):
+    """A table cell: value formatted, or "-" where there is none."""
+    return format(value, fmt) if value is not None else "-"
+
+
 def format_case(case):
     mib = 2**20
     lines = [f"\n{case['shape']}  N={case['tokens']}  r={case['r']}  {case['dtype']}  "
@@ -318,8 +323,6 @@ def format_case(case):
               f"{'saved MiB':>11}{'+drop MiB':>11}{'beyond x':>10}{'drop/no':>9}")
     lines += [header, "-" * len(header)]
     for name in case["inference_s"]:
-        def cell(value, fmt):
-            return format(value, fmt) if value is not None else "-"
         train = case["training_s"].get(name)
         saved = case["saved_bytes"].get(name, (None,))[0]
         saved_drop, drop_beyond_x = case["saved_bytes_dropout"].get(name, (None, None))
@@ -407,8 +410,7 @@ def parse_args(argv):
     args.tokens = args.tokens or ([512, 2048, 8192] if on_cuda else [512, 2048])
     args.dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16", "float16"] if on_cuda else ["float32"]))]
     args.reps = args.reps or (50 if on_cuda else 10)
-    if args.small:
-        SHAPES.update({name: (d // 32, k // 32) for name, (d, k) in SHAPES.items()})
+    args.shrink = 32 if args.small else 1  # --small divides every shape by 32
     return args
 
 
@@ -421,7 +423,7 @@ def main(argv=None):
     cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
     total = len(cases) * (3 * args.reps + 1)
     progress = tqdm(total=total, desc="latency", file=sys.stderr) if tqdm else _NoProgress()
-    print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({machine_info(args.device)['processor'] or ''} "
+    print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({platform.processor()} "
           f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)")
     results = []
     for shape_name, tokens, r, dtype in cases:

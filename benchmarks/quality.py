@@ -253,12 +253,11 @@ def summarise(results, methods):
     for method in methods:
         r = results[method]
         losses = r["test_loss"]
+        mean, sd = statistics.mean(losses), statistics.stdev(losses) if len(losses) > 1 else 0.0
         rows[method] = {
             "lr": r["lr"], "seeds": len(losses),
-            "test_loss_mean": statistics.mean(losses),
-            "test_loss_sd": statistics.stdev(losses) if len(losses) > 1 else 0.0,
-            "bits_per_byte_mean": statistics.mean(losses) / math.log(2),
-            "bits_per_byte_sd": (statistics.stdev(losses) if len(losses) > 1 else 0.0) / math.log(2),
+            "test_loss_mean": mean, "test_loss_sd": sd,
+            "bits_per_byte_mean": mean / math.log(2), "bits_per_byte_sd": sd / math.log(2),
             "step_time_vs_lora": statistics.median(r["step_s"]) / lora_time if lora_time else None,
             "trainable_parameters": r["trainable"],
         }
@@ -370,11 +369,12 @@ def main(argv=None):
         json.dump({"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "pretrained_test_loss": pretrained_loss, "summary": rows, "runs": results,
                    "seconds": time.perf_counter() - start}, f, indent=1)
+    log(f"wrote {args.out}/quality.json")
     try:
         plot(results, args.methods, os.path.join(args.out, "quality.png"))
+        log(f"wrote {args.out}/quality.png")
     except ImportError:
         log("matplotlib is not installed: no plot")
-    log(f"wrote {args.out}/quality.json and quality.png")
     return rows
 
 
