@@ -164,14 +164,23 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
   const auto x2 = x.reshape({n, d});
   auto u = project_down(x2, lora_A, dropout, dropout_p);
   const auto v = mixer_forward(u, mixer.contiguous(), scale);
+  // y is allocated in its final shape and filled through a 2-D view, so the op
+  // returns a tensor of its own rather than a view: callers may change it in
+  // place (y += residual), as they may nn.Linear's output.
+  auto y_sizes = x.sizes().vec();
+  y_sizes.back() = weight.size(0);
+  auto y = at::empty(y_sizes, x.options());
+  auto y2 = y.view({n, weight.size(0)});
   // The small adapter GEMM writes y (with the bias) and the base GEMM
   // accumulates into it (beta = 1): y is written once and read once, inside
   // the base GEMM, with no separate add, scale or bias pass.
-  auto y = has_bias ? at::addmm(*bias, v, lora_B.t()) : at::mm(v, lora_B.t());
-  y.addmm_(x2, weight.t());
-  auto y_sizes = x.sizes().vec();
-  y_sizes.back() = weight.size(0);
-  return {y.view(y_sizes), u};
+  if (has_bias) {
+    at::addmm_out(y2, *bias, v, lora_B.t());
+  } else {
+    at::mm_out(y2, v, lora_B.t());
+  }
+  y2.addmm_(x2, weight.t());
+  return {y, u};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& x,
@@ -198,7 +207,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
   const auto x2 = x.reshape({n, d});
   const auto u_c = u.contiguous();
   const auto mixer_c = mixer.contiguous();
-  Tensor dx, dA, dmixer, dB;
+  Tensor dx, dx2, dA, dmixer, dB;
+  if (need_dx) {  // as y in forward: allocated in x's shape, filled through a 2-D view
+    dx = at::empty(x.sizes(), x.options());
+    dx2 = dx.view({n, d});
+  }
   if (need_dB) dB = at::mm(g.t(), mixer_forward(u_c, mixer_c, scale));
   if (need_dx || need_dA || need_dmixer) {
     const auto dv = at::mm(g, lora_B);
@@ -206,29 +219,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
     std::tie(du, dmixer) = mixer_backward(dv, u_c, mixer_c, scale, need_dmixer);
     if (dropout_p == 0.0) {
       if (need_dA) dA = at::mm(du.t(), x2);
-      if (need_dx) dx = at::mm(du, lora_A);
+      if (need_dx) at::mm_out(dx2, du, lora_A);
     } else if (need_dx || need_dA) {
       // Regenerate the mask block by block: dA = dU^T dropout(X) and
       // dX = dropout(dU A), with the mask of forward.
       if (need_dA) dA = at::zeros({r, d}, x.options());
-      if (need_dx) dx = at::empty({n, d}, x.options());
       const int64_t block = rows_per_block(d);
       for (int64_t first = 0; first < n; first += block) {
         const int64_t rows = std::min(block, n - first);
         const auto du_block = du.narrow(0, first, rows);
         if (need_dA) dA.addmm_(du_block.t(), dropped_rows(x2.narrow(0, first, rows), dropout, first));
         if (need_dx) {
-          auto dx_block = dx.narrow(0, first, rows);  // contiguous rows of dx
+          auto dx_block = dx2.narrow(0, first, rows);  // contiguous rows of dx
           at::mm_out(dx_block, du_block, lora_A);
           dropout_rows(dx_block, dx_block, dropout, first);  // in place
         }
       }
     }
   }
-  if (need_dx) {
-    dx.addmm_(g, weight);  // as in forward, the base GEMM accumulates into the adapter's part
-    dx = dx.view(x.sizes());
-  }
+  if (need_dx) dx2.addmm_(g, weight);  // as in forward, the base GEMM accumulates into the adapter's part
   return {dx, dA, dmixer, dB};
 }
 
@@ -263,7 +272,10 @@ Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
   const DropoutSpec spec = dropout_spec(p, seed);
   if (p == 0.0) return x.clone();
   const c10::DeviceGuard guard(x.device());
-  return dropped_rows(x.reshape({leading_rows(x), x.size(-1)}), spec, 0).view(x.sizes());
+  const int64_t rows = leading_rows(x), cols = x.size(-1);
+  auto out = at::empty(x.sizes(), x.options());  // not a view, as forward's y
+  dropout_rows(x.reshape({rows, cols}), out.view({rows, cols}), spec, 0);
+  return out;
 }
 
 void register_kernels(torch::Library& m) {

@@ -115,6 +115,31 @@ def test_forward_backward_match_reference(device, lead, bias):
         assert_close_to_reference(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.2])
+def test_output_may_be_changed_in_place_as_nn_linear_output(device, lora_dropout):
+    # y += residual on a layer's output is common in models; it must keep the gradients right.
+    layer = randomize_adapter(moslora_ext.Linear(20, 12, r=4, lora_dropout=lora_dropout, device=device,
+                                                 dtype=torch.float64))
+    x = torch.randn(2, 3, 20, dtype=torch.float64, device=device, requires_grad=True)
+    residual = torch.randn(2, 3, 12, dtype=torch.float64, device=device)
+    grads = []
+    for in_place in (False, True):
+        torch.manual_seed(1)  # the same dropout mask both times
+        y = layer(x)
+        assert not y._is_view()
+        if in_place:
+            y.mul_(2).add_(residual)
+        else:
+            y = y * 2 + residual
+        y.square().sum().backward()
+        grads.append([t.grad.clone() for t in (x, layer.lora_A, layer.lora_mixer, layer.lora_B)])
+        for t in (x, layer.lora_A, layer.lora_mixer, layer.lora_B):
+            t.grad = None
+    for out_of_place, in_place in zip(*grads):
+        torch.testing.assert_close(in_place, out_of_place)
+    assert not moslora_ext.ops.dropout(x.detach(), 0.5, torch.tensor([1]))._is_view()
+
+
 def test_identity_frozen_mixer_is_lora(device):
     torch.manual_seed(0)
     layer = moslora_ext.Linear(16, 8, r=4, lora_alpha=8, mixer_init="identity", train_mixer=False,
