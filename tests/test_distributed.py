@@ -64,6 +64,12 @@ def worker(rank, init_file, wrapper, result_file):
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
+    # Done, and the parent checks the result: skip the interpreter's teardown, in
+    # which torch's gloo state sometimes aborts the process ("terminate called
+    # without an active exception") after destroy_process_group has returned. That
+    # happens with a plain nn.Linear under DDP too (5 of 175 runs here), so it is not
+    # ours. An error above still propagates and fails the test.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
