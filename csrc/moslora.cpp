@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -29,16 +31,26 @@ void check_same_dtype_device(const Tensor& ref, const char* ref_name, const Tens
                     " is on ", ref.device());
 }
 
+// `t` must be a floating point tensor on ref's device, of any floating dtype.
+void check_floating_same_device(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "moslora_ext: ", name,
+                   " must be a floating point tensor, got dtype ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "moslora_ext: ", name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device());
+}
+
 // Checks weight (k, d), lora_A (r, d), mixer (r, r), lora_B (k, r) against
-// each other; ref (x, or the weight for merge) sets their dtype and device.
+// each other; ref (x, or the weight for merge) sets their device, and their
+// dtype too unless adapter_dtype_free (merge computes in its own precision).
 void check_adapter(const Tensor& ref, const char* ref_name, const Tensor& weight, const Tensor& lora_A,
-                   const Tensor& mixer, const Tensor& lora_B) {
+                   const Tensor& mixer, const Tensor& lora_B, bool adapter_dtype_free = false) {
   TORCH_CHECK_TYPE(at::isFloatingType(ref.scalar_type()), "moslora_ext: ", ref_name,
                    " must be a floating point tensor, got dtype ", ref.scalar_type());
   check_same_dtype_device(ref, ref_name, weight, "weight");
-  check_same_dtype_device(ref, ref_name, lora_A, "lora_A");
-  check_same_dtype_device(ref, ref_name, mixer, "mixer");
-  check_same_dtype_device(ref, ref_name, lora_B, "lora_B");
+  const auto check = adapter_dtype_free ? check_floating_same_device : check_same_dtype_device;
+  check(ref, ref_name, lora_A, "lora_A");
+  check(ref, ref_name, mixer, "mixer");
+  check(ref, ref_name, lora_B, "lora_B");
   TORCH_CHECK_VALUE(weight.dim() == 2, "moslora_ext: weight must be 2-D (out_features, in_features), got shape ",
                     weight.sizes());
   const int64_t k = weight.size(0), d = weight.size(1);
@@ -86,6 +98,13 @@ DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor
   check_scale(scale);
   return dropout_spec(dropout_p, dropout_seed);
 }
+
+// The operators compute in their operands' dtypes: autocast is applied by the
+// Python wrapper, before the call. Without this guard the ATen GEMMs inside
+// would be autocast again (to mixed dtypes, e.g. merge under a bf16 autocast).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // ---------------------------------------------------------------------------
 // Device kernels, picked by the device of the operands.
@@ -159,6 +178,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
                       "moslora_ext: bias must have shape (out_features,) = (", weight.size(0),
                       ",), got ", bias->sizes());
   }
+  const NoAutocast no_autocast;
   const c10::DeviceGuard guard(x.device());
   const int64_t n = leading_rows(x), d = weight.size(1);
   const auto x2 = x.reshape({n, d});
@@ -200,6 +220,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
   TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == n && u.size(1) == r, "moslora_ext: u must have shape (", n, ", ",
                     r, ") as returned by forward, got ", u.sizes());
   const auto [need_dx, need_dA, need_dmixer, need_dB] = output_mask;
+  const NoAutocast no_autocast;
   const c10::DeviceGuard guard(x.device());
   // Contiguous once here rather than once per GEMM (an expanded grad, e.g. of
   // y.sum(), would otherwise be copied by each of them).
@@ -241,9 +262,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
   return {dx, dA, dmixer, dB};
 }
 
+// The adapter may have another floating dtype than the weight (fp32 adapters
+// on a bf16 base): it is read in the accumulation precision, the weight's own
+// or fp32 for a half-precision weight.
 void merge_(Tensor weight, const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B, double scale) {
-  check_adapter(weight, "weight", weight, lora_A, mixer, lora_B);
+  check_adapter(weight, "weight", weight, lora_A, mixer, lora_B, /*adapter_dtype_free=*/true);
   check_scale(scale);
+  const NoAutocast no_autocast;
   const c10::DeviceGuard guard(weight.device());
   const bool reduced = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
   const auto acc_type = reduced ? at::kFloat : weight.scalar_type();

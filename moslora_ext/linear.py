@@ -10,6 +10,14 @@ from . import ops
 MIXER_INITS = ("kaiming", "orthogonal", "identity", "braid")
 
 
+def adapter_dtype(base_dtype, autocast_adapter_dtype=True):
+    """The dtype of adapter parameters on a base of ``base_dtype``: float32 for
+    a float16/bfloat16 base when ``autocast_adapter_dtype``, else the base's."""
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
 def init_mixer_(mixer, mixer_init):
     """Initialise an (r, r) mixer in place.
 
@@ -55,6 +63,12 @@ class Linear(nn.Module):
             subspaces, even r).
         train_mixer: False freezes the mixer (identity + frozen = LoRA).
         use_rslora: rank-stabilised scale lora_alpha / sqrt(r).
+        autocast_adapter_dtype: on a float16/bfloat16 base, keep the adapter
+            parameters in float32 (the default, as PEFT) so that optimizer
+            updates of the small adapter do not underflow; the fused ops
+            compute in the base dtype (the r x d, r x r and k x r matrices are
+            cast per call, never x) and the gradients arrive in float32.
+            False keeps them in the base dtype. Other bases: no effect.
 
     The base ``weight`` and ``bias`` are frozen (``requires_grad=False``).
     ``merge()`` folds the adapter into ``weight`` for inference, ``unmerge()``
@@ -72,34 +86,38 @@ class Linear(nn.Module):
         mixer_init="kaiming",
         train_mixer=True,
         use_rslora=False,
+        autocast_adapter_dtype=True,
         device=None,
         dtype=None,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         base = nn.Linear(in_features, out_features, bias=bias, **factory)
-        self._init_from_base(base.weight, base.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora)
+        self._init_from_base(base.weight, base.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
+                             autocast_adapter_dtype)
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming", train_mixer=True,
-                    use_rslora=False):
+                    use_rslora=False, autocast_adapter_dtype=True):
         """Wrap an existing ``nn.Linear``: its weight and bias Parameters are
         shared (not copied) and frozen; the adapter is created on their
-        device and dtype."""
+        device, in their dtype (float32 for a half-precision base, see
+        ``autocast_adapter_dtype``)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_from_base(linear.weight, linear.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer,
-                              use_rslora)
+                              use_rslora, autocast_adapter_dtype)
         return layer
 
-    def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora):
+    def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
+                        autocast_adapter_dtype):
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r (the adapter rank) must be a positive integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype, autocast_adapter_dtype)}
         # Built first: it validates mixer_init before anything is changed.
         mixer = init_mixer_(torch.empty(r, r, **factory), mixer_init)
         self.out_features, self.in_features = weight.shape

@@ -28,13 +28,17 @@ def moslora_linear(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p=0.0)
     bias. The dropout mask is drawn from torch's default generator, so
     ``torch.manual_seed`` reproduces it; backward regenerates it rather than
     storing a dropped copy of x. Under autocast the float32/16 operands are cast
-    to the autocast dtype, as for ``torch.nn.functional.linear``.
+    to the autocast dtype, as for ``torch.nn.functional.linear``. Adapter
+    matrices of another floating dtype than x (fp32 adapters on a bf16 model)
+    are cast to x's dtype; their gradients arrive in their own dtype.
     """
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, bias, lora_A, mixer, lora_B = (
             _autocast(t, dtype) for t in (x, weight, bias, lora_A, mixer, lora_B))
+    if x.is_floating_point():  # the small adapter matrices follow x, never the other way round
+        lora_A, mixer, lora_B = (_cast_floating(t, x.dtype) for t in (lora_A, mixer, lora_B))
     seed = new_dropout_seed() if dropout_p > 0 else None
     y, _ = _C_OPS.forward(x, weight, bias, lora_A, mixer, lora_B, float(scale), float(dropout_p), seed)
     return y
@@ -42,9 +46,14 @@ def moslora_linear(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p=0.0)
 
 def _autocast(t, dtype):
     # As autocast itself: float64 and non-floating tensors are left alone.
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+    if t is None or t.dtype == torch.float64:
         return t
-    return t.to(dtype)
+    return _cast_floating(t, dtype)
+
+
+def _cast_floating(t, dtype):
+    # Non-floating tensors are left for the op's own dtype check to refuse.
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def new_dropout_seed():
@@ -56,7 +65,11 @@ def merge_(weight, lora_A, mixer, lora_B, scale):
     """``weight += scale * (lora_B @ mixer) @ lora_A`` in place; a negative scale unmerges.
 
     Half-precision weights are updated in fp32 a block of rows at a time, so
-    no (out_features, in_features) temporary is allocated.
+    no (out_features, in_features) temporary is allocated. The adapter may be
+    of another floating dtype than the weight (fp32 on a bf16 base); it is read
+    in the accumulation precision. Autocast does not apply: the result is
+    computed in the weight's own precision (fp32 for fp16/bf16) under any
+    autocast context.
     """
     with torch.no_grad():
         _C_OPS.merge_(weight, lora_A, mixer, lora_B, float(scale))
@@ -85,9 +98,14 @@ def _check_like(x, t, name):
     torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
 
 
-def _check_shapes(x, weight, lora_A, mixer, lora_B):
-    for t, name in ((weight, "weight"), (lora_A, "lora_A"), (mixer, "mixer"), (lora_B, "lora_B")):
-        _check_like(x, t, name)
+def _check_shapes(x, weight, lora_A, mixer, lora_B, adapter_dtype_free=False):
+    _check_like(x, weight, "weight")
+    for t, name in ((lora_A, "lora_A"), (mixer, "mixer"), (lora_B, "lora_B")):
+        if adapter_dtype_free:
+            torch._check(t.is_floating_point(), lambda: f"moslora_ext: {name} must be a floating point tensor")
+            torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
+        else:
+            _check_like(x, t, name)
     k, d = weight.shape
     r = lora_A.shape[0]
     torch._check(
@@ -119,7 +137,7 @@ def _backward_fake(grad_out, x, weight, lora_A, mixer, lora_B, u, scale, dropout
 
 @torch.library.register_fake("moslora_ext::merge_")
 def _merge_fake(weight, lora_A, mixer, lora_B, scale):
-    _check_shapes(weight, weight, lora_A, mixer, lora_B)
+    _check_shapes(weight, weight, lora_A, mixer, lora_B, adapter_dtype_free=True)
 
 
 @torch.library.register_fake("moslora_ext::dropout")

@@ -65,7 +65,7 @@ def test_mixer_inits(r):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mixer_init", ["kaiming", "orthogonal", "identity", "braid"])
 def test_every_mixer_init_in_every_dtype(dtype, mixer_init):
-    layer = moslora_ext.Linear(16, 8, r=4, mixer_init=mixer_init, dtype=dtype)
+    layer = moslora_ext.Linear(16, 8, r=4, mixer_init=mixer_init, dtype=dtype, autocast_adapter_dtype=False)
     assert layer.lora_mixer.dtype == dtype and torch.isfinite(layer.lora_mixer).all()
     assert torch.linalg.matrix_rank(layer.lora_mixer.double()) >= 2
 
@@ -192,6 +192,72 @@ def test_autocast_does_not_hide_an_integer_input():
     layer = moslora_ext.Linear(16, 8, r=2)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="floating point"):
         layer(torch.ones(3, 16, dtype=torch.int64))
+
+
+# --- adapter dtype on half-precision bases ---------------------------------------------------
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_gets_float32_adapter_computed_in_the_base_dtype(device, base_dtype):
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(64, 32, r=8, lora_dropout=0.0, device=device, dtype=base_dtype))
+    assert layer.weight.dtype == base_dtype
+    assert {p.dtype for p in (layer.lora_A, layer.lora_mixer, layer.lora_B)} == {torch.float32}
+    x = torch.randn(4, 64, device=device, dtype=base_dtype, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == base_dtype
+    # Reference: the adapter rounded to the base dtype (what the fused op computes with), then fp64.
+    adapter = [t.detach().to(base_dtype).double().requires_grad_() for t in
+               (layer.lora_A, layer.lora_mixer, layer.lora_B)]
+    expected = moslora_reference(x.detach().double(), layer.weight.double(), layer.bias.double(), *adapter,
+                                 scale=layer.scale)
+    assert_close_to_reference(y, expected, base_dtype)
+    grad = torch.randn_like(expected)
+    y.backward(grad.to(base_dtype))
+    expected.backward(grad)
+    for param, reference in zip((layer.lora_A, layer.lora_mixer, layer.lora_B), adapter):
+        assert param.grad.dtype == torch.float32
+        assert_close_to_reference(param.grad, reference.grad, base_dtype)
+    assert x.grad.dtype == base_dtype
+
+
+def test_float32_adapter_keeps_updates_that_bfloat16_would_round_away():
+    """The reason for float32 adapters: a small optimizer step on a bf16 value is lost."""
+    kept = moslora_ext.Linear(16, 8, r=2, dtype=torch.bfloat16)
+    rounded = moslora_ext.Linear(16, 8, r=2, dtype=torch.bfloat16, autocast_adapter_dtype=False)
+    assert rounded.lora_A.dtype == torch.bfloat16
+    for layer in (kept, rounded):
+        with torch.no_grad():
+            layer.lora_B.fill_(1.0)
+            layer.lora_B.add_(1e-3)  # below bf16's resolution at 1.0 (2^-7)
+    assert torch.all(kept.lora_B > 1.0) and torch.all(rounded.lora_B == 1.0)
+
+
+def test_float32_adapter_merges_into_a_bfloat16_weight(device):
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(48, 24, r=8, device=device, dtype=torch.bfloat16))
+    original = layer.weight.detach().double()
+    expected = original + layer.scale * (layer.lora_B.double() @ layer.lora_mixer.double()) @ layer.lora_A.double()
+    layer.merge()
+    assert layer.weight.dtype == torch.bfloat16
+    assert_close_to_reference(layer.weight, expected, torch.bfloat16)
+    layer.unmerge()
+    assert_close_to_reference(layer.weight, original, torch.bfloat16)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_merge_under_autocast_computes_in_the_weight_precision(device, weight_dtype):
+    torch.manual_seed(0)
+    layer = randomize_adapter(moslora_ext.Linear(48, 24, r=8, device=device, dtype=weight_dtype))
+    original = layer.weight.detach().double()
+    expected = original + layer.scale * (layer.lora_B.double() @ layer.lora_mixer.double()) @ layer.lora_A.double()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        layer.merge()
+    assert layer.weight.dtype == weight_dtype
+    assert_close_to_reference(layer.weight, expected, weight_dtype)  # fp32 stays fp32-exact under a bf16 autocast
+    with torch.autocast(device, dtype=torch.bfloat16):
+        layer.unmerge()
+    assert_close_to_reference(layer.weight, original, weight_dtype)
 
 
 # --- merge ------------------------------------------------------------------------------------
