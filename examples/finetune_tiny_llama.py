@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16, help="global batch, split across processes")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "moslora-tiny-llama-adapter"))
+    parser.add_argument("--out", help="folder for the adapter (default: a new temporary folder)")
     args = parser.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ
@@ -74,6 +74,7 @@ def main():
             log(f"step {step:4d}/{args.steps}  loss {loss.item():.3f}  ({time.perf_counter() - start:.0f} s)")
 
     if rank == 0:
+        args.out = args.out or tempfile.mkdtemp(prefix="moslora-tiny-llama-adapter-")
         model.eval()
         moslora_ext.save_adapter(model, args.out)
         size = os.path.getsize(os.path.join(args.out, moslora_ext.adapters.WEIGHTS_NAME))

@@ -14,18 +14,34 @@ from importlib import metadata
 
 import torch
 
-try:
-    from . import _build_config
-except ImportError as exc:  # pragma: no cover - only in an unbuilt source tree
-    raise ImportError(
-        "moslora_ext is not built: install it with `pip install .` "
-        "(or `pip install --no-build-isolation .` to build against the installed torch)"
-    ) from exc
-
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _REBUILD_HINT = (
-    "rebuild it against the installed torch with `pip install --no-build-isolation --force-reinstall .` "
+    "rebuild it against the installed torch with `pip install --no-build-isolation .` "
     "from the moslora_ext source tree"
 )
+
+
+def _not_built_error():
+    """The ImportError for a package folder that holds no built extension."""
+    try:
+        metadata.distribution("moslora_ext")
+    except metadata.PackageNotFoundError:
+        return ImportError(
+            f"moslora_ext in {_PACKAGE_DIR} is not built: install it with `pip install --no-build-isolation .` "
+            "(see README.md, Install)"
+        )
+    return ImportError(
+        f"moslora_ext was imported from {_PACKAGE_DIR}, a source tree with no compiled extension, which hides "
+        "the installed package: run from another directory (from the repository root, `pytest` rather than "
+        "`python -m pytest`), or build in place with `pip install --no-build-isolation -e .`"
+    )
+
+
+# `from None`: the chained "cannot import name" error says less than ours.
+try:
+    from . import _build_config
+except ImportError:
+    raise _not_built_error() from None
 
 if _build_config.TORCH_VERSION != torch.__version__:
     raise ImportError(
@@ -36,13 +52,8 @@ if _build_config.TORCH_VERSION != torch.__version__:
 try:
     from . import _C  # noqa: F401  (registers the torch.ops.moslora_ext operators)
 except ImportError as exc:
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    if not glob.glob(os.path.join(package_dir, "_C.*")):
-        raise ImportError(
-            f"moslora_ext was imported from {package_dir}, which holds no compiled extension: this is "
-            "probably the source tree shadowing the installed package. Run from another directory, "
-            "or build in place with `pip install --no-build-isolation -e .`"
-        ) from exc
+    if not glob.glob(os.path.join(_PACKAGE_DIR, "_C.*")):
+        raise _not_built_error() from None
     raise ImportError(f"moslora_ext's compiled extension failed to load ({exc}); {_REBUILD_HINT}") from exc
 
 from . import ops  # noqa: E402

@@ -5,7 +5,7 @@
 # Any sanitizer report aborts the test process, so a clean run means no
 # out-of-bounds access, use after free or undefined behaviour was hit in the
 # C++ kernels. Leak detection is off: the Python interpreter itself is not
-# leak-free at exit (tests/test_leaks.py checks our memory instead). pytest
+# leak-free at exit (tests/test_reliability.py checks our memory instead). pytest
 # captures only sys.stderr, so a sanitizer report reaches the terminal.
 set -euo pipefail
 
