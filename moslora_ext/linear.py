@@ -85,14 +85,15 @@ class Linear(nn.Module):
                     use_rslora=False):
         """Wrap an existing ``nn.Linear``: its weight and bias Parameters are
         shared (not copied) and frozen; the adapter is created on their
-        device and dtype."""
+        device and dtype, and the layer takes ``linear``'s training mode (so
+        dropout stays off in a model that is in eval mode)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_from_base(linear.weight, linear.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer,
                               use_rslora)
-        return layer
+        return layer.train(linear.training)
 
     def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora):
         if not isinstance(r, int) or r < 1:

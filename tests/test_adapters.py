@@ -93,6 +93,24 @@ def test_fresh_adapters_leave_the_output_unchanged():
     torch.testing.assert_close(model(x), before)
 
 
+def test_new_layers_take_the_training_mode_of_the_layers_they_replace(tmp_path):
+    # A model loaded for inference (eval mode, as from_pretrained returns it) must stay deterministic.
+    peft = pytest.importorskip("peft")
+    source = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=4, lora_dropout=0.5))
+    moslora_ext.save_adapter(source, tmp_path / "ours")
+    peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["up"])
+                        ).save_pretrained(tmp_path / "peft")
+    x = torch.randn(8, 4)
+    for load in (lambda m: moslora_ext.add_adapters(m, ["q_proj"], lora_dropout=0.5),
+                 lambda m: moslora_ext.load_adapter(m, tmp_path / "ours"),
+                 lambda m: moslora_ext.load_peft_adapter(m, tmp_path / "peft")):
+        model = randomize_adapters(load(tiny_model().eval()))
+        assert not any(layer.training for layer in moslora_ext.adapted_layers(model).values())
+        assert torch.equal(model(x), model(x))
+        model = load(tiny_model().train())
+        assert all(layer.training for layer in moslora_ext.adapted_layers(model).values())
+
+
 def test_trainable_parameters():
     model = moslora_ext.add_adapters(tiny_model(), ["q_proj"], r=4)
     total = sum(p.numel() for p in tiny_model().parameters()) + 2 * (4 * 16 + 4 * 4 + 16 * 4)
