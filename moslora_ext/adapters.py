@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, check_adaptable
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,12 +67,14 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
                  train_mixer=True, use_rslora=False):
     """Put a MoSLoRA adapter on every ``nn.Linear`` of ``model`` that
     ``target_modules`` selects (see ``matching_names``) and freeze every other
-    parameter. The new ``moslora_ext.Linear`` layers share the base weights.
+    parameter. The new ``moslora_ext.Linear`` layers share the base weights
+    and take the training mode of the layers they replace.
 
     Returns ``model`` (changed in place). Raises ValueError, listing the
     model's linear layers, if nothing matches, and TypeError if a selected
-    module is not an ``nn.Linear`` (or already has an adapter); on any error
-    the model is left untouched.
+    module cannot take an adapter (not an ``nn.Linear``, a subclass refused
+    by ``check_adaptable``, or one that already has an adapter); on any
+    error the model is left untouched.
     """
     config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora)
     names = matching_names(model, target_modules)
@@ -92,8 +94,7 @@ def _wrap(model, configs):
         module = model.get_submodule(name)
         if isinstance(module, Linear):
             raise TypeError(f"{name} already has a MoSLoRA adapter")
-        if type(module) is not nn.Linear:
-            raise TypeError(f"{name} is a {type(module).__name__}; adapters go on torch.nn.Linear layers only")
+        check_adaptable(module, name)
     # from_linear freezes each base layer it wraps: undo that if a later one fails.
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -208,8 +209,8 @@ def save_adapter(model, path):
 def load_adapter(model, path):
     """Load an adapter saved by ``save_adapter`` into ``model``.
 
-    Layers named in the checkpoint that are plain ``nn.Linear`` get an adapter
-    with the saved settings; layers that already have one must have the same
+    Layers named in the checkpoint that are ``nn.Linear`` (see
+    ``check_adaptable``) get an adapter with the saved settings; layers that already have one must have the same
     settings. Every tensor's shape is checked, and missing or unexpected keys
     are reported, before anything changes: a failed load leaves the model
     untouched. Returns ``model``.
@@ -256,10 +257,9 @@ def _load(model, settings, tensors, source):
                                  f"but the checkpoint has {config}")
             if module.merged:
                 raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
-        elif type(module) is nn.Linear:
-            to_wrap[name] = config
         else:
-            raise TypeError(f"{source}: layer {name} is a {type(module).__name__}, not a torch.nn.Linear")
+            check_adaptable(module, f"{source}: layer {name}")
+            to_wrap[name] = config
         out_features, in_features = module.weight.shape
         r = config.r
         wanted = {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}

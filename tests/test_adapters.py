@@ -245,6 +245,32 @@ def test_add_adapters_misuse_names_what_is_wrong():
         moslora_ext.save_adapter(tiny_model(), "unused")
 
 
+class PlainLinearSubclass(nn.Linear):
+    """Like Falcon's FalconLinear: an nn.Linear subclass whose forward is the plain linear map."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_linear_subclasses_take_adapters_unless_known_to_compute_something_else():
+    model = tiny_model()
+    model.layers[1].q_proj = PlainLinearSubclass(16, 16)
+    randomize_adapters(moslora_ext.add_adapters(model, ["q_proj"], r=4))
+    x = torch.randn(5, 4)
+    expected = model(x)
+    moslora_ext.merge_and_unload(model)
+    torch.testing.assert_close(model(x), expected)
+
+    # nn.MultiheadAttention never calls its out_proj's forward; a QAT Linear fake-quantizes its weight.
+    qat_linear = torch.ao.nn.qat.Linear(16, 16, qconfig=torch.ao.quantization.get_default_qat_qconfig())
+    for model, target, reason in ((nn.TransformerEncoderLayer(16, 2), "out_proj", "MultiheadAttention reads"),
+                                  (nn.Sequential(nn.Linear(16, 16), qat_linear), "1", "fake-quantizes")):
+        snapshot = state_snapshot(model)
+        with pytest.raises(TypeError, match=reason):
+            moslora_ext.add_adapters(model, [target])
+        assert_same_state(model, snapshot)
+
+
 # --- checkpoints of other libraries -----------------------------------------------------------
 
 

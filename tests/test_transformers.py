@@ -112,3 +112,27 @@ def test_save_load_roundtrip_on_llama(tmp_path):
     ids = batch(4)
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_falcon_linear_layers_load_a_peft_adapter_as_peft_computes_it(tmp_path):
+    # Falcon's projections are FalconLinear, an nn.Linear subclass with the plain linear map.
+    peft = pytest.importorskip("peft")
+
+    def tiny_falcon():
+        torch.manual_seed(0)
+        config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, new_decoder_architecture=False)
+        return transformers.FalconForCausalLM(config).eval()
+
+    targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    peft_model = peft.get_peft_model(tiny_falcon(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    peft_model.save_pretrained(tmp_path)
+    model = moslora_ext.load_peft_adapter(tiny_falcon(), tmp_path)
+    assert len(moslora_ext.adapted_layers(model)) == 2 * len(targets)
+    ids = batch(5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
