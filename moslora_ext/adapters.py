@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from .linear import Linear, check_adaptable
+from .linear import Linear, check_adaptable, refusal_reason
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "moslora_ext"
 ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
 
 
 @dataclass
@@ -51,8 +52,16 @@ def matching_names(model, target_modules):
     A list (or tuple/set) of strings selects a module whose name equals one of
     them or ends with ``"." + it`` (``"q_proj"`` selects
     ``model.layers.0.self_attn.q_proj``); a single string is a regular
-    expression that must match the whole name (as in PEFT).
+    expression that must match the whole name (as in PEFT). ``"all-linear"``
+    selects, as in PEFT, every linear layer that can take an adapter (see
+    ``check_adaptable``) except the output head, the module that
+    ``model.get_output_embeddings()`` returns on a transformers model.
     """
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        return [name for name, module in model.named_modules()
+                if module is not head and refusal_reason(module) is None]
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]

@@ -64,19 +64,28 @@ NOT_PLAIN_LINEAR = {
 }
 
 
-def check_adaptable(module, name="the module"):
-    """Raise TypeError (naming ``name``) unless ``module`` can take an adapter:
-    a ``torch.nn.Linear`` or a subclass whose forward is the linear map of its
+def refusal_reason(module):
+    """Why ``module`` cannot take an adapter, or None if it can: it must be a
+    ``torch.nn.Linear`` or a subclass whose forward is the linear map of its
     weight and bias, i.e. any subclass not listed in ``NOT_PLAIN_LINEAR``."""
     kind = type(module).__name__
     if not isinstance(module, nn.Linear):
-        raise TypeError(f"{name} is a {kind}, not a torch.nn.Linear; adapters go on linear layers only")
+        return f"is a {kind}, not a torch.nn.Linear; adapters go on linear layers only"
     for cls in type(module).__mro__:
         reason = NOT_PLAIN_LINEAR.get(f"{cls.__module__}.{cls.__qualname__}")
         if reason:
-            raise TypeError(f"{name} is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}")
+            return f"is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}"
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
-        raise TypeError(f"{name} is a {kind} whose weight is not initialized yet; run a forward pass first")
+        return f"is a {kind} whose weight is not initialized yet; run a forward pass first"
+    return None
+
+
+def check_adaptable(module, name="the module"):
+    """Raise TypeError, naming ``name`` and saying why, if ``module`` cannot
+    take an adapter (see ``refusal_reason``)."""
+    reason = refusal_reason(module)
+    if reason:
+        raise TypeError(f"{name} {reason}")
 
 
 class Linear(nn.Module):

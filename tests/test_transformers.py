@@ -136,3 +136,13 @@ def test_falcon_linear_layers_load_a_peft_adapter_as_peft_computes_it(tmp_path):
     ids = batch(5)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
+
+
+def test_all_linear_selects_what_peft_selects():
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    peft_targets = {name for name, m in peft_model.base_model.model.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer)}
+    model = moslora_ext.add_adapters(tiny_llama(), "all-linear", r=4)
+    assert set(moslora_ext.adapted_layers(model)) == peft_targets
+    assert len(peft_targets) == 2 * len(TARGETS)  # every projection; lm_head, the output head, is left out
