@@ -24,6 +24,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "moslora_ext"
 ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
+# The settings that decide what an adapter's tensors compute. The others (lora_dropout,
+# mixer_init, train_mixer) only shape training: loading into an existing layer keeps its own.
+WEIGHT_SETTINGS = ("r", "lora_alpha", "use_rslora")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
 
 
@@ -219,8 +222,10 @@ def load_adapter(model, path):
     """Load an adapter saved by ``save_adapter`` into ``model``.
 
     Layers named in the checkpoint that are ``nn.Linear`` (see
-    ``check_adaptable``) get an adapter with the saved settings; layers that already have one must have the same
-    settings. Every tensor's shape is checked, and missing or unexpected keys
+    ``check_adaptable``) get an adapter with the saved settings. Layers that
+    already have one must have the same ``WEIGHT_SETTINGS`` (r, lora_alpha,
+    use_rslora) and keep their own lora_dropout, mixer_init and train_mixer,
+    which do not change what the tensors compute. Every tensor's shape is checked, and missing or unexpected keys
     are reported, before anything changes: a failed load leaves the model
     untouched. Returns ``model``.
     """
@@ -261,9 +266,10 @@ def _load(model, settings, tensors, source):
         module = modules[name]
         if isinstance(module, Linear):
             existing = AdapterConfig.of(module)
-            if existing != config:
+            differing = [s for s in WEIGHT_SETTINGS if getattr(existing, s) != getattr(config, s)]
+            if differing:
                 raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
-                                 f"but the checkpoint has {config}")
+                                 f"but the checkpoint has {config}; {differing} must match")
             if module.merged:
                 raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
         else:

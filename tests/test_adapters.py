@@ -196,6 +196,25 @@ def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):
         assert torch.equal(moslora_ext.adapters.adapter_state_dict(other)[name], t)
 
 
+def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):
+    # lora_dropout, mixer_init and train_mixer do not change what the tensors compute.
+    model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, lora_dropout=0.1,
+                                                        mixer_init="orthogonal"))
+    moslora_ext.save_adapter(model, tmp_path)
+    other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, mixer_init="identity", train_mixer=False)
+    moslora_ext.load_adapter(other, tmp_path)
+    assert all(layer.lora_dropout == 0.0 and layer.mixer_init == "identity" and not layer.lora_mixer.requires_grad
+               for layer in moslora_ext.adapted_layers(other).values())
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(other.eval()(x), model.eval()(x))
+
+    other_alpha = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, lora_alpha=4)
+    snapshot = state_snapshot(other_alpha)
+    with pytest.raises(ValueError, match=r"\['lora_alpha'\] must match"):
+        moslora_ext.load_adapter(other_alpha, tmp_path)
+    assert_same_state(other_alpha, snapshot)
+
+
 def test_failed_loads_leave_the_model_untouched(tmp_path):
     source = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=4))
     moslora_ext.save_adapter(source, tmp_path)
