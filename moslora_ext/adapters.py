@@ -23,11 +23,15 @@ from .linear import Linear, check_adaptable, refusal_reason
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "moslora_ext"
+PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
 ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
 # The settings that decide what an adapter's tensors compute. The others (lora_dropout,
 # mixer_init, train_mixer) only shape training: loading into an existing layer keeps its own.
 WEIGHT_SETTINGS = ("r", "lora_alpha", "use_rslora")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
+# Marks a module of modules_to_save (trained in full and saved with the adapter). An attribute
+# on the module itself, so that it follows the module through deepcopy and into submodels.
+MODULE_TO_SAVE = "_moslora_ext_module_to_save"
 
 
 @dataclass
@@ -76,11 +80,16 @@ def matching_names(model, target_modules):
 
 
 def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
-                 train_mixer=True, use_rslora=False):
+                 train_mixer=True, use_rslora=False, modules_to_save=None):
     """Put a MoSLoRA adapter on every ``nn.Linear`` of ``model`` that
     ``target_modules`` selects (see ``matching_names``) and freeze every other
     parameter. The new ``moslora_ext.Linear`` layers share the base weights
     and take the training mode of the layers they replace.
+
+    ``modules_to_save``, as in PEFT, is a list of module names (matched as a
+    ``target_modules`` list, e.g. ``["classifier"]``) that are trained in
+    full and saved with the adapter; "all-linear" leaves their linear
+    layers out of the targets.
 
     Returns ``model`` (changed in place). Raises ValueError, listing the
     model's linear layers, if nothing matches, and TypeError if a selected
@@ -89,24 +98,45 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
     error the model is left untouched.
     """
     config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora)
+    to_save = []
+    if modules_to_save:
+        to_save = matching_names(model, modules_to_save)
+        if not to_save:
+            raise ValueError(f"modules_to_save {modules_to_save!r} matches no module of the model")
     names = matching_names(model, target_modules)
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        names = [name for name in names if not _inside_any(name, to_save)]
     if not names:
         available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                             if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules {target_modules!r} matches no module of the model; "
                          f"its linear layers are named {available}")
-    _wrap(model, {name: config for name in names})
+    _wrap(model, {name: config for name in names}, to_save)
     return model
 
 
-def _wrap(model, configs):
+def _inside_any(name, module_names):
+    """The first of ``module_names`` that is the module ``name`` or holds it, or None."""
+    return next((m for m in module_names if name == m or name.startswith(m + ".")), None)
+
+
+def _wrap(model, configs, modules_to_save=()):
     """Replace the named nn.Linear modules by adapted ones (all built before
-    any is swapped in) and freeze everything but the adapters."""
+    any is swapped in), mark ``modules_to_save``, and freeze everything but
+    the adapters and the modules to save."""
+    to_save = [*saved_modules(model), *modules_to_save]
     for name in configs:
         module = model.get_submodule(name)
         if isinstance(module, Linear):
             raise TypeError(f"{name} already has a MoSLoRA adapter")
         check_adaptable(module, name)
+        holder = _inside_any(name, to_save)
+        if holder:
+            raise ValueError(f"{name} is in {holder}, a module of modules_to_save (trained in full); "
+                             "it cannot also take an adapter")
+    for name in modules_to_save:
+        if any(_inside_any(layer, [name]) for layer in adapted_layers(model)):
+            raise ValueError(f"module to save {name} holds adapted layers; it cannot be trained in full")
     # from_linear freezes each base layer it wraps: undo that if a later one fails.
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -118,11 +148,16 @@ def _wrap(model, configs):
         raise
     for name, layer in replacements.items():
         _set_submodule(model, name, layer)
-    # Freeze all but the adapters, which keep their own settings (a frozen mixer stays frozen).
+    # Freeze all but the adapters, which keep their own settings (a frozen mixer stays frozen),
+    # and the modules to save, which are trained in full.
     adapter_parameters = {id(getattr(layer, t)) for layer in adapted_layers(model).values() for t in ADAPTER_TENSORS}
     for parameter in model.parameters():
         if id(parameter) not in adapter_parameters:
             parameter.requires_grad_(False)
+    for name in to_save:
+        module = model.get_submodule(name)
+        setattr(module, MODULE_TO_SAVE, True)
+        module.requires_grad_(True)
 
 
 def _set_submodule(model, name, module):
@@ -133,6 +168,12 @@ def _set_submodule(model, name, module):
 def adapted_layers(model):
     """{name: moslora_ext.Linear} of every adapted layer in ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+
+
+def saved_modules(model):
+    """{name: module} of the modules of ``model`` that are trained in full and
+    saved with the adapter (``modules_to_save``)."""
+    return {name: m for name, m in model.named_modules() if getattr(m, MODULE_TO_SAVE, False)}
 
 
 def _require_adapters(model):
@@ -177,8 +218,12 @@ def unmerge_adapters(model):
 
 def merge_and_unload(model):
     """Fold every adapter into its base weight and put plain ``nn.Linear``
-    layers back: the result has no trace of moslora_ext. Returns ``model``."""
-    for name, layer in _require_adapters(model).items():
+    layers back: the result has no trace of moslora_ext (modules to save stay
+    as trained). Returns ``model``."""
+    layers = _require_adapters(model)
+    for module in saved_modules(model).values():
+        delattr(module, MODULE_TO_SAVE)
+    for name, layer in layers.items():
         if not layer.merged:
             layer.merge()
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -192,15 +237,21 @@ def merge_and_unload(model):
 
 
 def adapter_state_dict(model):
-    """The adapter tensors of ``model``, keyed ``"<layer>.lora_A"``, ``"<layer>.lora_mixer"``, ``"<layer>.lora_B"``."""
-    return {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
-            for t in ADAPTER_TENSORS}
+    """The tensors ``save_adapter`` saves: each adapter's, keyed ``"<layer>.lora_A"``,
+    ``"<layer>.lora_mixer"``, ``"<layer>.lora_B"``, and the state of every module to save,
+    keyed as in ``model.state_dict()``."""
+    tensors = {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
+               for t in ADAPTER_TENSORS}
+    for name, module in saved_modules(model).items():
+        tensors.update({f"{name}.{key}": t for key, t in module.state_dict().items()})
+    return tensors
 
 
 def save_adapter(model, path):
     """Save only the adapters of ``model`` to the folder ``path``:
     ``adapter_model.safetensors`` (the tensors) and ``adapter_config.json``
-    (each adapted layer's settings and this library's version). Refuses a
+    (each adapted layer's settings, the names of the modules to save and this
+    library's version). Refuses a
     merged model, whose adapters are also in the base weights."""
     from safetensors.torch import save_file
 
@@ -213,7 +264,8 @@ def save_adapter(model, path):
     tensors = {key: t.detach().contiguous() for key, t in adapter_state_dict(model).items()}
     save_file(tensors, os.path.join(path, WEIGHTS_NAME))
     config = {"format": FORMAT, "version": __version__,
-              "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in layers.items()}}
+              "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in layers.items()},
+              "modules_to_save": list(saved_modules(model))}
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=1)
 
@@ -240,7 +292,8 @@ def load_adapter(model, path):
         if unknown:
             raise ValueError(f"{path}: unknown adapter settings {sorted(unknown)} for layer {name}")
         settings[name] = AdapterConfig(**layer_config)
-    _load(model, settings, _read_tensors(os.path.join(path, WEIGHTS_NAME)), str(path))
+    _load(model, settings, _read_tensors(os.path.join(path, WEIGHTS_NAME)), str(path),
+          config.get("modules_to_save", []))
     return model
 
 
@@ -251,13 +304,16 @@ def _read_tensors(file):
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _load(model, settings, tensors, source):
-    """Check everything, then wrap the layers that need it and copy the tensors in."""
+def _load(model, settings, tensors, source, modules_to_save=()):
+    """Check everything, then wrap the layers that need it, mark the modules
+    to save and copy the tensors in."""
     modules = dict(model.named_modules())
-    missing_layers = [name for name in settings if name not in modules]
+    missing_layers = [name for name in [*settings, *modules_to_save] if name not in modules]
     if missing_layers:
         raise ValueError(f"{source}: the model has no module named {missing_layers}")
-    expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS}
+    saved_state = {f"{name}.{key}": t for name in modules_to_save
+                   for key, t in modules[name].state_dict().items()}
+    expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS} | saved_state.keys()
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
@@ -283,13 +339,19 @@ def _load(model, settings, tensors, source):
             if got != shape:
                 raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
                                  f"({in_features} -> {out_features}, r={r}) needs {shape}")
-    if to_wrap:
-        _wrap(model, to_wrap)
+    for key, t in saved_state.items():
+        if tensors[key].shape != t.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
+                             f"but the model's has {tuple(t.shape)}")
+    if to_wrap or modules_to_save:
+        _wrap(model, to_wrap, modules_to_save)
     layers = adapted_layers(model)
     with torch.no_grad():
         for name in settings:
             for t in ADAPTER_TENSORS:
                 getattr(layers[name], t).copy_(tensors[f"{name}.{t}"])
+        for key, t in saved_state.items():
+            t.copy_(tensors[key])
 
 
 def load_peft_adapter(model, path):
@@ -301,7 +363,11 @@ def load_peft_adapter(model, path):
     ``lora_AB.weight``, the mixer, for MoSLoRA) are mapped onto ``<layer>``
     of ``model``. A LoRA adapter gets an identity, frozen mixer, so the
     layer computes exactly what PEFT computes; a MoSLoRA adapter gets its
-    trained mixer. Same all-or-nothing checks as ``load_adapter``.
+    trained mixer. Tensors of the config's ``modules_to_save`` (such as
+    the ``classifier.*`` or ``score.*`` of a SEQ_CLS adapter), keyed
+    ``base_model.model.<module>.<name>``, are loaded into those modules,
+    which are then trained in full as with ``add_adapters(...,
+    modules_to_save=...)``. Same all-or-nothing checks as ``load_adapter``.
     """
     with open(os.path.join(path, CONFIG_NAME)) as f:
         peft_config = json.load(f)
@@ -315,15 +381,24 @@ def load_peft_adapter(model, path):
     weights = next((f for f in files if os.path.exists(f)), None)
     if weights is None:
         raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor adapter_model.bin")
-    key_pattern = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_AB|lora_B)(?:\.default)?\.weight")
-    by_layer = {}
+    key_pattern = re.compile(r"(.+)\.(lora_A|lora_AB|lora_B)(?:\.default)?\.weight")
+    modules_to_save = peft_config.get("modules_to_save")
+    save_candidates = matching_names(model, modules_to_save) if modules_to_save else []
+    by_layer, tensors, to_save = {}, {}, set()
     for key, tensor in _read_tensors(weights).items():
-        match = key_pattern.fullmatch(key)
-        if match is None:
-            raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor)")
-        by_layer.setdefault(match.group(1), {})[match.group(2)] = tensor
+        name = key.removeprefix(PEFT_PREFIX)
+        match = key_pattern.fullmatch(name)
+        module_to_save = _inside_any(name, save_candidates)
+        if match:
+            by_layer.setdefault(match.group(1), {})[match.group(2)] = tensor
+        elif module_to_save:
+            to_save.add(module_to_save)
+            tensors[name] = tensor
+        else:
+            raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor "
+                             f"nor one of a module of modules_to_save {modules_to_save})")
     r, alpha = peft_config["r"], peft_config["lora_alpha"]
-    settings, tensors = {}, {}
+    settings = {}
     for name, parts in by_layer.items():
         has_mixer = "lora_AB" in parts
         settings[name] = AdapterConfig(r=r, lora_alpha=alpha, lora_dropout=peft_config.get("lora_dropout", 0.0),
@@ -334,5 +409,5 @@ def load_peft_adapter(model, path):
             tensors[f"{name}.{t}"] = tensor
     if not settings:
         raise ValueError(f"{weights} holds no adapter tensors")
-    _load(model, settings, tensors, str(path))
+    _load(model, settings, tensors, str(path), sorted(to_save))
     return model

@@ -264,6 +264,35 @@ def test_add_adapters_misuse_names_what_is_wrong():
         moslora_ext.save_adapter(tiny_model(), "unused")
 
 
+def test_modules_to_save_are_trained_in_full_saved_and_restored(tmp_path):
+    model = moslora_ext.add_adapters(tiny_model(), "all-linear", r=2, modules_to_save=["head"])
+    assert "head" not in moslora_ext.adapted_layers(model) and len(moslora_ext.adapted_layers(model)) == 9
+    assert model.head.weight.requires_grad and model.head.bias.requires_grad
+    head_before = model.head.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(model.head.weight, head_before)
+    moslora_ext.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["head"]
+
+    fresh = moslora_ext.load_adapter(tiny_model(), tmp_path)
+    assert list(moslora_ext.saved_modules(fresh)) == ["head"] and fresh.head.weight.requires_grad
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+    # A module is either adapted or trained in full.
+    model = tiny_model()
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match="layers.0.up is in layers.0, a module of modules_to_save"):
+        moslora_ext.add_adapters(model, ["up"], modules_to_save=["layers.0"])
+    assert_same_state(model, snapshot)
+    assert all(p.requires_grad for p in model.parameters()) and not moslora_ext.saved_modules(model)
+
+
 class PlainLinearSubclass(nn.Linear):
     """Like Falcon's FalconLinear: an nn.Linear subclass whose forward is the plain linear map."""
 

@@ -146,3 +146,29 @@ def test_all_linear_selects_what_peft_selects():
     model = moslora_ext.add_adapters(tiny_llama(), "all-linear", r=4)
     assert set(moslora_ext.adapted_layers(model)) == peft_targets
     assert len(peft_targets) == 2 * len(TARGETS)  # every projection; lm_head, the output head, is left out
+
+
+def test_peft_sequence_classification_adapter_restores_its_head(tmp_path):
+    # PEFT's SEQ_CLS adapters carry the head (here "score") as modules_to_save tensors.
+    peft = pytest.importorskip("peft")
+
+    def tiny_classifier():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+        return transformers.LlamaForSequenceClassification(config).eval()
+
+    peft_model = peft.get_peft_model(tiny_classifier(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                        target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(std=0.1)
+    peft_model.save_pretrained(tmp_path)
+    model = moslora_ext.load_peft_adapter(tiny_classifier(), tmp_path)
+    assert list(moslora_ext.saved_modules(model)) == ["score"] and model.score.weight.requires_grad
+    ids = batch(6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
+    ours = moslora_ext.add_adapters(tiny_classifier(), "all-linear", r=4, modules_to_save=["score"])
+    assert set(moslora_ext.adapted_layers(ours)) == set(moslora_ext.adapted_layers(model))
