@@ -55,6 +55,7 @@ from .adapters import (  # noqa: E402
     merge_adapters,
     merge_and_unload,
     save_adapter,
+    save_peft_adapter,
     saved_modules,
     trainable_parameters,
     unmerge_adapters,
@@ -87,5 +88,5 @@ __all__ = [
     "Linear", "check_adaptable", "ops", "build_info", "__version__",
     "AdapterConfig", "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters",
     "unmerge_adapters", "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter",
-    "saved_modules",
+    "save_peft_adapter", "saved_modules",
 ]

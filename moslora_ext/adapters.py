@@ -7,7 +7,8 @@
     plain = moslora_ext.merge_and_unload(model)            # nn.Linear only, adapter folded in
 
 Checkpoints of PEFT's LoRA and of the released MoSLoRA code load with
-``load_peft_adapter``.
+``load_peft_adapter``; ``save_peft_adapter`` writes a standard PEFT LoRA
+adapter (the mixer folded into B) for PEFT and serving engines.
 """
 
 import json
@@ -242,32 +243,96 @@ def adapter_state_dict(model):
     keyed as in ``model.state_dict()``."""
     tensors = {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
                for t in ADAPTER_TENSORS}
-    for name, module in saved_modules(model).items():
-        tensors.update({f"{name}.{key}": t for key, t in module.state_dict().items()})
-    return tensors
+    return tensors | _saved_module_state(model)
+
+
+def _saved_module_state(model):
+    """The state of every module to save, keyed as in ``model.state_dict()``."""
+    return {f"{name}.{key}": t for name, module in saved_modules(model).items()
+            for key, t in module.state_dict().items()}
+
+
+def _unmerged_adapters(model, caller):
+    layers = _require_adapters(model)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError(f"{caller} needs unmerged adapters; call unmerge_adapters(model) first")
+    return layers
+
+
+def _write(path, tensors, config):
+    """Write an adapter folder: the tensors and the JSON config."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({key: t.detach().contiguous() for key, t in tensors.items()}, os.path.join(path, WEIGHTS_NAME))
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=1)
 
 
 def save_adapter(model, path):
     """Save only the adapters of ``model`` to the folder ``path``:
     ``adapter_model.safetensors`` (the tensors) and ``adapter_config.json``
     (each adapted layer's settings, the names of the modules to save and this
-    library's version). Refuses a
-    merged model, whose adapters are also in the base weights."""
-    from safetensors.torch import save_file
-
+    library's version). Refuses a merged model, whose adapters are also in
+    the base weights."""
     from . import __version__
 
-    layers = _require_adapters(model)
-    if any(layer.merged for layer in layers.values()):
-        raise RuntimeError("save_adapter needs unmerged adapters; call unmerge_adapters(model) first")
-    os.makedirs(path, exist_ok=True)
-    tensors = {key: t.detach().contiguous() for key, t in adapter_state_dict(model).items()}
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
+    layers = _unmerged_adapters(model, "save_adapter")
     config = {"format": FORMAT, "version": __version__,
               "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in layers.items()},
               "modules_to_save": list(saved_modules(model))}
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=1)
+    _write(path, adapter_state_dict(model), config)
+
+
+# Settings that a PEFT LoRA adapter holds once for all its layers.
+PEFT_SHARED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+
+
+def save_peft_adapter(model, path):
+    """Save the adapters of ``model`` as a standard PEFT LoRA adapter in the
+    folder ``path``, for PEFT's ``PeftModel.from_pretrained`` and for
+    serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI, LoRAX).
+
+    Since ``s·B M A = s·(B M) A``, each adapter is written as a rank-r LoRA
+    adapter with ``lora_A = A`` and ``lora_B = B M`` (computed in fp32,
+    rounded once to the adapter's dtype), under PEFT's key names
+    (``base_model.model.<layer>.lora_A.weight``); the modules to save are
+    written as PEFT writes them. ``adapter_config.json`` has ``peft_type``
+    "LORA", r, lora_alpha, lora_dropout, use_rslora, target_modules (the
+    layers' last names where these select exactly the adapted layers, else
+    their full names) and modules_to_save. The mixer is folded in, so the
+    saved adapter is plain LoRA: loading it back gives the same outputs
+    with an identity, frozen mixer.
+
+    PEFT's LoRA has one r, lora_alpha, lora_dropout and use_rslora per
+    adapter: ValueError if the adapted layers differ in one of them. Refuses
+    a merged model.
+    """
+    layers = _unmerged_adapters(model, "save_peft_adapter")
+    configs = {name: AdapterConfig.of(layer) for name, layer in layers.items()}
+    shared = {}
+    for setting in PEFT_SHARED_SETTINGS:
+        values = {getattr(config, setting) for config in configs.values()}
+        if len(values) > 1:
+            raise ValueError(f"a PEFT LoRA adapter has one {setting} for all layers, but the adapted layers "
+                             f"have {sorted(values)}")
+        shared[setting] = values.pop()
+    last_names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    exact = set(matching_names(model, last_names)) == set(layers)
+    tensors = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (
+                layer.lora_B.float() @ layer.lora_mixer.float()).to(layer.lora_B.dtype)
+    tensors.update({PEFT_PREFIX + key: t for key, t in _saved_module_state(model).items()})
+    base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
+              "target_modules": last_names if exact else sorted(layers),
+              "modules_to_save": list(saved_modules(model)) or None,
+              "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+              "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    _write(path, tensors, config)
 
 
 def load_adapter(model, path):

@@ -372,6 +372,26 @@ def test_released_moslora_checkpoint_gives_the_released_formula(tmp_path):
     torch.testing.assert_close(model(x), reference(x))
 
 
+def test_save_peft_adapter_with_some_layers_and_a_module_to_save(tmp_path):
+    # Only layers.1's q_proj and up are adapted: target_modules must name them in full for PEFT.
+    peft = pytest.importorskip("peft")
+    model = moslora_ext.add_adapters(tiny_model(), r"layers\.1\.(q_proj|up)", r=4, modules_to_save=["head"])
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    moslora_ext.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["layers.1.q_proj", "layers.1.up"] and config["modules_to_save"] == ["head"]
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
+    x = torch.randn(6, 4)
+    assert (peft_model(x) - model.eval()(x)).abs().max() <= 1e-5
+
+    moslora_ext.add_adapters(model, ["down"], r=2)
+    with pytest.raises(ValueError, match=r"one r for all layers, but the adapted layers have \[2, 4\]"):
+        moslora_ext.save_peft_adapter(model, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+
+
 def test_peft_settings_we_do_not_support_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True}))
     with pytest.raises(NotImplementedError, match="use_dora"):

@@ -1,4 +1,6 @@
-"""Adapters on a tiny Hugging Face LlamaForCausalLM built from a config (no download)."""
+"""Adapters on tiny Hugging Face models built from configs (no download)."""
+
+import json
 
 import pytest
 import torch
@@ -172,3 +174,23 @@ def test_peft_sequence_classification_adapter_restores_its_head(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
     ours = moslora_ext.add_adapters(tiny_classifier(), "all-linear", r=4, modules_to_save=["score"])
     assert set(moslora_ext.adapted_layers(ours)) == set(moslora_ext.adapted_layers(model))
+
+
+def test_save_peft_adapter_is_loaded_by_peft_with_our_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = moslora_ext.add_adapters(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=0.05, use_rslora=True)
+    with torch.no_grad():  # a trained-looking adapter with a non-trivial mixer
+        for layer in moslora_ext.adapted_layers(model).values():
+            layer.lora_B.normal_(std=0.1)
+    moslora_ext.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["use_rslora"]) == ("LORA", 4, 8, True)
+    assert config["target_modules"] == sorted(TARGETS)
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    ids = batch(7)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        assert (peft_model(input_ids=ids).logits - expected).abs().max() <= 1e-5
+        # ... and it is a LoRA adapter that load_peft_adapter reads back to the same function.
+        reloaded = moslora_ext.load_peft_adapter(tiny_llama().eval(), tmp_path)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
