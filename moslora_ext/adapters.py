@@ -33,6 +33,8 @@ ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the out
 # Marks a module of modules_to_save (trained in full and saved with the adapter). An attribute
 # on the module itself, so that it follows the module through deepcopy and into submodels.
 MODULE_TO_SAVE = "_moslora_ext_module_to_save"
+# The key under which a transformers model's config records its adapters (see _record).
+CONFIG_RECORD = "moslora_ext"
 
 
 @dataclass
@@ -159,6 +161,33 @@ def _wrap(model, configs, modules_to_save=()):
         module = model.get_submodule(name)
         setattr(module, MODULE_TO_SAVE, True)
         module.requires_grad_(True)
+    _record(model)
+
+
+def _adapter_config(model):
+    """What ``save_adapter`` writes to adapter_config.json: each adapted layer's
+    settings, the names of the modules to save and this library's version."""
+    from . import __version__
+
+    return {"format": FORMAT, "version": __version__,
+            "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in adapted_layers(model).items()},
+            "modules_to_save": list(saved_modules(model))}
+
+
+def _record(model):
+    """Keep the adapter settings in a transformers model's config, which
+    ``save_pretrained`` (and so the HF Trainer) writes to config.json beside
+    the full state dict with its lora_* tensors: ``load_adapter`` restores
+    the adapters from such a checkpoint. A merged model's weights already
+    hold its adapters, so it records none."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_json_string"):  # not a transformers PretrainedConfig
+        return
+    layers = adapted_layers(model).values()
+    if layers and not any(layer.merged for layer in layers):
+        setattr(config, CONFIG_RECORD, _adapter_config(model))
+    elif hasattr(config, CONFIG_RECORD):
+        delattr(config, CONFIG_RECORD)
 
 
 def _set_submodule(model, name, module):
@@ -203,6 +232,7 @@ def merge_adapters(model, safe=False):
         for layer in merged:
             layer.unmerge()
         raise
+    _record(model)
     return model
 
 
@@ -214,6 +244,7 @@ def unmerge_adapters(model):
         raise RuntimeError(f"{len(not_merged)} of {len(layers)} adapted layers are not merged; nothing was changed")
     for layer in layers:
         layer.unmerge()
+    _record(model)
     return model
 
 
@@ -231,6 +262,7 @@ def merge_and_unload(model):
         plain.weight = layer.weight
         plain.bias = layer.bias
         _set_submodule(model, name, plain)
+    _record(model)
     return model
 
 
@@ -275,13 +307,8 @@ def save_adapter(model, path):
     (each adapted layer's settings, the names of the modules to save and this
     library's version). Refuses a merged model, whose adapters are also in
     the base weights."""
-    from . import __version__
-
-    layers = _unmerged_adapters(model, "save_adapter")
-    config = {"format": FORMAT, "version": __version__,
-              "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in layers.items()},
-              "modules_to_save": list(saved_modules(model))}
-    _write(path, adapter_state_dict(model), config)
+    _unmerged_adapters(model, "save_adapter")
+    _write(path, adapter_state_dict(model), _adapter_config(model))
 
 
 # Settings that a PEFT LoRA adapter holds once for all its layers.
@@ -336,18 +363,29 @@ def save_peft_adapter(model, path):
 
 
 def load_adapter(model, path):
-    """Load an adapter saved by ``save_adapter`` into ``model``.
+    """Load an adapter saved by ``save_adapter`` into ``model``, or the
+    adapters of a transformers checkpoint folder written by
+    ``save_pretrained`` (and so by the HF Trainer) of a model with adapters:
+    ``model.safetensors`` or its shards with ``model.safetensors.index.json``,
+    and ``config.json``, where the adapted model's config recorded the
+    adapter settings (lora_alpha cannot be read from tensor shapes). Only the
+    adapter tensors (and modules to save) are read from such a checkpoint.
 
     Layers named in the checkpoint that are ``nn.Linear`` (see
     ``check_adaptable``) get an adapter with the saved settings. Layers that
     already have one must have the same ``WEIGHT_SETTINGS`` (r, lora_alpha,
-    use_rslora) and keep their own lora_dropout, mixer_init and train_mixer,
-    which do not change what the tensors compute. Every tensor's shape is checked, and missing or unexpected keys
-    are reported, before anything changes: a failed load leaves the model
-    untouched. Returns ``model``.
+    use_rslora) and keep their own lora_dropout, mixer_init and
+    train_mixer, which do not change what the tensors compute. Every
+    tensor's shape is checked, and missing or unexpected keys are reported,
+    before anything changes: a failed load leaves the model untouched.
+    Returns ``model``.
     """
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
+    if os.path.exists(os.path.join(path, CONFIG_NAME)):
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            config = json.load(f)
+        tensors = None  # read once the config is checked
+    else:
+        config, tensors = _read_transformers_checkpoint(path)
     if config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a moslora_ext adapter (format {config.get('format')!r}); "
                          "for PEFT or released MoSLoRA checkpoints use load_peft_adapter")
@@ -357,9 +395,48 @@ def load_adapter(model, path):
         if unknown:
             raise ValueError(f"{path}: unknown adapter settings {sorted(unknown)} for layer {name}")
         settings[name] = AdapterConfig(**layer_config)
-    _load(model, settings, _read_tensors(os.path.join(path, WEIGHTS_NAME)), str(path),
-          config.get("modules_to_save", []))
+    if tensors is None:
+        tensors = _read_tensors(os.path.join(path, WEIGHTS_NAME))
+    _load(model, settings, tensors, str(path), config.get("modules_to_save", []))
     return model
+
+
+def _read_transformers_checkpoint(path):
+    """The adapter record of a transformers checkpoint folder's config.json
+    and the tensors it names (adapters and modules to save), read alone from
+    ``model.safetensors`` or its shards."""
+    from safetensors import safe_open
+
+    model_config = os.path.join(path, "config.json")
+    if not os.path.exists(model_config):
+        raise FileNotFoundError(f"{path} holds neither {CONFIG_NAME} (an adapter folder) "
+                                "nor config.json (a transformers checkpoint)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = {key: os.path.join(path, file) for key, file in json.load(f)["weight_map"].items()}
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        single = os.path.join(path, "model.safetensors")
+        with safe_open(single, "pt") as f:
+            files = dict.fromkeys(f.keys(), single)
+    else:
+        raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json "
+                                "(save with safe_serialization, the default)")
+    with open(model_config) as f:
+        record = json.load(f).get(CONFIG_RECORD)
+    if record is None:
+        lora_keys = [key for key in files if ".lora_" in key]
+        raise ValueError(f"{path}: config.json has no moslora_ext adapter record, and {len(lora_keys)} lora_* "
+                         "tensors (their lora_alpha cannot be read from shapes). It was saved from a model "
+                         "without adapters, from one whose adapters were merged (its weights hold them: use it "
+                         "as is), or with an older moslora_ext; load its adapters with save_adapter's folder")
+    wanted = {f"{name}.{t}" for name in record["layers"] for t in ADAPTER_TENSORS}
+    wanted |= {key for key in files if _inside_any(key, record.get("modules_to_save", []))}
+    tensors = {}
+    for file in sorted({files[key] for key in wanted if key in files}):
+        with safe_open(file, "pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys() if key in wanted})
+    return record, tensors
 
 
 def _read_tensors(file):

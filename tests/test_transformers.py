@@ -194,3 +194,40 @@ def test_save_peft_adapter_is_loaded_by_peft_with_our_outputs(tmp_path):
         # ... and it is a LoRA adapter that load_peft_adapter reads back to the same function.
         reloaded = moslora_ext.load_peft_adapter(tiny_llama().eval(), tmp_path)
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_checkpoints_restore_the_adapters(tmp_path):
+    # Trainer.save_model and its checkpoint-N folders hold the full state dict (lora_* keys included)
+    # and config.json, where add_adapters recorded the adapter settings.
+    model = moslora_ext.add_adapters(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=0.1)
+    ids = batch(8)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, save_steps=2,
+                                          per_device_train_batch_size=2, learning_rate=1e-2, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args,
+                                   train_dataset=[{"input_ids": row, "labels": row} for row in ids])
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    # from_pretrained alone drops the lora_* tensors; load_adapter restores them from the same folder.
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "final")
+    moslora_ext.load_adapter(reloaded, tmp_path / "final")
+    assert not any(layer.training for layer in moslora_ext.adapted_layers(reloaded).values())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+    assert all(layer.lora_dropout == 0.1 for layer in moslora_ext.adapted_layers(reloaded).values())
+    moslora_ext.load_adapter(tiny_llama(), tmp_path / "checkpoint-2")
+
+    # Sharded checkpoints are read through their index; a checkpoint without a record is refused.
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    sharded = moslora_ext.load_adapter(tiny_llama(), tmp_path / "sharded").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(input_ids=ids).logits, expected)
+    moslora_ext.merge_and_unload(model)
+    model.save_pretrained(tmp_path / "merged")
+    with pytest.raises(ValueError, match="no moslora_ext adapter record"):
+        moslora_ext.load_adapter(tiny_llama(), tmp_path / "merged")
