@@ -24,8 +24,9 @@ def batch(seed=0):
     return torch.randint(0, 64, (4, 16), generator=g)
 
 
-def adapted_llama(lora_dropout=0.0):
-    model = moslora_ext.add_adapters(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=lora_dropout)
+def adapted_llama(lora_dropout=0.0, use_rslora=False):
+    model = moslora_ext.add_adapters(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=lora_dropout,
+                                     use_rslora=use_rslora)
     with torch.no_grad():  # a trained-looking adapter, so merging has something to fold in
         for layer in moslora_ext.adapted_layers(model).values():
             layer.lora_B.normal_(std=0.1)
@@ -116,6 +117,14 @@ def test_save_load_roundtrip_on_llama(tmp_path):
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def perturb(peft_model, *name_parts):
+    """Draw the PEFT model's parameters whose names hold one of ``name_parts`` (a trained-looking adapter)."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if any(part in name for part in name_parts):
+                p.normal_(std=0.1)
+
+
 def test_falcon_linear_layers_load_a_peft_adapter_as_peft_computes_it(tmp_path):
     # Falcon's projections are FalconLinear, an nn.Linear subclass with the plain linear map.
     peft = pytest.importorskip("peft")
@@ -128,10 +137,7 @@ def test_falcon_linear_layers_load_a_peft_adapter_as_peft_computes_it(tmp_path):
 
     targets = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     peft_model = peft.get_peft_model(tiny_falcon(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    perturb(peft_model, "lora_B")
     peft_model.save_pretrained(tmp_path)
     model = moslora_ext.load_peft_adapter(tiny_falcon(), tmp_path)
     assert len(moslora_ext.adapted_layers(model)) == 2 * len(targets)
@@ -162,10 +168,7 @@ def test_peft_sequence_classification_adapter_restores_its_head(tmp_path):
 
     peft_model = peft.get_peft_model(tiny_classifier(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
                                                                         target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.normal_(std=0.1)
+    perturb(peft_model, "lora_B", "modules_to_save")
     peft_model.save_pretrained(tmp_path)
     model = moslora_ext.load_peft_adapter(tiny_classifier(), tmp_path)
     assert list(moslora_ext.saved_modules(model)) == ["score"] and model.score.weight.requires_grad
@@ -178,10 +181,7 @@ def test_peft_sequence_classification_adapter_restores_its_head(tmp_path):
 
 def test_save_peft_adapter_is_loaded_by_peft_with_our_outputs(tmp_path):
     peft = pytest.importorskip("peft")
-    model = moslora_ext.add_adapters(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=0.05, use_rslora=True)
-    with torch.no_grad():  # a trained-looking adapter with a non-trivial mixer
-        for layer in moslora_ext.adapted_layers(model).values():
-            layer.lora_B.normal_(std=0.1)
+    model = adapted_llama(lora_dropout=0.05, use_rslora=True)  # with the default (Kaiming) mixer
     moslora_ext.save_peft_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"], config["use_rslora"]) == ("LORA", 4, 8, True)
