@@ -67,7 +67,7 @@ def matching_names(model, target_modules):
     ``check_adaptable``) except the output head, the module that
     ``model.get_output_embeddings()`` returns on a transformers model.
     """
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    if _is_all_linear(target_modules):
         get_head = getattr(model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
         return [name for name, module in model.named_modules()
@@ -80,6 +80,10 @@ def matching_names(model, target_modules):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
     return [name for name, _ in model.named_modules()
             if name and any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def _is_all_linear(target_modules):
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
 
 
 def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
@@ -107,7 +111,7 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
         if not to_save:
             raise ValueError(f"modules_to_save {modules_to_save!r} matches no module of the model")
     names = matching_names(model, target_modules)
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+    if _is_all_linear(target_modules):
         names = [name for name in names if not _inside_any(name, to_save)]
     if not names:
         available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
