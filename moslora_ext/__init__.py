@@ -66,10 +66,12 @@ from .adapters import (  # noqa: E402
     merge_adapters,
     merge_and_unload,
     save_adapter,
+    save_peft_adapter,
+    saved_modules,
     trainable_parameters,
     unmerge_adapters,
 )
-from .linear import Linear  # noqa: E402
+from .linear import Linear, check_adaptable  # noqa: E402
 
 try:
     __version__ = metadata.version("moslora_ext")
@@ -94,7 +96,8 @@ def build_info():
 
 
 __all__ = [
-    "Linear", "ops", "build_info", "__version__",
+    "Linear", "check_adaptable", "ops", "build_info", "__version__",
     "AdapterConfig", "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters",
     "unmerge_adapters", "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter",
+    "save_peft_adapter", "saved_modules",
 ]

@@ -7,7 +7,8 @@
     plain = moslora_ext.merge_and_unload(model)            # nn.Linear only, adapter folded in
 
 Checkpoints of PEFT's LoRA and of the released MoSLoRA code load with
-``load_peft_adapter``.
+``load_peft_adapter``; ``save_peft_adapter`` writes a standard PEFT LoRA
+adapter (the mixer folded into B) for PEFT and serving engines.
 """
 
 import json
@@ -18,12 +19,23 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, check_adaptable, refusal_reason
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "moslora_ext"
+PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
 ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
+# The settings that decide what an adapter's tensors compute. The others (lora_dropout,
+# mixer_init, train_mixer, autocast_adapter_dtype) only shape training: loading into an
+# existing layer keeps its own.
+WEIGHT_SETTINGS = ("r", "lora_alpha", "use_rslora")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
+# Marks a module of modules_to_save (trained in full and saved with the adapter). An attribute
+# on the module itself, so that it follows the module through deepcopy and into submodels.
+MODULE_TO_SAVE = "_moslora_ext_module_to_save"
+# The key under which a transformers model's config records its adapters (see _record).
+CONFIG_RECORD = "moslora_ext"
 
 
 @dataclass
@@ -36,13 +48,14 @@ class AdapterConfig:
     mixer_init: str = "kaiming"
     train_mixer: bool = True
     use_rslora: bool = False
+    autocast_adapter_dtype: bool = True
 
     @classmethod
     def of(cls, layer):
         """The settings of an existing ``moslora_ext.Linear``."""
         return cls(r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=layer.lora_dropout,
                    mixer_init=layer.mixer_init, train_mixer=layer.lora_mixer.requires_grad,
-                   use_rslora=layer.use_rslora)
+                   use_rslora=layer.use_rslora, autocast_adapter_dtype=layer.autocast_adapter_dtype)
 
 
 def matching_names(model, target_modules):
@@ -51,8 +64,16 @@ def matching_names(model, target_modules):
     A list (or tuple/set) of strings selects a module whose name equals one of
     them or ends with ``"." + it`` (``"q_proj"`` selects
     ``model.layers.0.self_attn.q_proj``); a single string is a regular
-    expression that must match the whole name (as in PEFT).
+    expression that must match the whole name (as in PEFT). ``"all-linear"``
+    selects, as in PEFT, every linear layer that can take an adapter (see
+    ``check_adaptable``) except the output head, the module that
+    ``model.get_output_embeddings()`` returns on a transformers model.
     """
+    if _is_all_linear(target_modules):
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        return [name for name, module in model.named_modules()
+                if module is not head and refusal_reason(module) is None]
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]
@@ -63,37 +84,70 @@ def matching_names(model, target_modules):
             if name and any(name == t or name.endswith("." + t) for t in targets)]
 
 
+def _is_all_linear(target_modules):
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
 def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
-                 train_mixer=True, use_rslora=False):
+                 train_mixer=True, use_rslora=False, modules_to_save=None, autocast_adapter_dtype=True):
     """Put a MoSLoRA adapter on every ``nn.Linear`` of ``model`` that
     ``target_modules`` selects (see ``matching_names``) and freeze every other
-    parameter. The new ``moslora_ext.Linear`` layers share the base weights.
+    parameter. The new ``moslora_ext.Linear`` layers share the base weights
+    and take the training mode of the layers they replace.
+
+    ``modules_to_save``, as in PEFT, is a list of module names (matched as a
+    ``target_modules`` list, e.g. ``["classifier"]``) that are trained in
+    full and saved with the adapter; "all-linear" leaves their linear
+    layers out of the targets. ``autocast_adapter_dtype`` (default True, as
+    PEFT) keeps adapters on float16/bfloat16 layers in float32 (see
+    ``moslora_ext.Linear``).
 
     Returns ``model`` (changed in place). Raises ValueError, listing the
     model's linear layers, if nothing matches, and TypeError if a selected
-    module is not an ``nn.Linear`` (or already has an adapter); on any error
-    the model is left untouched.
+    module cannot take an adapter (not an ``nn.Linear``, a subclass refused
+    by ``check_adaptable``, or one that already has an adapter); on any
+    error the model is left untouched.
     """
-    config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora)
+    config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora, autocast_adapter_dtype)
+    to_save = []
+    if modules_to_save:
+        to_save = matching_names(model, modules_to_save)
+        if not to_save:
+            raise ValueError(f"modules_to_save {modules_to_save!r} matches no module of the model")
     names = matching_names(model, target_modules)
+    if _is_all_linear(target_modules):
+        names = [name for name in names if not _inside_any(name, to_save)]
     if not names:
         available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                             if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules {target_modules!r} matches no module of the model; "
                          f"its linear layers are named {available}")
-    _wrap(model, {name: config for name in names})
+    _wrap(model, {name: config for name in names}, to_save)
     return model
 
 
-def _wrap(model, configs):
+def _inside_any(name, module_names):
+    """The first of ``module_names`` that is the module ``name`` or holds it, or None."""
+    return next((m for m in module_names if name == m or name.startswith(m + ".")), None)
+
+
+def _wrap(model, configs, modules_to_save=()):
     """Replace the named nn.Linear modules by adapted ones (all built before
-    any is swapped in) and freeze everything but the adapters."""
+    any is swapped in), mark ``modules_to_save``, and freeze everything but
+    the adapters and the modules to save."""
+    to_save = [*saved_modules(model), *modules_to_save]
     for name in configs:
         module = model.get_submodule(name)
         if isinstance(module, Linear):
             raise TypeError(f"{name} already has a MoSLoRA adapter")
-        if type(module) is not nn.Linear:
-            raise TypeError(f"{name} is a {type(module).__name__}; adapters go on torch.nn.Linear layers only")
+        check_adaptable(module, name)
+        holder = _inside_any(name, to_save)
+        if holder:
+            raise ValueError(f"{name} is in {holder}, a module of modules_to_save (trained in full); "
+                             "it cannot also take an adapter")
+    for name in modules_to_save:
+        if any(_inside_any(layer, [name]) for layer in adapted_layers(model)):
+            raise ValueError(f"module to save {name} holds adapted layers; it cannot be trained in full")
     # from_linear freezes each base layer it wraps: undo that if a later one fails.
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -105,11 +159,43 @@ def _wrap(model, configs):
         raise
     for name, layer in replacements.items():
         _set_submodule(model, name, layer)
-    # Freeze all but the adapters, which keep their own settings (a frozen mixer stays frozen).
+    # Freeze all but the adapters, which keep their own settings (a frozen mixer stays frozen),
+    # and the modules to save, which are trained in full.
     adapter_parameters = {id(getattr(layer, t)) for layer in adapted_layers(model).values() for t in ADAPTER_TENSORS}
     for parameter in model.parameters():
         if id(parameter) not in adapter_parameters:
             parameter.requires_grad_(False)
+    for name in to_save:
+        module = model.get_submodule(name)
+        setattr(module, MODULE_TO_SAVE, True)
+        module.requires_grad_(True)
+    _record(model)
+
+
+def _adapter_config(model):
+    """What ``save_adapter`` writes to adapter_config.json: each adapted layer's
+    settings, the names of the modules to save and this library's version."""
+    from . import __version__
+
+    return {"format": FORMAT, "version": __version__,
+            "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in adapted_layers(model).items()},
+            "modules_to_save": list(saved_modules(model))}
+
+
+def _record(model):
+    """Keep the adapter settings in a transformers model's config, which
+    ``save_pretrained`` (and so the HF Trainer) writes to config.json beside
+    the full state dict with its lora_* tensors: ``load_adapter`` restores
+    the adapters from such a checkpoint. A merged model's weights already
+    hold its adapters, so it records none."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_json_string"):  # not a transformers PretrainedConfig
+        return
+    layers = adapted_layers(model).values()
+    if layers and not any(layer.merged for layer in layers):
+        setattr(config, CONFIG_RECORD, _adapter_config(model))
+    elif hasattr(config, CONFIG_RECORD):
+        delattr(config, CONFIG_RECORD)
 
 
 def _set_submodule(model, name, module):
@@ -120,6 +206,12 @@ def _set_submodule(model, name, module):
 def adapted_layers(model):
     """{name: moslora_ext.Linear} of every adapted layer in ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+
+
+def saved_modules(model):
+    """{name: module} of the modules of ``model`` that are trained in full and
+    saved with the adapter (``modules_to_save``)."""
+    return {name: m for name, m in model.named_modules() if getattr(m, MODULE_TO_SAVE, False)}
 
 
 def _require_adapters(model):
@@ -148,6 +240,7 @@ def merge_adapters(model, safe=False):
         for layer in merged:
             layer.unmerge()
         raise
+    _record(model)
     return model
 
 
@@ -159,19 +252,25 @@ def unmerge_adapters(model):
         raise RuntimeError(f"{len(not_merged)} of {len(layers)} adapted layers are not merged; nothing was changed")
     for layer in layers:
         layer.unmerge()
+    _record(model)
     return model
 
 
 def merge_and_unload(model):
     """Fold every adapter into its base weight and put plain ``nn.Linear``
-    layers back: the result has no trace of moslora_ext. Returns ``model``."""
-    for name, layer in _require_adapters(model).items():
+    layers back: the result has no trace of moslora_ext (modules to save stay
+    as trained). Returns ``model``."""
+    layers = _require_adapters(model)
+    for module in saved_modules(model).values():
+        delattr(module, MODULE_TO_SAVE)
+    for name, layer in layers.items():
         if not layer.merged:
             layer.merge()
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight = layer.weight
         plain.bias = layer.bias
         _set_submodule(model, name, plain)
+    _record(model)
     return model
 
 
@@ -179,43 +278,122 @@ def merge_and_unload(model):
 
 
 def adapter_state_dict(model):
-    """The adapter tensors of ``model``, keyed ``"<layer>.lora_A"``, ``"<layer>.lora_mixer"``, ``"<layer>.lora_B"``."""
-    return {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
-            for t in ADAPTER_TENSORS}
+    """The tensors ``save_adapter`` saves: each adapter's, keyed ``"<layer>.lora_A"``,
+    ``"<layer>.lora_mixer"``, ``"<layer>.lora_B"``, and the state of every module to save,
+    keyed as in ``model.state_dict()``."""
+    tensors = {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
+               for t in ADAPTER_TENSORS}
+    return tensors | _saved_module_state(model)
+
+
+def _saved_module_state(model):
+    """The state of every module to save, keyed as in ``model.state_dict()``."""
+    return {f"{name}.{key}": t for name, module in saved_modules(model).items()
+            for key, t in module.state_dict().items()}
+
+
+def _unmerged_adapters(model, caller):
+    layers = _require_adapters(model)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError(f"{caller} needs unmerged adapters; call unmerge_adapters(model) first")
+    return layers
+
+
+def _write(path, tensors, config):
+    """Write an adapter folder: the tensors and the JSON config."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({key: t.detach().contiguous() for key, t in tensors.items()}, os.path.join(path, WEIGHTS_NAME))
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=1)
 
 
 def save_adapter(model, path):
     """Save only the adapters of ``model`` to the folder ``path``:
     ``adapter_model.safetensors`` (the tensors) and ``adapter_config.json``
-    (each adapted layer's settings and this library's version). Refuses a
-    merged model, whose adapters are also in the base weights."""
-    from safetensors.torch import save_file
+    (each adapted layer's settings, the names of the modules to save and this
+    library's version). Refuses a merged model, whose adapters are also in
+    the base weights."""
+    _unmerged_adapters(model, "save_adapter")
+    _write(path, adapter_state_dict(model), _adapter_config(model))
 
-    from . import __version__
 
-    layers = _require_adapters(model)
-    if any(layer.merged for layer in layers.values()):
-        raise RuntimeError("save_adapter needs unmerged adapters; call unmerge_adapters(model) first")
-    os.makedirs(path, exist_ok=True)
-    tensors = {key: t.detach().contiguous() for key, t in adapter_state_dict(model).items()}
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME))
-    config = {"format": FORMAT, "version": __version__,
-              "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in layers.items()}}
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=1)
+# Settings that a PEFT LoRA adapter holds once for all its layers.
+PEFT_SHARED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+
+
+def save_peft_adapter(model, path):
+    """Save the adapters of ``model`` as a standard PEFT LoRA adapter in the
+    folder ``path``, for PEFT's ``PeftModel.from_pretrained`` and for
+    serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI, LoRAX).
+
+    Since ``s·B M A = s·(B M) A``, each adapter is written as a rank-r LoRA
+    adapter with ``lora_A = A`` and ``lora_B = B M`` (computed in fp32,
+    rounded once to the adapter's dtype), under PEFT's key names
+    (``base_model.model.<layer>.lora_A.weight``); the modules to save are
+    written as PEFT writes them. ``adapter_config.json`` has ``peft_type``
+    "LORA", r, lora_alpha, lora_dropout, use_rslora, target_modules (the
+    layers' last names where these select exactly the adapted layers, else
+    their full names) and modules_to_save. The mixer is folded in, so the
+    saved adapter is plain LoRA: loading it back gives the same outputs
+    with an identity, frozen mixer.
+
+    PEFT's LoRA has one r, lora_alpha, lora_dropout and use_rslora per
+    adapter: ValueError if the adapted layers differ in one of them. Refuses
+    a merged model.
+    """
+    layers = _unmerged_adapters(model, "save_peft_adapter")
+    configs = {name: AdapterConfig.of(layer) for name, layer in layers.items()}
+    shared = {}
+    for setting in PEFT_SHARED_SETTINGS:
+        values = {getattr(config, setting) for config in configs.values()}
+        if len(values) > 1:
+            raise ValueError(f"a PEFT LoRA adapter has one {setting} for all layers, but the adapted layers "
+                             f"have {sorted(values)}")
+        shared[setting] = values.pop()
+    last_names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    exact = set(matching_names(model, last_names)) == set(layers)
+    tensors = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (
+                layer.lora_B.float() @ layer.lora_mixer.float()).to(layer.lora_B.dtype)
+    tensors.update({PEFT_PREFIX + key: t for key, t in _saved_module_state(model).items()})
+    base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
+              "target_modules": last_names if exact else sorted(layers),
+              "modules_to_save": list(saved_modules(model)) or None,
+              "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
+              "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+    _write(path, tensors, config)
 
 
 def load_adapter(model, path):
-    """Load an adapter saved by ``save_adapter`` into ``model``.
+    """Load an adapter saved by ``save_adapter`` into ``model``, or the
+    adapters of a transformers checkpoint folder written by
+    ``save_pretrained`` (and so by the HF Trainer) of a model with adapters:
+    ``model.safetensors`` or its shards with ``model.safetensors.index.json``,
+    and ``config.json``, where the adapted model's config recorded the
+    adapter settings (lora_alpha cannot be read from tensor shapes). Only the
+    adapter tensors (and modules to save) are read from such a checkpoint.
 
-    Layers named in the checkpoint that are plain ``nn.Linear`` get an adapter
-    with the saved settings; layers that already have one must have the same
-    settings. Every tensor's shape is checked, and missing or unexpected keys
-    are reported, before anything changes: a failed load leaves the model
-    untouched. Returns ``model``.
+    Layers named in the checkpoint that are ``nn.Linear`` (see
+    ``check_adaptable``) get an adapter with the saved settings. Layers that
+    already have one must have the same ``WEIGHT_SETTINGS`` (r, lora_alpha,
+    use_rslora) and keep their own lora_dropout, mixer_init and
+    train_mixer, which do not change what the tensors compute. Every
+    tensor's shape is checked, and missing or unexpected keys are reported,
+    before anything changes: a failed load leaves the model untouched.
+    Returns ``model``.
     """
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config = json.load(f)
+    if os.path.exists(os.path.join(path, CONFIG_NAME)):
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            config = json.load(f)
+        tensors = None  # read once the config is checked
+    else:
+        config, tensors = _read_transformers_checkpoint(path)
     if config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a moslora_ext adapter (format {config.get('format')!r}); "
                          "for PEFT or released MoSLoRA checkpoints use load_peft_adapter")
@@ -225,8 +403,48 @@ def load_adapter(model, path):
         if unknown:
             raise ValueError(f"{path}: unknown adapter settings {sorted(unknown)} for layer {name}")
         settings[name] = AdapterConfig(**layer_config)
-    _load(model, settings, _read_tensors(os.path.join(path, WEIGHTS_NAME)), str(path))
+    if tensors is None:
+        tensors = _read_tensors(os.path.join(path, WEIGHTS_NAME))
+    _load(model, settings, tensors, str(path), config.get("modules_to_save", []))
     return model
+
+
+def _read_transformers_checkpoint(path):
+    """The adapter record of a transformers checkpoint folder's config.json
+    and the tensors it names (adapters and modules to save), read alone from
+    ``model.safetensors`` or its shards."""
+    from safetensors import safe_open
+
+    model_config = os.path.join(path, "config.json")
+    if not os.path.exists(model_config):
+        raise FileNotFoundError(f"{path} holds neither {CONFIG_NAME} (an adapter folder) "
+                                "nor config.json (a transformers checkpoint)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = {key: os.path.join(path, file) for key, file in json.load(f)["weight_map"].items()}
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        single = os.path.join(path, "model.safetensors")
+        with safe_open(single, "pt") as f:
+            files = dict.fromkeys(f.keys(), single)
+    else:
+        raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json "
+                                "(save with safe_serialization, the default)")
+    with open(model_config) as f:
+        record = json.load(f).get(CONFIG_RECORD)
+    if record is None:
+        lora_keys = [key for key in files if ".lora_" in key]
+        raise ValueError(f"{path}: config.json has no moslora_ext adapter record, and {len(lora_keys)} lora_* "
+                         "tensors (their lora_alpha cannot be read from shapes). It was saved from a model "
+                         "without adapters, from one whose adapters were merged (its weights hold them: use it "
+                         "as is), or with an older moslora_ext; load its adapters with save_adapter's folder")
+    wanted = {f"{name}.{t}" for name in record["layers"] for t in ADAPTER_TENSORS}
+    wanted |= {key for key in files if _inside_any(key, record.get("modules_to_save", []))}
+    tensors = {}
+    for file in sorted({files[key] for key in wanted if key in files}):
+        with safe_open(file, "pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys() if key in wanted})
+    return record, tensors
 
 
 def _read_tensors(file):
@@ -236,13 +454,16 @@ def _read_tensors(file):
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _load(model, settings, tensors, source):
-    """Check everything, then wrap the layers that need it and copy the tensors in."""
+def _load(model, settings, tensors, source, modules_to_save=()):
+    """Check everything, then wrap the layers that need it, mark the modules
+    to save and copy the tensors in."""
     modules = dict(model.named_modules())
-    missing_layers = [name for name in settings if name not in modules]
+    missing_layers = [name for name in [*settings, *modules_to_save] if name not in modules]
     if missing_layers:
         raise ValueError(f"{source}: the model has no module named {missing_layers}")
-    expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS}
+    saved_state = {f"{name}.{key}": t for name in modules_to_save
+                   for key, t in modules[name].state_dict().items()}
+    expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS} | saved_state.keys()
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
@@ -251,15 +472,15 @@ def _load(model, settings, tensors, source):
         module = modules[name]
         if isinstance(module, Linear):
             existing = AdapterConfig.of(module)
-            if existing != config:
+            differing = [s for s in WEIGHT_SETTINGS if getattr(existing, s) != getattr(config, s)]
+            if differing:
                 raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
-                                 f"but the checkpoint has {config}")
+                                 f"but the checkpoint has {config}; {differing} must match")
             if module.merged:
                 raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
-        elif type(module) is nn.Linear:
-            to_wrap[name] = config
         else:
-            raise TypeError(f"{source}: layer {name} is a {type(module).__name__}, not a torch.nn.Linear")
+            check_adaptable(module, f"{source}: layer {name}")
+            to_wrap[name] = config
         out_features, in_features = module.weight.shape
         r = config.r
         wanted = {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}
@@ -268,16 +489,22 @@ def _load(model, settings, tensors, source):
             if got != shape:
                 raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
                                  f"({in_features} -> {out_features}, r={r}) needs {shape}")
-    if to_wrap:
-        _wrap(model, to_wrap)
+    for key, t in saved_state.items():
+        if tensors[key].shape != t.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
+                             f"but the model's has {tuple(t.shape)}")
+    if to_wrap or modules_to_save:
+        _wrap(model, to_wrap, modules_to_save)
     layers = adapted_layers(model)
     with torch.no_grad():
         for name in settings:
             for t in ADAPTER_TENSORS:
                 getattr(layers[name], t).copy_(tensors[f"{name}.{t}"])
+        for key, t in saved_state.items():
+            t.copy_(tensors[key])
 
 
-def load_peft_adapter(model, path):
+def load_peft_adapter(model, path, autocast_adapter_dtype=True):
     """Load a LoRA adapter saved by PEFT, or a MoSLoRA adapter saved by the
     released MoSLoRA code (a PEFT fork), from the folder ``path``
     (``adapter_config.json`` and ``adapter_model.safetensors`` or ``.bin``).
@@ -286,7 +513,13 @@ def load_peft_adapter(model, path):
     ``lora_AB.weight``, the mixer, for MoSLoRA) are mapped onto ``<layer>``
     of ``model``. A LoRA adapter gets an identity, frozen mixer, so the
     layer computes exactly what PEFT computes; a MoSLoRA adapter gets its
-    trained mixer. Same all-or-nothing checks as ``load_adapter``.
+    trained mixer. Tensors of the config's ``modules_to_save`` (such as
+    the ``classifier.*`` or ``score.*`` of a SEQ_CLS adapter), keyed
+    ``base_model.model.<module>.<name>``, are loaded into those modules,
+    which are then trained in full as with ``add_adapters(...,
+    modules_to_save=...)``. Same all-or-nothing checks as ``load_adapter``.
+    ``autocast_adapter_dtype`` as in ``add_adapters`` (and PEFT's
+    ``from_pretrained``): float32 adapters on float16/bfloat16 layers.
     """
     with open(os.path.join(path, CONFIG_NAME)) as f:
         peft_config = json.load(f)
@@ -300,24 +533,34 @@ def load_peft_adapter(model, path):
     weights = next((f for f in files if os.path.exists(f)), None)
     if weights is None:
         raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor adapter_model.bin")
-    key_pattern = re.compile(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_AB|lora_B)(?:\.default)?\.weight")
-    by_layer = {}
+    key_pattern = re.compile(r"(.+)\.(lora_A|lora_AB|lora_B)(?:\.default)?\.weight")
+    modules_to_save = peft_config.get("modules_to_save")
+    save_candidates = matching_names(model, modules_to_save) if modules_to_save else []
+    by_layer, tensors, to_save = {}, {}, set()
     for key, tensor in _read_tensors(weights).items():
-        match = key_pattern.fullmatch(key)
-        if match is None:
-            raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor)")
-        by_layer.setdefault(match.group(1), {})[match.group(2)] = tensor
+        name = key.removeprefix(PEFT_PREFIX)
+        match = key_pattern.fullmatch(name)
+        module_to_save = _inside_any(name, save_candidates)
+        if match:
+            by_layer.setdefault(match.group(1), {})[match.group(2)] = tensor
+        elif module_to_save:
+            to_save.add(module_to_save)
+            tensors[name] = tensor
+        else:
+            raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor "
+                             f"nor one of a module of modules_to_save {modules_to_save})")
     r, alpha = peft_config["r"], peft_config["lora_alpha"]
-    settings, tensors = {}, {}
+    settings = {}
     for name, parts in by_layer.items():
         has_mixer = "lora_AB" in parts
         settings[name] = AdapterConfig(r=r, lora_alpha=alpha, lora_dropout=peft_config.get("lora_dropout", 0.0),
                                        mixer_init="kaiming" if has_mixer else "identity", train_mixer=has_mixer,
-                                       use_rslora=peft_config.get("use_rslora", False))
+                                       use_rslora=peft_config.get("use_rslora", False),
+                                       autocast_adapter_dtype=autocast_adapter_dtype)
         tensors[f"{name}.lora_mixer"] = parts.pop("lora_AB") if has_mixer else torch.eye(r)
         for t, tensor in parts.items():
             tensors[f"{name}.{t}"] = tensor
     if not settings:
         raise ValueError(f"{weights} holds no adapter tensors")
-    _load(model, settings, tensors, str(path))
+    _load(model, settings, tensors, str(path), sorted(to_save))
     return model

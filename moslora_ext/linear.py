@@ -44,6 +44,58 @@ def init_mixer_(mixer, mixer_init):
     return mixer
 
 
+_QUANTIZED = "its weight is quantized and its forward dequantizes it"
+
+# nn.Linear subclasses whose forward is not x W^T + b of their own weight and bias (or whose
+# parent never calls their forward), by qualified class name so that nothing needs importing;
+# their subclasses are refused too. Every other nn.Linear subclass (Falcon's FalconLinear,
+# say) is taken to compute the plain linear map, as PEFT does.
+NOT_PLAIN_LINEAR = {
+    "torch.nn.modules.linear.NonDynamicallyQuantizableLinear":
+        "nn.MultiheadAttention reads this out_proj's weight directly and never calls its forward",
+    "torch.ao.nn.qat.modules.linear.Linear": "its forward fake-quantizes the weight",
+    "bitsandbytes.nn.modules.Linear8bitLt": _QUANTIZED,
+    "bitsandbytes.nn.modules.Linear4bit": _QUANTIZED,
+    "transformers.integrations.finegrained_fp8.FP8Linear": _QUANTIZED,
+    "transformers.integrations.fbgemm_fp8.FbgemmFp8Linear": _QUANTIZED,
+    "transformers.integrations.compressed_tensors.CompressedTensorsFP8Linear": _QUANTIZED,
+    "transformers.integrations.bitnet.AutoBitLinear": _QUANTIZED,
+    "transformers.integrations.metal_quantization.MetalLinear": _QUANTIZED,
+    "transformers.integrations.gemma_quant.QuantizedLinear": _QUANTIZED,
+    "transformers.models.llama4.modeling_llama4.Llama4Router": "its forward returns routing scores",
+    "transformers.models.phimoe.modeling_phimoe.PhimoeTopKRouter": "its forward returns routing scores",
+    "transformers.models.deepseek_v4.modeling_deepseek_v4.DeepseekV4GroupedLinear":
+        "its forward applies the weight group by group",
+    "transformers.models.idefics.modeling_idefics.IdeficsDecoupledLinear":
+        "its forward adds output features of a second weight",
+    "transformers.models.dory.modeling_dory.DoryLMHead": "its forward rescales the logits",
+}
+
+
+def refusal_reason(module):
+    """Why ``module`` cannot take an adapter, or None if it can: it must be a
+    ``torch.nn.Linear`` or a subclass whose forward is the linear map of its
+    weight and bias, i.e. any subclass not listed in ``NOT_PLAIN_LINEAR``."""
+    kind = type(module).__name__
+    if not isinstance(module, nn.Linear):
+        return f"is a {kind}, not a torch.nn.Linear; adapters go on linear layers only"
+    for cls in type(module).__mro__:
+        reason = NOT_PLAIN_LINEAR.get(f"{cls.__module__}.{cls.__qualname__}")
+        if reason:
+            return f"is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}"
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return f"is a {kind} whose weight is not initialized yet; run a forward pass first"
+    return None
+
+
+def check_adaptable(module, name="the module"):
+    """Raise TypeError, naming ``name`` and saying why, if ``module`` cannot
+    take an adapter (see ``refusal_reason``)."""
+    reason = refusal_reason(module)
+    if reason:
+        raise TypeError(f"{name} {reason}")
+
+
 class Linear(nn.Module):
     """A linear layer with a frozen base and a trainable MoSLoRA adapter.
 
@@ -102,14 +154,16 @@ class Linear(nn.Module):
         """Wrap an existing ``nn.Linear``: its weight and bias Parameters are
         shared (not copied) and frozen; the adapter is created on their
         device, in their dtype (float32 for a half-precision base, see
-        ``autocast_adapter_dtype``)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
+        ``autocast_adapter_dtype``), and the layer takes ``linear``'s training
+        mode (so dropout stays off in a model that is in eval mode). Subclasses
+        of ``nn.Linear`` are accepted unless their forward is known to be more
+        than the linear map (see ``check_adaptable``)."""
+        check_adaptable(linear, "from_linear's argument")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_from_base(linear.weight, linear.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer,
                               use_rslora, autocast_adapter_dtype)
-        return layer
+        return layer.train(linear.training)
 
     def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
                         autocast_adapter_dtype):
@@ -126,6 +180,7 @@ class Linear(nn.Module):
         self.lora_dropout = lora_dropout
         self.mixer_init = mixer_init
         self.use_rslora = use_rslora
+        self.autocast_adapter_dtype = autocast_adapter_dtype
         self.scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.merged = False
         weight.requires_grad_(False)

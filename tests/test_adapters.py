@@ -93,6 +93,24 @@ def test_fresh_adapters_leave_the_output_unchanged():
     torch.testing.assert_close(model(x), before)
 
 
+def test_new_layers_take_the_training_mode_of_the_layers_they_replace(tmp_path):
+    # A model loaded for inference (eval mode, as from_pretrained returns it) must stay deterministic.
+    peft = pytest.importorskip("peft")
+    source = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=4, lora_dropout=0.5))
+    moslora_ext.save_adapter(source, tmp_path / "ours")
+    peft.get_peft_model(tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["up"])
+                        ).save_pretrained(tmp_path / "peft")
+    x = torch.randn(8, 4)
+    for load in (lambda m: moslora_ext.add_adapters(m, ["q_proj"], lora_dropout=0.5),
+                 lambda m: moslora_ext.load_adapter(m, tmp_path / "ours"),
+                 lambda m: moslora_ext.load_peft_adapter(m, tmp_path / "peft")):
+        model = randomize_adapters(load(tiny_model().eval()))
+        assert not any(layer.training for layer in moslora_ext.adapted_layers(model).values())
+        assert torch.equal(model(x), model(x))
+        model = load(tiny_model().train())
+        assert all(layer.training for layer in moslora_ext.adapted_layers(model).values())
+
+
 def test_trainable_parameters():
     model = moslora_ext.add_adapters(tiny_model(), ["q_proj"], r=4)
     total = sum(p.numel() for p in tiny_model().parameters()) + 2 * (4 * 16 + 4 * 4 + 16 * 4)
@@ -157,7 +175,7 @@ def test_save_and_load_roundtrip_into_a_fresh_model(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["layers"]["layers.0.q_proj"] == {"r": 4, "lora_alpha": 4, "lora_dropout": 0.0,
                                                    "mixer_init": "orthogonal", "train_mixer": True,
-                                                   "use_rslora": True}
+                                                   "use_rslora": True, "autocast_adapter_dtype": True}
     # Only the adapter tensors are saved: 4 layers x (A, M, B).
     from safetensors.torch import load_file
     assert len(load_file(tmp_path / "adapter_model.safetensors")) == 12
@@ -176,6 +194,25 @@ def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):
     moslora_ext.load_adapter(other, tmp_path)
     for name, t in moslora_ext.adapters.adapter_state_dict(model).items():
         assert torch.equal(moslora_ext.adapters.adapter_state_dict(other)[name], t)
+
+
+def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):
+    # lora_dropout, mixer_init and train_mixer do not change what the tensors compute.
+    model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, lora_dropout=0.1,
+                                                        mixer_init="orthogonal"))
+    moslora_ext.save_adapter(model, tmp_path)
+    other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, mixer_init="identity", train_mixer=False)
+    moslora_ext.load_adapter(other, tmp_path)
+    assert all(layer.lora_dropout == 0.0 and layer.mixer_init == "identity" and not layer.lora_mixer.requires_grad
+               for layer in moslora_ext.adapted_layers(other).values())
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(other.eval()(x), model.eval()(x))
+
+    other_alpha = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, lora_alpha=4)
+    snapshot = state_snapshot(other_alpha)
+    with pytest.raises(ValueError, match=r"\['lora_alpha'\] must match"):
+        moslora_ext.load_adapter(other_alpha, tmp_path)
+    assert_same_state(other_alpha, snapshot)
 
 
 def test_failed_loads_leave_the_model_untouched(tmp_path):
@@ -225,6 +262,61 @@ def test_add_adapters_misuse_names_what_is_wrong():
         moslora_ext.add_adapters(model, ["q_proj"])
     with pytest.raises(ValueError, match="no MoSLoRA adapters"):
         moslora_ext.save_adapter(tiny_model(), "unused")
+
+
+def test_modules_to_save_are_trained_in_full_saved_and_restored(tmp_path):
+    model = moslora_ext.add_adapters(tiny_model(), "all-linear", r=2, modules_to_save=["head"])
+    assert "head" not in moslora_ext.adapted_layers(model) and len(moslora_ext.adapted_layers(model)) == 9
+    assert model.head.weight.requires_grad and model.head.bias.requires_grad
+    head_before = model.head.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not torch.equal(model.head.weight, head_before)
+    moslora_ext.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["head"]
+
+    fresh = moslora_ext.load_adapter(tiny_model(), tmp_path)
+    assert list(moslora_ext.saved_modules(fresh)) == ["head"] and fresh.head.weight.requires_grad
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+    # A module is either adapted or trained in full.
+    model = tiny_model()
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match="layers.0.up is in layers.0, a module of modules_to_save"):
+        moslora_ext.add_adapters(model, ["up"], modules_to_save=["layers.0"])
+    assert_same_state(model, snapshot)
+    assert all(p.requires_grad for p in model.parameters()) and not moslora_ext.saved_modules(model)
+
+
+class PlainLinearSubclass(nn.Linear):
+    """Like Falcon's FalconLinear: an nn.Linear subclass whose forward is the plain linear map."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_linear_subclasses_take_adapters_unless_known_to_compute_something_else():
+    model = tiny_model()
+    model.layers[1].q_proj = PlainLinearSubclass(16, 16)
+    randomize_adapters(moslora_ext.add_adapters(model, ["q_proj"], r=4))
+    x = torch.randn(5, 4)
+    expected = model(x)
+    moslora_ext.merge_and_unload(model)
+    torch.testing.assert_close(model(x), expected)
+
+    # nn.MultiheadAttention never calls its out_proj's forward; a QAT Linear fake-quantizes its weight.
+    qat_linear = torch.ao.nn.qat.Linear(16, 16, qconfig=torch.ao.quantization.get_default_qat_qconfig())
+    for model, target, reason in ((nn.TransformerEncoderLayer(16, 2), "out_proj", "MultiheadAttention reads"),
+                                  (nn.Sequential(nn.Linear(16, 16), qat_linear), "1", "fake-quantizes")):
+        snapshot = state_snapshot(model)
+        with pytest.raises(TypeError, match=reason):
+            moslora_ext.add_adapters(model, [target])
+        assert_same_state(model, snapshot)
 
 
 # --- checkpoints of other libraries -----------------------------------------------------------
@@ -278,6 +370,26 @@ def test_released_moslora_checkpoint_gives_the_released_formula(tmp_path):
                for layer in moslora_ext.adapted_layers(model).values())
     x = torch.randn(5, 4)
     torch.testing.assert_close(model(x), reference(x))
+
+
+def test_save_peft_adapter_with_some_layers_and_a_module_to_save(tmp_path):
+    # Only layers.1's q_proj and up are adapted: target_modules must name them in full for PEFT.
+    peft = pytest.importorskip("peft")
+    model = moslora_ext.add_adapters(tiny_model(), r"layers\.1\.(q_proj|up)", r=4, modules_to_save=["head"])
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    moslora_ext.save_peft_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["layers.1.q_proj", "layers.1.up"] and config["modules_to_save"] == ["head"]
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(), tmp_path).eval()
+    x = torch.randn(6, 4)
+    assert (peft_model(x) - model.eval()(x)).abs().max() <= 1e-5
+
+    moslora_ext.add_adapters(model, ["down"], r=2)
+    with pytest.raises(ValueError, match=r"one r for all layers, but the adapted layers have \[2, 4\]"):
+        moslora_ext.save_peft_adapter(model, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
 
 
 def test_peft_settings_we_do_not_support_are_refused(tmp_path):

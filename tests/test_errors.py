@@ -103,7 +103,7 @@ MISUSES = [
     Misuse("unknown mixer_init", lambda w: moslora_ext.Linear(D, K, mixer_init="random"), ValueError,
            "mixer_init must be one of .*'random'"),
     Misuse("from_linear of a Conv1d", lambda w: moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1)), TypeError,
-           "expects a torch.nn.Linear, got Conv1d"),
+           "is a Conv1d, not a torch.nn.Linear"),
     Misuse("merge twice", lambda w: w.layer.merge(), RuntimeError, "already merged", setup=lambda w: w.layer.merge()),
     Misuse("unmerge when not merged", lambda w: w.layer.unmerge(), RuntimeError, "not merged"),
     Misuse("safe merge to inf", lambda w: w.layer.merge(safe=True), ValueError, "inf or NaN.*left unchanged",
