@@ -36,6 +36,11 @@ struct Rows {
   bool vec;
 };
 
+template <typename T>
+MOSLORA_HOST_DEVICE Rows<const T> as_const(const Rows<T>& m) {
+  return Rows<const T>{m.data, m.cols, m.stride, m.vec};
+}
+
 // The launch grids, shared by the CUDA launchers and the host test.
 struct Grid3 {
   int64_t x, y, z;
@@ -208,16 +213,25 @@ MOSLORA_HOST_DEVICE void dX_group(const scalar_t* du, const Rows<const scalar_t>
   store_group(dx.data + row * dx.stride, group, dx.cols, dx.vec, acc);
 }
 
-// out = dropout(x): one column group of one row. `row` indexes x and out; the
-// mask row is first_row + row. out may be x itself, or wider (fp32 of bf16).
+// out = dropout(x): one column group, given its Philox words; x's row `row`
+// goes to out's row out_row. out may be x itself, or wider (fp32 of bf16).
+template <typename acc_t, typename in_t, typename out_t>
+MOSLORA_HOST_DEVICE void dropout_group(const Rows<const in_t>& x, const Rows<out_t>& out,
+                                       const DropoutMask<acc_t>& mask, const Philox4& words, int64_t row,
+                                       int64_t group, int64_t out_row) {
+  acc_t v[kDropoutColsPerCall];
+  load_group(x.data + row * x.stride, group, x.cols, x.vec, v);
+  apply_dropout(mask, words, v);
+  store_group(out.data + out_row * out.stride, group, out.cols, out.vec, v);
+}
+
+// The same with x's and out's rows alike; the mask row is first_row + row.
 template <typename acc_t, typename in_t, typename out_t>
 MOSLORA_HOST_DEVICE void dropout_group(const Rows<const in_t>& x, const Rows<out_t>& out,
                                        const DropoutMask<acc_t>& mask, int64_t first_row, int64_t row,
                                        int64_t group) {
-  acc_t v[kDropoutColsPerCall];
-  load_group(x.data + row * x.stride, group, x.cols, x.vec, v);
-  apply_dropout(mask, static_cast<uint64_t>(first_row + row), group, v);
-  store_group(out.data + row * out.stride, group, out.cols, out.vec, v);
+  dropout_group(x, out, mask, philox4x32_10(mask.seed, static_cast<uint64_t>(first_row + row),
+                                            static_cast<uint32_t>(group)), row, group, row);
 }
 
 }  // namespace moslora

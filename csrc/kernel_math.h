@@ -141,16 +141,21 @@ MOSLORA_HOST_DEVICE void store_group(scalar_t* row, int64_t group, int64_t cols,
   }
 }
 
-// Multiplies a group of row `row` by its dropout factors (1/(1-p) or 0): the
-// one place where a column group meets its mask.
+// Multiplies a group by its dropout factors (1/(1-p) or 0), given the
+// group's Philox words: the one place where a column group meets its mask.
 template <typename acc_t>
-MOSLORA_HOST_DEVICE void apply_dropout(const DropoutMask<acc_t>& mask, uint64_t row, int64_t group,
+MOSLORA_HOST_DEVICE void apply_dropout(const DropoutMask<acc_t>& mask, const Philox4& words,
                                        acc_t (&v)[kDropoutColsPerCall]) {
-  const Philox4 words = philox4x32_10(mask.seed, row, static_cast<uint32_t>(group));
   MOSLORA_UNROLL
   for (int j = 0; j < kDropoutColsPerCall; ++j) {
     v[j] *= dropout_factor(words, j, mask.drop_threshold, mask.keep_scale);
   }
+}
+
+template <typename acc_t>
+MOSLORA_HOST_DEVICE void apply_dropout(const DropoutMask<acc_t>& mask, uint64_t row, int64_t group,
+                                       acc_t (&v)[kDropoutColsPerCall]) {
+  apply_dropout(mask, philox4x32_10(mask.seed, row, static_cast<uint32_t>(group)), v);
 }
 
 // ---------------------------------------------------------------------------

@@ -59,8 +59,7 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at
                                                   const at::Tensor& mixer, double scale, bool need_dmixer);
 
 // out = dropout of the rows first_row, first_row + 1, ... of the (rows, cols)
-// matrix x; out has x's shape and contiguous rows, and may be x itself (in
-// place) or of x's accumulation type (float for half precision).
+// matrix x; out has x's shape and dtype and contiguous rows.
 template <c10::DeviceType device>
 void dropout_rows(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec, int64_t first_row);
 
@@ -71,12 +70,10 @@ void dropout_rows(const at::Tensor& x, const at::Tensor& out, const DropoutSpec&
 template <c10::DeviceType device>
 at::Tensor dropout_project_down(const at::Tensor& x, const at::Tensor& lora_A, const DropoutSpec& spec);
 
-// dA = du^T dropout(x) (r, d).
+// dA = du^T dropout(x) (r, d), returned when need_dA (else undefined), and
+// dx = dropout(du lora_A) written into dx (N, d, contiguous) when dx is defined.
 template <c10::DeviceType device>
-at::Tensor dropout_grad_A(const at::Tensor& x, const at::Tensor& du, const DropoutSpec& spec);
-
-// dx = dropout(du lora_A), written into dx (N, d, contiguous).
-template <c10::DeviceType device>
-void dropout_grad_x(const at::Tensor& du, const at::Tensor& lora_A, const at::Tensor& dx, const DropoutSpec& spec);
+at::Tensor dropout_grads(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_A, const at::Tensor& dx,
+                         bool need_dA, const DropoutSpec& spec);
 
 }  // namespace moslora

@@ -201,8 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
       if (need_dx) at::mm_out(dx2, du, lora_A);
     } else {
       // The mask of forward, regenerated: dA = dU^T dropout(X), dX = dropout(dU A).
-      if (need_dA) dA = ON_DEVICE(cuda, dropout_grad_A, unit_column_rows(x2), du, dropout);
-      if (need_dx) ON_DEVICE(cuda, dropout_grad_x, du, lora_A.contiguous(), dx2, dropout);
+      dA = ON_DEVICE(cuda, dropout_grads, unit_column_rows(x2), du, lora_A.contiguous(), dx2, need_dA, dropout);
     }
   }
   if (need_dx) dx2.addmm_(g, weight);  // as in forward, the base GEMM accumulates into the adapter's part

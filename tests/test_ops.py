@@ -280,3 +280,23 @@ def test_cuda_kernel_bodies_on_host_match_reference(n, d, r, dtype):
               "grad_x": bodies.grad_x(du, lora_A, p, seed)}
     for name, want in expected.items():
         assert_close_to_reference(actual[name], want, dtype)
+
+
+def test_dropout_refuses_cuda_graph_capture():
+    """The seed is read on the host: a captured graph would replay one mask,
+    so capture with dropout on fails with a clear error; without dropout it
+    captures and replays the layer's output."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    layer = moslora_ext.Linear(16, 8, r=4, lora_dropout=0.1, device="cuda")
+    x = torch.randn(4, 16, device="cuda")
+    layer(x)  # first calls outside the capture
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            layer(x)
+    layer.eval()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    graph.replay()
+    torch.testing.assert_close(y, layer(x))

@@ -21,6 +21,13 @@ int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
 }
 
+// Calls fn(group, words) for each column group of one row of `cols` columns.
+template <typename Fn>
+void for_each_group(uint64_t seed, uint64_t row, int64_t cols, const Fn& fn) {
+  const int64_t groups = (cols + kDropoutColsPerCall - 1) / kDropoutColsPerCall;
+  for (int64_t g = 0; g < groups; ++g) fn(g, philox4x32_10(seed, row, static_cast<uint32_t>(g)));
+}
+
 }  // namespace
 
 template <>
@@ -30,38 +37,18 @@ void dropout_rows<c10::kCPU>(const at::Tensor& x, const at::Tensor& out, const D
   const int64_t rows = x.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto run = [&](auto out_type) {
-      using out_t = decltype(out_type);
-      const auto in = rows_of<const scalar_t>(x_rows);
-      const auto res = rows_of<out_t>(out);
-      const auto mask = mask_of<acc_t>(spec);
-      at::parallel_for(0, rows, row_grain(in.cols), [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          for (int64_t g = 0; g < column_groups(in); ++g) dropout_group(in, res, mask, first_row, row, g);
-        }
-      });
-    };
-    if (out.scalar_type() == x.scalar_type()) {
-      run(scalar_t{});
-    } else {
-      TORCH_INTERNAL_ASSERT(out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-      run(acc_t{});
-    }
+    const auto in = rows_of<const scalar_t>(x_rows);
+    const auto res = rows_of<scalar_t>(out);
+    const auto mask = mask_of<acc_t>(spec);
+    at::parallel_for(0, rows, row_grain(in.cols), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        for_each_group(mask.seed, first_row + row, in.cols, [&](int64_t g, const Philox4& words) {
+          dropout_group(in, res, mask, words, row, g, row);
+        });
+      }
+    });
   });
 }
-
-namespace {
-
-// A new (rows, d) tensor of dtype `dtype` holding the dropout of x's rows
-// first_row, first_row + 1, ...
-at::Tensor dropped_block(const at::Tensor& x, int64_t first_row, int64_t rows, at::ScalarType dtype,
-                         const DropoutSpec& spec) {
-  auto out = at::empty({rows, x.size(1)}, x.options().dtype(dtype));
-  dropout_rows<c10::kCPU>(x.narrow(0, first_row, rows), out, spec, first_row);
-  return out;
-}
-
-}  // namespace
 
 template <>
 at::Tensor dropout_project_down<c10::kCPU>(const at::Tensor& x, const at::Tensor& lora_A,
@@ -70,41 +57,53 @@ at::Tensor dropout_project_down<c10::kCPU>(const at::Tensor& x, const at::Tensor
   auto u = at::empty({n, lora_A.size(0)}, x.options());
   for (int64_t first = 0; first < n; first += block) {
     const int64_t rows = std::min(block, n - first);
+    auto dropped = at::empty({rows, x.size(1)}, x.options());
+    dropout_rows<c10::kCPU>(x.narrow(0, first, rows), dropped, spec, first);
     auto u_block = u.narrow(0, first, rows);
-    at::mm_out(u_block, dropped_block(x, first, rows, x.scalar_type(), spec), lora_A.t());
+    at::mm_out(u_block, dropped, lora_A.t());
   }
   return u;
 }
 
+// A block of rows at a time: dX's block is du A (a GEMM), then one pass draws
+// each group's mask once for both products, dropping dX in place and writing
+// the block of dropout(x) (fp32 for half precision) that dA's GEMM adds up.
 template <>
-at::Tensor dropout_grad_A<c10::kCPU>(const at::Tensor& x, const at::Tensor& du, const DropoutSpec& spec) {
+at::Tensor dropout_grads<c10::kCPU>(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_A,
+                                    const at::Tensor& dx, bool need_dA, const DropoutSpec& spec) {
   const auto acc_type = at::toOpMathType(x.scalar_type());
-  const int64_t n = x.size(0), block = rows_per_block(x.size(1));
-  auto dA = at::zeros({du.size(1), x.size(1)}, x.options().dtype(acc_type));
-  const auto du_acc = du.to(acc_type);
-  for (int64_t first = 0; first < n; first += block) {
-    const int64_t rows = std::min(block, n - first);
-    dA.addmm_(du_acc.narrow(0, first, rows).t(), dropped_block(x, first, rows, acc_type, spec));
+  const int64_t n = x.size(0), d = x.size(1), block = rows_per_block(d);
+  at::Tensor dA, du_acc, dropped;
+  if (need_dA) {
+    dA = at::zeros({du.size(1), d}, x.options().dtype(acc_type));
+    du_acc = du.to(acc_type);
+    dropped = at::empty({std::min(block, n), d}, x.options().dtype(acc_type));
   }
-  return dA.to(x.scalar_type());
-}
-
-template <>
-void dropout_grad_x<c10::kCPU>(const at::Tensor& du, const at::Tensor& lora_A, const at::Tensor& dx,
-                               const DropoutSpec& spec) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "moslora_dropout_grad_x", [&] {
+  const bool need_dx = dx.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout_grads", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto a = rows_of<const scalar_t>(lora_A);
-    const auto out = rows_of<scalar_t>(dx);
     const auto mask = mask_of<acc_t>(spec);
-    const scalar_t* du_ptr = du.const_data_ptr<scalar_t>();
-    const int64_t r = du.size(1);
-    at::parallel_for(0, du.size(0), row_grain(out.cols * r), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        for (int64_t g = 0; g < column_groups(out); ++g) dX_group(du_ptr, a, r, mask, out, row, g);
+    const auto in = rows_of<const scalar_t>(x);
+    for (int64_t first = 0; first < n; first += block) {
+      const int64_t rows = std::min(block, n - first);
+      if (need_dx) {
+        auto dx_block = dx.narrow(0, first, rows);
+        at::mm_out(dx_block, du.narrow(0, first, rows), lora_A);
       }
-    });
+      const auto dx_rows = need_dx ? rows_of<scalar_t>(dx) : Rows<scalar_t>{};
+      const auto dropped_rows = need_dA ? rows_of<acc_t>(dropped) : Rows<acc_t>{};
+      at::parallel_for(first, first + rows, row_grain(d), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          for_each_group(mask.seed, row, d, [&](int64_t g, const Philox4& words) {
+            if (need_dA) dropout_group(in, dropped_rows, mask, words, row, g, row - first);
+            if (need_dx) dropout_group(as_const(dx_rows), dx_rows, mask, words, row, g, row);
+          });
+        }
+      });
+      if (need_dA) dA.addmm_(du_acc.narrow(0, first, rows).t(), dropped.narrow(0, 0, rows));
+    }
   });
+  return need_dA ? dA.to(x.scalar_type()) : dA;
 }
 
 }  // namespace moslora

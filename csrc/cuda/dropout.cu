@@ -61,10 +61,10 @@ __global__ void __launch_bounds__(kGroupThreads)
   for (int64_t row = blockIdx.y; row < n; row += gridDim.y) dX_group(du, lora_A, r, mask, dx, row, group);
 }
 
-// As dX_kernel; in and out may be one buffer (each group is loaded before it is stored).
-template <typename scalar_t, typename out_t, typename acc_t>
+// As dX_kernel.
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kGroupThreads)
-    dropout_kernel(Rows<const scalar_t> x, Rows<out_t> out, DropoutMask<acc_t> mask, int64_t first_row,
+    dropout_kernel(Rows<const scalar_t> x, Rows<scalar_t> out, DropoutMask<acc_t> mask, int64_t first_row,
                    int64_t n) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * kGroupThreads + threadIdx.x;
   if (group >= column_groups(x)) return;
@@ -87,18 +87,9 @@ void dropout_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& out, const 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto launch = [&](auto out_type) {
-      using out_t = decltype(out_type);
-      dropout_kernel<<<to_dim3(row_group_grid(n, x.size(1))), kGroupThreads, 0, stream>>>(
-          rows_of<const scalar_t>(x_rows), rows_of<out_t>(out), mask_of<acc_t>(spec), first_row, n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (out.scalar_type() == x.scalar_type()) {
-      launch(scalar_t{});
-    } else {
-      TORCH_INTERNAL_ASSERT(out.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
-      launch(acc_t{});
-    }
+    dropout_kernel<<<to_dim3(row_group_grid(n, x.size(1))), kGroupThreads, 0, stream>>>(
+        rows_of<const scalar_t>(x_rows), rows_of<scalar_t>(out), mask_of<acc_t>(spec), first_row, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -121,41 +112,35 @@ at::Tensor dropout_project_down<c10::kCUDA>(const at::Tensor& x, const at::Tenso
 }
 
 template <>
-at::Tensor dropout_grad_A<c10::kCUDA>(const at::Tensor& x, const at::Tensor& du, const DropoutSpec& spec) {
+at::Tensor dropout_grads<c10::kCUDA>(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_A,
+                                     const at::Tensor& dx, bool need_dA, const DropoutSpec& spec) {
   const int64_t n = x.size(0), d = x.size(1), r = du.size(1);
-  auto dA = at::empty({r, d}, x.options());
+  at::Tensor dA;
+  if (need_dA) dA = at::empty({r, d}, x.options());
   if (d == 0) return dA;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const DASplits splits = dA_splits(n, r, d);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout_grad_A", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout_grads", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto partials = at::empty({splits.count, r, d}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    dA_partial_kernel<<<to_dim3(dA_partial_grid(splits, r, d)), kGroupThreads, 0, stream>>>(
-        rows_of<const scalar_t>(x), du.const_data_ptr<scalar_t>(), r, mask_of<acc_t>(spec), n, splits,
-        partials.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dA_reduce_kernel<<<grid_for(r * d), kThreads, 0, stream>>>(
-        partials.const_data_ptr<acc_t>(), splits.count, r * d, dA.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const auto mask = mask_of<acc_t>(spec);
+    if (need_dA) {
+      const DASplits splits = dA_splits(n, r, d);
+      auto partials = at::empty({splits.count, r, d}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      dA_partial_kernel<<<to_dim3(dA_partial_grid(splits, r, d)), kGroupThreads, 0, stream>>>(
+          rows_of<const scalar_t>(x), du.const_data_ptr<scalar_t>(), r, mask, n, splits,
+          partials.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dA_reduce_kernel<<<grid_for(r * d), kThreads, 0, stream>>>(
+          partials.const_data_ptr<acc_t>(), splits.count, r * d, dA.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (dx.defined() && n > 0) {
+      dX_kernel<<<to_dim3(row_group_grid(n, d)), kGroupThreads, 0, stream>>>(
+          du.const_data_ptr<scalar_t>(), rows_of<const scalar_t>(lora_A), r, mask, rows_of<scalar_t>(dx), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return dA;
-}
-
-template <>
-void dropout_grad_x<c10::kCUDA>(const at::Tensor& du, const at::Tensor& lora_A, const at::Tensor& dx,
-                                const DropoutSpec& spec) {
-  const int64_t n = dx.size(0);
-  if (n == 0 || dx.size(1) == 0) return;
-  const c10::cuda::CUDAGuard guard(dx.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "moslora_dropout_grad_x", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dX_kernel<<<to_dim3(row_group_grid(n, dx.size(1))), kGroupThreads, 0, stream>>>(
-        du.const_data_ptr<scalar_t>(), rows_of<const scalar_t>(lora_A), du.size(1), mask_of<acc_t>(spec),
-        rows_of<scalar_t>(dx), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
 }
 
 }  // namespace moslora
