@@ -19,7 +19,7 @@ import sysconfig
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+FALLBACK_CUDA_ARCHS = "8.0;9.0+PTX"  # if neither torch nor nvcc can say which to build
 
 
 def find_cuda_home():
@@ -71,14 +71,38 @@ def want_cuda():
     return possible
 
 
+def with_ptx(archs):
+    """"a;b;c" with PTX for the newest, so that later GPUs can JIT-compile it (as torch does)."""
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def nvcc_archs():
+    """The compute capabilities this nvcc compiles for, e.g. {"75", "80", ...}."""
+    result = subprocess.run([os.path.join(_cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                            capture_output=True, text=True)
+    return {line.strip().removeprefix("compute_") for line in result.stdout.splitlines() if line.strip()}
+
+
 def cuda_arch_list():
-    """Honour TORCH_CUDA_ARCH_LIST; without it, the visible GPUs, else a default list."""
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    """The TORCH_CUDA_ARCH_LIST to build, which is also what build_info() reports.
+
+    TORCH_CUDA_ARCH_LIST if set; else the visible GPUs (capped at the newest
+    that torch supports, the newest with PTX, as torch's own default); else
+    every architecture torch itself was built for that this nvcc supports.
+    """
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
-    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+    torch_archs = sorted({arch.removeprefix("sm_") for arch in torch.cuda.get_arch_list()
+                          if arch.startswith("sm_") and arch.removeprefix("sm_").isdigit()}, key=int)
+    if torch.cuda.is_available():
+        newest = max((int(a) // 10, int(a) % 10) for a in torch_archs) if torch_archs else (99, 9)
+        caps = sorted({min(torch.cuda.get_device_capability(i), newest) for i in range(torch.cuda.device_count())})
+        archs = with_ptx([f"{major}.{minor}" for major, minor in caps])
+    else:
+        buildable = [a for a in torch_archs if a in nvcc_archs()]
+        archs = with_ptx([f"{a[:-1]}.{a[-1]}" for a in buildable]) if buildable else FALLBACK_CUDA_ARCHS
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # so the build compiles exactly what is recorded
+    return archs
 
 
 def cuda_wheel_include_dirs():
@@ -104,7 +128,7 @@ def write_build_config(with_cuda, archs):
 
 
 def extension():
-    sources = ["csrc/ops.cpp", "csrc/moslora.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", "csrc/moslora.cpp", "csrc/testing.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     extra_compile_args = {"cxx": ["-O3"]}
     extra_link_args = []
     if torch._C.has_openmp and sys.platform.startswith("linux"):

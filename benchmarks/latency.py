@@ -9,6 +9,7 @@ the noise of the run.
 Contenders:
   base            the frozen nn.Linear alone: the floor
   lora_torch      LoRA as usually written: base(x) + lora_B(lora_A(dropout(x))) * s
+  lora_compiled   lora_torch under torch.compile (inductor): LoRA as most people run it today
   moslora_torch   MoSLoRA as the released code writes it: three nn.Linear
   peft_lora       PEFT's own LoRA layer (when peft is installed)
   ours            moslora_ext.Linear, unmerged
@@ -19,7 +20,9 @@ Modes: inference (forward under no_grad), training (forward + backward with an
 input that requires grad, as inside a network), merge (folding the adapter
 into the weight). Memory: bytes saved for backward by each contender (the
 parameters themselves excluded), with dropout off and on, and on CUDA the
-peak allocated memory of a training step.
+peak allocated memory of a training step. Launches: with dropout on, the
+operators (CPU) or CUDA kernels (GPU) the torch profiler records in one
+forward and in one backward, at N/4 and at N tokens.
 
     python benchmarks/latency.py --quick            # one LLaMA shape, ~2 min on 2 CPU cores
     python benchmarks/latency.py                    # all shapes, ranks and token counts
@@ -91,6 +94,10 @@ def peft_lora(base, r, lora_dropout):
     return layer
 
 
+def compiled_lora(base, r, lora_dropout):
+    return torch.compile(PlainLoRA(base, r, lora_dropout))
+
+
 def ours(base, r, lora_dropout, **kwargs):
     return moslora_ext.Linear.from_linear(base, r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout, **kwargs)
 
@@ -104,15 +111,16 @@ def ours_merged(base, r, lora_dropout):
 CONTENDERS = {
     "base": lambda base, r, p: base,
     "lora_torch": PlainLoRA,
+    "lora_compiled": compiled_lora,
     "moslora_torch": PlainMoSLoRA,
     "peft_lora": peft_lora,
     "ours": ours,
     "ours_lora": lambda base, r, p: ours(base, r, p, mixer_init="identity", train_mixer=False),
     "ours_merged": ours_merged,
 }
-TRAINABLE = ["base", "lora_torch", "moslora_torch", "peft_lora", "ours", "ours_lora"]
+TRAINABLE = ["base", "lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours", "ours_lora"]
 # Contenders whose dropout cost is measured (those that have dropout).
-WITH_DROPOUT = ["lora_torch", "moslora_torch", "peft_lora", "ours"]
+WITH_DROPOUT = ["lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours"]
 
 
 def build_contenders(base, r, lora_dropout, names):
@@ -202,6 +210,26 @@ def saved_bytes(module, x):
     return total, total - storages.get(x.untyped_storage().data_ptr(), 0)
 
 
+def launches(module, x, grad_y, device):
+    """(forward, backward): how many operators (CPU) or CUDA kernels (GPU) the
+    torch profiler records in one forward and in one backward of module."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    counted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    module(x).backward(grad_y)  # warm (torch.compile compiles for this shape)
+    synchronize(device)
+    counts = []
+    with profile(activities=activities) as prof:
+        y = module(x)
+        synchronize(device)
+    counts.append(sum(e.device_type == counted for e in prof.events()))
+    with profile(activities=activities) as prof:
+        y.backward(grad_y)
+        synchronize(device)
+    counts.append(sum(e.device_type == counted for e in prof.events()))
+    return tuple(counts)
+
+
 def peak_training_bytes(step, device):
     """Peak CUDA memory allocated during one training step, above what was allocated before it."""
     if device.type != "cuda":
@@ -246,7 +274,8 @@ def share_adapter(contenders, base, r, generator):
             if name == "peft_lora":
                 module.lora_A["default"].weight.copy_(A)
                 module.lora_B["default"].weight.copy_(B)
-            elif name in ("lora_torch", "moslora_torch"):
+            elif name in ("lora_torch", "lora_compiled", "moslora_torch"):
+                module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
                 module.lora_A.weight.copy_(A)
                 module.lora_B.weight.copy_(B)
                 if name == "moslora_torch":
@@ -265,7 +294,7 @@ def measure_case(shape_name, tokens, r, dtype, device, args, progress):
     grad_y = torch.randn(tokens, k, generator=generator).to(device=device, dtype=dtype)
     x_grad = x.clone().requires_grad_(True)
     case = {"shape": shape_name, "in_features": d, "out_features": k, "tokens": tokens, "r": r,
-            "dtype": str(dtype).removeprefix("torch."), "lora_dropout": args.dropout}
+            "dtype": str(dtype).removeprefix("torch."), "lora_dropout": args.dropout, "device": device.type}
 
     contenders = build_contenders(base, r, 0.0, args.contenders)
     share_adapter(contenders, base, r, generator)
@@ -285,6 +314,10 @@ def measure_case(shape_name, tokens, r, dtype, device, args, progress):
         {n: training_step(m, x_grad, grad_y) for n, m in dropped.items()}, args.reps, args.warmup, device,
         progress)
     case["saved_bytes_dropout"] = {n: saved_bytes(m, x_grad) for n, m in dropped.items()}
+    quarter = max(1, tokens // 4)
+    case["launches_dropout"] = {"tokens": [quarter, tokens], **{
+        n: [launches(m, x_grad[:quarter].detach().requires_grad_(True), grad_y[:quarter], device),
+            launches(m, x_grad, grad_y, device)] for n, m in dropped.items()}}
 
     layer = contenders["ours"]
     merges = {"ours": (layer.merge, layer.unmerge),
@@ -342,6 +375,10 @@ def format_case(case):
     merge = case["merge_s"]
     lines.append(f"merge: ours {merge['ours'][0] * 1e3:.2f} ms, plain PyTorch {merge['plain_torch'][0] * 1e3:.2f} ms "
                  f"(ratio {merge['ours'][0] / merge['plain_torch'][0]:.3f})")
+    counts = case["launches_dropout"]
+    unit = "CUDA kernels" if case.get("device") == "cuda" else "profiled operators"
+    lines.append(f"{unit} with dropout, forward/backward at N={counts['tokens'][0]} | N={counts['tokens'][1]}: " + ", ".join(
+        f"{n} {a[0]}/{a[1]} | {b[0]}/{b[1]}" for n, (a, b) in counts.items() if n != "tokens"))
     if any(v is not None for v in case["peak_bytes"].values()):
         lines.append("peak training MiB: " + ", ".join(
             f"{n} {v / mib:.1f}" for n, v in case["peak_bytes"].items()))

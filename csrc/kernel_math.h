@@ -6,8 +6,10 @@
 
 #if defined(__CUDACC__)
 #define MOSLORA_HOST_DEVICE __host__ __device__ __forceinline__
+#define MOSLORA_UNROLL _Pragma("unroll")
 #else
 #define MOSLORA_HOST_DEVICE inline
+#define MOSLORA_UNROLL _Pragma("GCC unroll 8")
 #endif
 
 namespace moslora {
@@ -63,6 +65,97 @@ MOSLORA_HOST_DEVICE acc_t dropout_factor(const Philox4& words, int lane, uint32_
 // Dropout keeps an element with probability 1 - p rounded to the 2^-16 grid.
 MOSLORA_HOST_DEVICE uint32_t dropout_threshold(double p) {
   return static_cast<uint32_t>(p * 65536.0 + 0.5);
+}
+
+// What regenerates a dropout mask, in the precision the kernels compute in:
+// Philox seed, the threshold of dropout_keep() and the 1/(1-p) of kept elements.
+template <typename acc_t>
+struct DropoutMask {
+  uint64_t seed;
+  uint32_t drop_threshold;
+  acc_t keep_scale;
+};
+
+// ---------------------------------------------------------------------------
+// Column groups: the kernels that touch a row of x (or of dX) work on it 8
+// columns at a time, the columns of one Philox call. A group is loaded into
+// acc_t registers (columns past the row's end read as 0) and stored back
+// with 16-byte accesses on the device when `vec` says the rows allow it.
+// ---------------------------------------------------------------------------
+template <typename scalar_t>
+struct alignas(16) ColumnGroup {
+  scalar_t v[kDropoutColsPerCall];
+};
+
+// Whether every group of a matrix with this base pointer and row stride (in
+// elements) starts on a 16-byte boundary, so ColumnGroup accesses are legal.
+template <typename scalar_t>
+MOSLORA_HOST_DEVICE bool groups_aligned(const scalar_t* base, int64_t row_stride) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_stride % kDropoutColsPerCall == 0;
+}
+
+template <typename acc_t, typename scalar_t>
+MOSLORA_HOST_DEVICE void load_group(const scalar_t* row, int64_t group, int64_t cols, bool vec,
+                                    acc_t (&v)[kDropoutColsPerCall]) {
+  const int64_t first = group * kDropoutColsPerCall;
+  if (first + kDropoutColsPerCall <= cols) {
+#if defined(__CUDA_ARCH__)
+    if (vec) {
+      const ColumnGroup<scalar_t> g = *reinterpret_cast<const ColumnGroup<scalar_t>*>(row + first);
+      MOSLORA_UNROLL
+      for (int j = 0; j < kDropoutColsPerCall; ++j) v[j] = static_cast<acc_t>(g.v[j]);
+      return;
+    }
+#endif
+    MOSLORA_UNROLL
+    for (int j = 0; j < kDropoutColsPerCall; ++j) v[j] = static_cast<acc_t>(row[first + j]);
+    return;
+  }
+  MOSLORA_UNROLL
+  for (int j = 0; j < kDropoutColsPerCall; ++j) {
+    v[j] = first + j < cols ? static_cast<acc_t>(row[first + j]) : acc_t(0);
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+MOSLORA_HOST_DEVICE void store_group(scalar_t* row, int64_t group, int64_t cols, bool vec,
+                                     const acc_t (&v)[kDropoutColsPerCall]) {
+  const int64_t first = group * kDropoutColsPerCall;
+  if (first + kDropoutColsPerCall <= cols) {
+#if defined(__CUDA_ARCH__)
+    if (vec) {
+      ColumnGroup<scalar_t> g;
+      MOSLORA_UNROLL
+      for (int j = 0; j < kDropoutColsPerCall; ++j) g.v[j] = static_cast<scalar_t>(v[j]);
+      *reinterpret_cast<ColumnGroup<scalar_t>*>(row + first) = g;
+      return;
+    }
+#endif
+    MOSLORA_UNROLL
+    for (int j = 0; j < kDropoutColsPerCall; ++j) row[first + j] = static_cast<scalar_t>(v[j]);
+    return;
+  }
+  MOSLORA_UNROLL
+  for (int j = 0; j < kDropoutColsPerCall; ++j) {
+    if (first + j < cols) row[first + j] = static_cast<scalar_t>(v[j]);
+  }
+}
+
+// Multiplies a group by its dropout factors (1/(1-p) or 0), given the
+// group's Philox words: the one place where a column group meets its mask.
+template <typename acc_t>
+MOSLORA_HOST_DEVICE void apply_dropout(const DropoutMask<acc_t>& mask, const Philox4& words,
+                                       acc_t (&v)[kDropoutColsPerCall]) {
+  MOSLORA_UNROLL
+  for (int j = 0; j < kDropoutColsPerCall; ++j) {
+    v[j] *= dropout_factor(words, j, mask.drop_threshold, mask.keep_scale);
+  }
+}
+
+template <typename acc_t>
+MOSLORA_HOST_DEVICE void apply_dropout(const DropoutMask<acc_t>& mask, uint64_t row, int64_t group,
+                                       acc_t (&v)[kDropoutColsPerCall]) {
+  apply_dropout(mask, philox4x32_10(mask.seed, row, static_cast<uint32_t>(group)), v);
 }
 
 // ---------------------------------------------------------------------------

@@ -13,6 +13,10 @@
 
 #include <cmath>
 
+#ifdef WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
 namespace moslora {
 namespace {
 
@@ -74,7 +78,10 @@ void check_input(const Tensor& x, const Tensor& weight) {
                     "), got x of shape ", x.sizes());
 }
 
-DropoutSpec dropout_spec(double p, const std::optional<Tensor>& seed) {
+// The mask of a dropout op on x: refused under CUDA-graph capture, where the
+// seed, read on the host now, would be baked into the graph and every replay
+// would apply this one mask.
+DropoutSpec dropout_spec(const Tensor& x, double p, const std::optional<Tensor>& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "moslora_ext: dropout probability must be in [0, 1), got ", p);
   if (p == 0.0) return DropoutSpec{0, 0, 1.0};
   TORCH_CHECK_VALUE(seed.has_value() && seed->defined(),
@@ -82,6 +89,13 @@ DropoutSpec dropout_spec(double p, const std::optional<Tensor>& seed) {
   TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
                     "moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got dtype ",
                     seed->scalar_type(), ", shape ", seed->sizes(), " on ", seed->device());
+#ifdef WITH_CUDA
+  TORCH_CHECK(!x.is_cuda() || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+              "moslora_ext: dropout (p = ", p, ") cannot be captured in a CUDA graph: its mask seed is read "
+              "on the host, so every replay would apply the same mask. Capture with lora_dropout = 0 (or "
+              "the layer in eval mode), or run without CUDA graphs (torch.compile without "
+              "mode=\"reduce-overhead\")");
+#endif
   return DropoutSpec{static_cast<uint64_t>(seed->item<int64_t>()), dropout_threshold(p), 1.0 / (1.0 - p)};
 }
 
@@ -96,7 +110,7 @@ DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor
   check_adapter(x, "x", weight, lora_A, mixer, lora_B);
   check_input(x, weight);
   check_scale(scale);
-  return dropout_spec(dropout_p, dropout_seed);
+  return dropout_spec(x, dropout_p, dropout_seed);
 }
 
 // The operators compute in their operands' dtypes: autocast is applied by the
@@ -106,61 +120,23 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-// ---------------------------------------------------------------------------
-// Device kernels, picked by the device of the operands.
-// ---------------------------------------------------------------------------
-
-Tensor mixer_forward(const Tensor& u, const Tensor& mixer, double scale) {
+// kernel<kCUDA>(args...) for CUDA operands, kernel<kCPU>(args...) otherwise:
+// the device kernels of kernels.h.
 #ifdef WITH_CUDA
-  if (u.is_cuda()) return moslora::mixer_forward<c10::kCUDA>(u, mixer, scale);
+#define ON_DEVICE(is_cuda, kernel, ...) \
+  ((is_cuda) ? moslora::kernel<c10::kCUDA>(__VA_ARGS__) : moslora::kernel<c10::kCPU>(__VA_ARGS__))
+#else
+#define ON_DEVICE(is_cuda, kernel, ...) ((void)(is_cuda), moslora::kernel<c10::kCPU>(__VA_ARGS__))
 #endif
-  return moslora::mixer_forward<c10::kCPU>(u, mixer, scale);
-}
-
-std::tuple<Tensor, Tensor> mixer_backward(const Tensor& dv, const Tensor& u, const Tensor& mixer,
-                                          double scale, bool need_dmixer) {
-#ifdef WITH_CUDA
-  if (dv.is_cuda()) return moslora::mixer_backward<c10::kCUDA>(dv, u, mixer, scale, need_dmixer);
-#endif
-  return moslora::mixer_backward<c10::kCPU>(dv, u, mixer, scale, need_dmixer);
-}
-
-void dropout_rows(const Tensor& x, const Tensor& out, const DropoutSpec& spec, int64_t first_row) {
-#ifdef WITH_CUDA
-  if (x.is_cuda()) return moslora::dropout_rows<c10::kCUDA>(x, out, spec, first_row);
-#endif
-  moslora::dropout_rows<c10::kCPU>(x, out, spec, first_row);
-}
-
-// A new tensor holding the dropout of rows first_row, ... of x.
-Tensor dropped_rows(const Tensor& x, const DropoutSpec& spec, int64_t first_row) {
-  auto out = at::empty(x.sizes(), x.options());
-  dropout_rows(x, out, spec, first_row);
-  return out;
-}
-
-// Rows per block of a row-blocked loop, so that a block's temporaries hold
-// about 2^20 elements: with dropout on, the dropped copy of x only ever
-// exists one block at a time; merge rounds fp16/bf16 weights block by block.
-int64_t rows_per_block(int64_t cols) {
-  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cols, 1));
-}
 
 int64_t leading_rows(const Tensor& x) {
   return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
 }
 
-// U = dropout(X) A^T without materialising dropout(X) beyond one row block.
-Tensor project_down(const Tensor& x2, const Tensor& lora_A, const DropoutSpec& dropout, double p) {
-  if (p == 0.0) return at::mm(x2, lora_A.t());
-  const int64_t n = x2.size(0), block = rows_per_block(x2.size(1));
-  auto u = at::empty({n, lora_A.size(0)}, x2.options());
-  for (int64_t first = 0; first < n; first += block) {
-    const int64_t rows = std::min(block, n - first);
-    auto u_block = u.narrow(0, first, rows);
-    at::mm_out(u_block, dropped_rows(x2.narrow(0, first, rows), dropout, first), lora_A.t());
-  }
-  return u;
+// x as (N, d) rows with unit column stride, as the dropout kernels read it
+// (a copy only for an x whose last dimension is strided).
+Tensor unit_column_rows(const Tensor& x2) {
+  return x2.stride(1) == 1 ? x2 : x2.contiguous();
 }
 
 // ---------------------------------------------------------------------------
@@ -182,8 +158,10 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
   const c10::DeviceGuard guard(x.device());
   const int64_t n = leading_rows(x), d = weight.size(1);
   const auto x2 = x.reshape({n, d});
-  auto u = project_down(x2, lora_A, dropout, dropout_p);
-  const auto v = mixer_forward(u, mixer.contiguous(), scale);
+  const bool cuda = x.is_cuda();
+  auto u = dropout_p == 0.0 ? at::mm(x2, lora_A.t())
+                            : ON_DEVICE(cuda, dropout_project_down, unit_column_rows(x2), lora_A.contiguous(), dropout);
+  const auto v = ON_DEVICE(cuda, mixer_forward, u, mixer.contiguous(), scale);
   // y is allocated in its final shape and filled through a 2-D view, so the op
   // returns a tensor of its own rather than a view: callers may change it in
   // place (y += residual), as they may nn.Linear's output.
@@ -233,29 +211,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
     dx = at::empty(x.sizes(), x.options());
     dx2 = dx.view({n, d});
   }
-  if (need_dB) dB = at::mm(g.t(), mixer_forward(u_c, mixer_c, scale));
+  const bool cuda = x.is_cuda();
+  if (need_dB) dB = at::mm(g.t(), ON_DEVICE(cuda, mixer_forward, u_c, mixer_c, scale));
   if (need_dx || need_dA || need_dmixer) {
     const auto dv = at::mm(g, lora_B);
     Tensor du;
-    std::tie(du, dmixer) = mixer_backward(dv, u_c, mixer_c, scale, need_dmixer);
+    std::tie(du, dmixer) = ON_DEVICE(cuda, mixer_backward, dv, u_c, mixer_c, scale, need_dmixer);
     if (dropout_p == 0.0) {
       if (need_dA) dA = at::mm(du.t(), x2);
       if (need_dx) at::mm_out(dx2, du, lora_A);
-    } else if (need_dx || need_dA) {
-      // Regenerate the mask block by block: dA = dU^T dropout(X) and
-      // dX = dropout(dU A), with the mask of forward.
-      if (need_dA) dA = at::zeros({r, d}, x.options());
-      const int64_t block = rows_per_block(d);
-      for (int64_t first = 0; first < n; first += block) {
-        const int64_t rows = std::min(block, n - first);
-        const auto du_block = du.narrow(0, first, rows);
-        if (need_dA) dA.addmm_(du_block.t(), dropped_rows(x2.narrow(0, first, rows), dropout, first));
-        if (need_dx) {
-          auto dx_block = dx2.narrow(0, first, rows);  // contiguous rows of dx
-          at::mm_out(dx_block, du_block, lora_A);
-          dropout_rows(dx_block, dx_block, dropout, first);  // in place
-        }
-      }
+    } else {
+      // The mask of forward, regenerated: dA = dU^T dropout(X), dX = dropout(dU A).
+      dA = ON_DEVICE(cuda, dropout_grads, unit_column_rows(x2), du, lora_A.contiguous(), dx2, need_dA, dropout);
     }
   }
   if (need_dx) dx2.addmm_(g, weight);  // as in forward, the base GEMM accumulates into the adapter's part
@@ -294,12 +261,12 @@ Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "moslora_ext: dropout needs a floating point x, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "moslora_ext: dropout needs x with at least one dimension");
-  const DropoutSpec spec = dropout_spec(p, seed);
+  const DropoutSpec spec = dropout_spec(x, p, seed);
   if (p == 0.0) return x.clone();
   const c10::DeviceGuard guard(x.device());
   const int64_t rows = leading_rows(x), cols = x.size(-1);
   auto out = at::empty(x.sizes(), x.options());  // not a view, as forward's y
-  dropout_rows(x.reshape({rows, cols}), out.view({rows, cols}), spec, 0);
+  ON_DEVICE(x.is_cuda(), dropout_rows, x.reshape({rows, cols}), out.view({rows, cols}), spec, 0);
   return out;
 }
 

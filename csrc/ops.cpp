@@ -3,11 +3,25 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace moslora {
+void add_testing_functions(PyObject* module);  // testing.cpp
+}
+
 extern "C" {
-// Importing moslora_ext._C loads this library and so runs the registrations.
+// Importing moslora_ext._C loads this library and so runs the registrations;
+// the module itself holds only the tests' helpers.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  try {
+    moslora::add_testing_functions(module);
+  } catch (const std::exception& e) {
+    Py_DECREF(module);
+    PyErr_SetString(PyExc_ImportError, e.what());
+    return nullptr;
+  }
+  return module;
 }
 }
 

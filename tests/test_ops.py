@@ -225,3 +225,78 @@ def test_row_blocked_half_precision_merge_matches_reference(device):
     a64 = as_float64(a)
     expected = a64["weight"] + 0.5 * a64["lora_B"] @ a64["mixer"] @ a64["lora_A"]
     assert_close_to_reference(weight, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropout_lora_A_gradient_accumulates_in_float32(device, dtype):
+    """dA = dU^T dropout(X) sums over all N rows: it must be rounded to
+    fp16/bf16 once, at the end, not after every block of rows. The inputs
+    make every product exact (dU is a column of G, p = 0.5 scales by 2) and
+    positive, so a correctly accumulated result is the float64 sum rounded
+    once: within half an ulp (2^-9 relative for bf16, 2^-12 for fp16, with a
+    little room for the fp32 sum). 8192 x 1024 spans 8 blocks of the 2^20
+    elements the row-blocked path works on."""
+    n, d, k, r, p = 8192, 1024, 8, 4, 0.5
+    g = torch.Generator().manual_seed(0)
+    x = (1 + torch.rand(n, d, generator=g)).to(dtype).to(device)
+    grad_y = torch.zeros(n, k, dtype=dtype, device=device)
+    grad_y[:, :r] = (1 + torch.rand(n, r, generator=g)).to(dtype)
+    lora_B = torch.zeros(k, r, dtype=dtype, device=device)
+    lora_B[:r] = torch.eye(r, dtype=dtype)
+    eye = torch.eye(r, dtype=dtype, device=device)
+    weight = torch.zeros(k, d, dtype=dtype, device=device)
+    lora_A = torch.zeros(r, d, dtype=dtype, device=device)
+    seed = torch.tensor([11])
+    u = torch.zeros(n, r, dtype=dtype, device=device)
+    _, dA, _, _ = OPS.backward(grad_y, x, weight, lora_A, eye, lora_B, u, 1.0, p, seed,
+                               [False, True, False, False])
+    mask = ops.dropout_mask((n, d), p, seed, device=device)
+    expected = grad_y[:, :r].double().t() @ (x.double() * mask / (1 - p))
+    half_ulp = torch.finfo(dtype).eps / 2
+    torch.testing.assert_close(dA.double(), expected, rtol=1.05 * half_ulp, atol=0)
+
+
+# (rows, in_features, r): odd sizes, a partial column group, r across the
+# 16-output passes of the down-projection and the 8-row tiles of dA, more
+# rows than one dA split holds.
+BODY_CASES = [(1, 1, 1), (5, 7, 3), (37, 130, 17), (300, 64, 8), (700, 19, 33), (3, 1029, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n, d, r", BODY_CASES)
+def test_cuda_kernel_bodies_on_host_match_reference(n, d, r, dtype):
+    """The CUDA dropout kernels' bodies, run on the host over the grids,
+    blocks, warps and lanes of their launches, against the reference."""
+    from moslora_ext._C import cuda_bodies_on_host as bodies
+    g = torch.Generator().manual_seed(n * d + r)
+    x, lora_A = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, d), (r, d)))
+    du = torch.randn(n, r, generator=g, dtype=torch.float64)
+    p, seed = 0.3, 77
+    dropped = x * ops.dropout_mask((n, d), p, torch.tensor([seed])) / (1 - p)
+    expected = {"down_project": dropped @ lora_A.t(), "grad_A": du.t() @ dropped,
+                "grad_x": (du @ lora_A) * ops.dropout_mask((n, d), p, torch.tensor([seed])) / (1 - p)}
+    x, lora_A, du = x.to(dtype), lora_A.to(dtype), du.to(dtype)
+    actual = {"down_project": bodies.down_project(x, lora_A, p, seed), "grad_A": bodies.grad_A(x, du, p, seed),
+              "grad_x": bodies.grad_x(du, lora_A, p, seed)}
+    for name, want in expected.items():
+        assert_close_to_reference(actual[name], want, dtype)
+
+
+def test_dropout_refuses_cuda_graph_capture():
+    """The seed is read on the host: a captured graph would replay one mask,
+    so capture with dropout on fails with a clear error; without dropout it
+    captures and replays the layer's output."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    layer = moslora_ext.Linear(16, 8, r=4, lora_dropout=0.1, device="cuda")
+    x = torch.randn(4, 16, device="cuda")
+    layer(x)  # first calls outside the capture
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            layer(x)
+    layer.eval()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    graph.replay()
+    torch.testing.assert_close(y, layer(x))

@@ -23,8 +23,10 @@ def load_script(name):
 def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     latency = load_script("latency")
     # Every contender is first checked to compute the same function as the others.
+    # lora_compiled is left out: torch.compile's compilation would take most of the suite's minute.
+    others = [name for name in latency.CONTENDERS if name != "lora_compiled"]
     latency.main(["--small", "--device", "cpu", "--shapes", "attn 4096x4096", "--tokens", "64", "--ranks", "4",
-                  "--reps", "2", "--warmup", "1", "--out", str(tmp_path)])
+                  "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--contenders", *others])
     table = capsys.readouterr().out
     assert "ours_merged" in table and "merge: ours" in table
     report = json.loads((tmp_path / "latency-cpu.json").read_text())
@@ -35,6 +37,12 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     n, d, r = 64, 4096 // 32, 4
     assert case["saved_bytes_dropout"]["lora_torch"][1] >= n * d * 4
     assert case["saved_bytes_dropout"]["ours"][1] <= n * r * 4 + 8
+    # Operators per forward and backward with dropout, recorded at N/4 and N (one row block of the CPU
+    # path here, so the counts are equal; on CUDA they are equal at any N).
+    launches = case["launches_dropout"]
+    assert launches["tokens"] == [16, 64]
+    at_quarter, at_n = launches["ours"]
+    assert at_quarter == at_n and min(at_n) > 0
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "latency-cpu.png").stat().st_size > 0
 

@@ -23,6 +23,9 @@ MOSLORA_BUILD_CUDA=0 MOSLORA_SANITIZE=address,undefined MAX_JOBS=${MAX_JOBS:-2} 
 
 # A CPU-only build on purpose: the CUDA-build requirement of CI does not apply.
 unset MOSLORA_REQUIRE_CUDA_BUILD
+# Tests that start Python processes import this build too, not an installed
+# copy (or none, where the package is only built in place).
+export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
