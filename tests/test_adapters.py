@@ -73,7 +73,7 @@ def test_add_adapters_by_suffix_shares_weights_and_freezes_the_rest():
     assert sorted(adapted) == ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]
     assert model.layers[0].q_proj.weight is q_weight
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{layer}.{t}" for layer in adapted for t in ("lora_A", "lora_mixer", "lora_B")}
+    assert trainable == {f"{layer}.adapters.default.{t}" for layer in adapted for t in ("lora_A", "lora_mixer", "lora_B")}
     assert all(layer.r == 4 and layer.scale == 2.0 for layer in adapted.values())
 
 
@@ -82,7 +82,7 @@ def test_add_adapters_by_regex_and_frozen_mixer():
                                      train_mixer=False)
     assert sorted(moslora_ext.adapted_layers(model)) == ["layers.1.down", "layers.1.up"]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "layers.1.up.lora_A", "layers.1.up.lora_B", "layers.1.down.lora_A", "layers.1.down.lora_B"}
+        f"layers.1.{layer}.adapters.default.{t}" for layer in ("up", "down") for t in ("lora_A", "lora_B")}
 
 
 def test_fresh_adapters_leave_the_output_unchanged():
@@ -191,7 +191,7 @@ def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):
     model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2))
     moslora_ext.save_adapter(model, tmp_path)
     other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2)
-    moslora_ext.load_adapter(other, tmp_path)
+    moslora_ext.load_adapter(other, tmp_path, replace=True)
     for name, t in moslora_ext.adapters.adapter_state_dict(model).items():
         assert torch.equal(moslora_ext.adapters.adapter_state_dict(other)[name], t)
 
@@ -202,7 +202,7 @@ def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):
                                                         mixer_init="orthogonal"))
     moslora_ext.save_adapter(model, tmp_path)
     other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, mixer_init="identity", train_mixer=False)
-    moslora_ext.load_adapter(other, tmp_path)
+    moslora_ext.load_adapter(other, tmp_path, replace=True)
     assert all(layer.lora_dropout == 0.0 and layer.mixer_init == "identity" and not layer.lora_mixer.requires_grad
                for layer in moslora_ext.adapted_layers(other).values())
     x = torch.randn(5, 4)
@@ -211,7 +211,7 @@ def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):
     other_alpha = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, lora_alpha=4)
     snapshot = state_snapshot(other_alpha)
     with pytest.raises(ValueError, match=r"\['lora_alpha'\] must match"):
-        moslora_ext.load_adapter(other_alpha, tmp_path)
+        moslora_ext.load_adapter(other_alpha, tmp_path, replace=True)
     assert_same_state(other_alpha, snapshot)
 
 
@@ -222,7 +222,7 @@ def test_failed_loads_leave_the_model_untouched(tmp_path):
     wrong_rank = moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=8)
     snapshot = state_snapshot(wrong_rank)
     with pytest.raises(ValueError, match="r=8"):
-        moslora_ext.load_adapter(wrong_rank, tmp_path)
+        moslora_ext.load_adapter(wrong_rank, tmp_path, replace=True)
     assert_same_state(wrong_rank, snapshot)
 
     wider = TinyModel(width=24)  # every layer has other shapes; the first checked fails

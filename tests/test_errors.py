@@ -148,8 +148,8 @@ MISUSES = [
            "1 is a ReLU"),
     Misuse("adapters added twice", lambda w: moslora_ext.add_adapters(w.model, ["0"]), TypeError,
            "already has a MoSLoRA adapter"),
-    Misuse("load an adapter of another rank", lambda w: moslora_ext.load_adapter(wider_model_with_adapters(8),
-                                                                                 w.saved), ValueError,
+    Misuse("load over an adapter of another rank", lambda w: moslora_ext.load_adapter(
+        wider_model_with_adapters(8), w.saved, replace=True), ValueError,
            "has adapter settings .*r=8.* but the checkpoint has .*r=4"),
     Misuse("load an adapter into other shapes",
            lambda w: moslora_ext.load_adapter(nn.Sequential(nn.Linear(D + 1, K), nn.ReLU(), nn.Linear(K, 8)),
