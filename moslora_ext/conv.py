@@ -36,6 +36,8 @@ class Conv(AdapterLayer):
     @classmethod
     def refusal_reason(cls, module):
         kind = type(module).__name__
+        if not isinstance(module, tuple(CONV_MODULES.values())):
+            return f"is a {kind}, not a torch.nn.Conv1d, Conv2d or Conv3d"
         if type(module).forward not in {m.forward for m in CONV_MODULES.values()}:
             return f"is a {kind}, a convolution subclass with a forward of its own"
         if module.groups != 1:
@@ -48,7 +50,8 @@ class Conv(AdapterLayer):
     @classmethod
     def factor_shapes(cls, weight, r):
         out_channels, *in_kernel = weight.shape
-        return {"lora_A": (r, *in_kernel), "lora_mixer": (r, r), "lora_B": (out_channels, r, *[1] * (len(in_kernel) - 1))}
+        ones = [1] * (len(in_kernel) - 1)  # B is a 1x1 convolution
+        return {"lora_A": (r, *in_kernel), "lora_mixer": (r, r), "lora_B": (out_channels, r, *ones)}
 
     @staticmethod
     def _as_matrix(weight):

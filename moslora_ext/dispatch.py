@@ -2,14 +2,14 @@
 
 from .conv import Conv
 from .embedding import Embedding
-from .layer import AdapterLayer
-from .linear import Linear, TransposedLinear
+from .layer import AdapterLayer, qualified_class_names
+from .linear import GPT2_CONV1D, Linear, TransposedLinear
 
 # Base module type -> adapter class, by qualified class name so that nothing needs importing.
 # A subclass goes to its nearest listed base class, whose adapter class may still refuse it.
 ADAPTER_CLASSES = {
     "torch.nn.modules.linear.Linear": Linear,
-    "transformers.pytorch_utils.Conv1D": TransposedLinear,  # GPT-2's (in, out) linear layer
+    GPT2_CONV1D: TransposedLinear,  # GPT-2's linear layer, weight stored (in, out)
     "torch.nn.modules.conv.Conv1d": Conv,
     "torch.nn.modules.conv.Conv2d": Conv,
     "torch.nn.modules.conv.Conv3d": Conv,
@@ -23,11 +23,7 @@ def adapter_class(module):
     """The adapter class for ``module`` (its own class for an adapted layer), or None."""
     if isinstance(module, AdapterLayer):
         return type(module)
-    for base_class in type(module).__mro__:
-        found = ADAPTER_CLASSES.get(f"{base_class.__module__}.{base_class.__qualname__}")
-        if found:
-            return found
-    return None
+    return next((ADAPTER_CLASSES[name] for name in qualified_class_names(module) if name in ADAPTER_CLASSES), None)
 
 
 def refusal_reason(module):

@@ -28,6 +28,8 @@ class Embedding(AdapterLayer):
 
     @classmethod
     def refusal_reason(cls, module):
+        if not isinstance(module, nn.Embedding):
+            return f"is a {type(module).__name__}, not a torch.nn.Embedding"
         if type(module).forward is not nn.Embedding.forward:
             return f"is a {type(module).__name__}, an nn.Embedding subclass with a forward of its own"
         return super().refusal_reason(module)

@@ -57,6 +57,11 @@ def init_mixer_(mixer, mixer_init):
     return mixer
 
 
+def qualified_class_names(module):
+    """"package.module.Class" of the module's class and of each of its base classes, nearest first."""
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(module).__mro__]
+
+
 @dataclass
 class AdapterConfig:
     """The settings of one adapter (the keyword arguments of ``moslora_ext.Linear``)."""

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from . import ops
-from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, qualified_class_names
 
+GPT2_CONV1D = "transformers.pytorch_utils.Conv1D"  # by name, so that nothing needs importing
 _QUANTIZED = "its weight is quantized and its forward dequantizes it"
 
 # nn.Linear subclasses whose forward is not x W^T + b of their own weight and bias (or whose
@@ -102,8 +103,8 @@ class Linear(AdapterLayer):
         kind = type(module).__name__
         if not isinstance(module, nn.Linear):
             return f"is a {kind}, not a torch.nn.Linear"
-        for base_class in type(module).__mro__:
-            reason = NOT_PLAIN_LINEAR.get(f"{base_class.__module__}.{base_class.__qualname__}")
+        for class_name in qualified_class_names(module):
+            reason = NOT_PLAIN_LINEAR.get(class_name)
             if reason:
                 return f"is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}"
         return super().refusal_reason(module)
@@ -145,6 +146,8 @@ class TransposedLinear(Linear):
 
     @classmethod
     def refusal_reason(cls, module):
+        if GPT2_CONV1D not in qualified_class_names(module):
+            return f"is a {type(module).__name__}, not a {GPT2_CONV1D}"
         return AdapterLayer.refusal_reason(module)
 
     @staticmethod
