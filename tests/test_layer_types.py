@@ -225,3 +225,41 @@ def test_peft_adapters_on_convolutions_and_embeddings_give_peft_outputs_both_way
     with torch.no_grad():
         reloaded = peft.PeftModel.from_pretrained(conv_net(), tmp_path / "ours").eval()
         torch.testing.assert_close(reloaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_unet_with_adapters_on_attention_and_convolutions(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+
+    def tiny_unet():
+        torch.manual_seed(0)
+        return diffusers.UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+            norm_num_groups=4)
+
+    g = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    timestep = torch.tensor([10, 500])
+
+    def run(unet):
+        return unet(sample, timestep, encoder_hidden_states=text).sample
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    unet = moslora_ext.add_adapters(tiny_unet(), targets, r=2, lora_alpha=4)
+    kinds = {type(layer) for layer in moslora_ext.adapted_layers(unet).values()}
+    assert kinds == {moslora_ext.Linear, moslora_ext.Conv}
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = run(unet).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moslora_ext.save_adapter(unet.eval(), tmp_path)
+    reloaded = moslora_ext.load_adapter(tiny_unet().eval(), tmp_path)
+    with torch.no_grad():
+        expected = run(unet)
+        assert not torch.allclose(expected, run(tiny_unet().eval()))
+        torch.testing.assert_close(run(reloaded), expected)
+        moslora_ext.merge_and_unload(reloaded)
+        torch.testing.assert_close(run(reloaded), expected, rtol=1e-4, atol=1e-5)
