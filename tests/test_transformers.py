@@ -19,6 +19,15 @@ def tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(config)
 
 
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # every Conv1D: attention in and out, MLP in and out
+
+
 def batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 64, (4, 16), generator=g)
@@ -41,18 +50,23 @@ def test_adapters_on_every_projection():
     assert all(("lora_" in name) == p.requires_grad for name, p in model.named_parameters())
 
 
-def test_adamw_lowers_the_loss_and_changes_only_the_adapters():
-    model = adapted_llama(lora_dropout=0.05)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    ids = batch()
+def train(model, ids, steps):
+    """AdamW steps on the language-modelling loss of ``ids``; the losses."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_adamw_lowers_the_loss_and_changes_only_the_adapters():
+    model = adapted_llama(lora_dropout=0.05)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = train(model, batch(), 8)
     assert losses[-1] < losses[0] - 0.1
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
@@ -178,14 +192,17 @@ def test_falcon_linear_layers_load_a_peft_adapter_as_peft_computes_it(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
 
 
-def test_all_linear_selects_what_peft_selects():
+# Every projection (GPT-2's are Conv1D layers); lm_head, the output head, is left out.
+@pytest.mark.parametrize("make_model, layer_class, count", [(tiny_llama, moslora_ext.Linear, 2 * len(TARGETS)),
+                                                            (tiny_gpt2, moslora_ext.TransposedLinear, 2 * 4)])
+def test_all_linear_selects_what_peft_selects(make_model, layer_class, count):
     peft = pytest.importorskip("peft")
-    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    peft_model = peft.get_peft_model(make_model(), peft.LoraConfig(r=4, target_modules="all-linear"))
     peft_targets = {name for name, m in peft_model.base_model.model.named_modules()
                     if isinstance(m, peft.tuners.lora.LoraLayer)}
-    model = moslora_ext.add_adapters(tiny_llama(), "all-linear", r=4)
-    assert set(moslora_ext.adapted_layers(model)) == peft_targets
-    assert len(peft_targets) == 2 * len(TARGETS)  # every projection; lm_head, the output head, is left out
+    layers = moslora_ext.adapted_layers(moslora_ext.add_adapters(make_model(), "all-linear", r=4))
+    assert set(layers) == peft_targets and len(peft_targets) == count
+    assert all(type(layer) is layer_class for layer in layers.values())
 
 
 def test_peft_sequence_classification_adapter_restores_its_head(tmp_path):
@@ -295,37 +312,10 @@ def test_checkpoints_of_save_pretrained_restore_each_named_adapter(tmp_path):
 # --- GPT-2: Conv1D layers, weight stored (in, out) --------------------------------------------
 
 
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # every Conv1D: attention in and out, MLP in and out
-
-
-def test_gpt2_all_linear_takes_its_conv1d_layers_as_peft_does():
-    peft = pytest.importorskip("peft")
-    peft_model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, target_modules="all-linear"))
-    peft_targets = {name for name, m in peft_model.base_model.model.named_modules()
-                    if isinstance(m, peft.tuners.lora.LoraLayer)}
-    model = moslora_ext.add_adapters(tiny_gpt2(), "all-linear", r=4)
-    assert set(moslora_ext.adapted_layers(model)) == peft_targets
-    assert len(peft_targets) == 2 * 4
-    assert all(isinstance(layer, moslora_ext.TransposedLinear) for layer in moslora_ext.adapted_layers(model).values())
-
-
 def test_gpt2_trains_saves_reloads_and_merges_in_place(tmp_path):
     model = moslora_ext.add_adapters(tiny_gpt2().train(), GPT2_TARGETS, r=4, lora_alpha=8, lora_dropout=0.1)
     ids = batch(11)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train(model, ids, 4)
     assert losses[-1] < losses[0]
     moslora_ext.save_adapter(model.eval(), tmp_path)
     reloaded = moslora_ext.load_adapter(tiny_gpt2(), tmp_path)
