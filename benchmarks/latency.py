@@ -14,6 +14,7 @@ Contenders:
   peft_lora       PEFT's own LoRA layer (when peft is installed)
   ours            moslora_ext.Linear, unmerged
   ours_lora       moslora_ext.Linear with an identity, frozen mixer (LoRA on our kernels)
+  ours_named      moslora_ext.Linear holding a second, inactive named adapter: costs what ours costs
   ours_merged     moslora_ext.Linear after merge() (inference only)
 
 Modes: inference (forward under no_grad), training (forward + backward with an
@@ -102,6 +103,12 @@ def ours(base, r, lora_dropout, **kwargs):
     return moslora_ext.Linear.from_linear(base, r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout, **kwargs)
 
 
+def ours_named(base, r, lora_dropout):
+    layer = ours(base, r, lora_dropout)
+    layer.add_adapter("other", moslora_ext.AdapterConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout))
+    return layer
+
+
 def ours_merged(base, r, lora_dropout):
     layer = ours(copy.deepcopy(base), r, lora_dropout)  # merging changes the weight: a copy of its own
     layer.merge()
@@ -116,9 +123,10 @@ CONTENDERS = {
     "peft_lora": peft_lora,
     "ours": ours,
     "ours_lora": lambda base, r, p: ours(base, r, p, mixer_init="identity", train_mixer=False),
+    "ours_named": ours_named,
     "ours_merged": ours_merged,
 }
-TRAINABLE = ["base", "lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours", "ours_lora"]
+TRAINABLE = ["base", "lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours", "ours_lora", "ours_named"]
 # Contenders whose dropout cost is measured (those that have dropout).
 WITH_DROPOUT = ["lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours"]
 
@@ -280,7 +288,7 @@ def share_adapter(contenders, base, r, generator):
                 module.lora_B.weight.copy_(B)
                 if name == "moslora_torch":
                     module.lora_AB.weight.copy_(eye)
-            elif name in ("ours", "ours_lora"):
+            elif name in ("ours", "ours_lora", "ours_named"):
                 module.lora_A.copy_(A)
                 module.lora_B.copy_(B)
                 module.lora_mixer.copy_(eye)

@@ -2,10 +2,12 @@
 
     y = W0 x + b + s * B M A dropout(x)
 
-``moslora_ext.Linear`` is the layer; ``moslora_ext.ops`` has the functional
-ops; ``add_adapters``, ``save_adapter``, ``load_adapter``, ``load_peft_adapter``,
-``merge_and_unload`` and their helpers (``moslora_ext.adapters``) work on whole
-models; ``build_info()`` says what the installed extension was built with.
+``moslora_ext.Linear`` is the layer (on the fused ops; ``TransposedLinear`` for
+GPT-2's Conv1D, ``Conv`` and ``Embedding`` in plain PyTorch, all ``AdapterLayer``s
+holding named adapters); ``moslora_ext.ops`` has the functional ops;
+``add_adapters``, ``save_adapter``, ``load_adapter``, ``load_peft_adapter``,
+``set_adapter``, ``disable_adapters``, ``merge_and_unload`` and their helpers
+(``moslora_ext.adapters``) work on whole models; ``build_info()`` says what the installed extension was built with.
 """
 
 import glob
@@ -58,9 +60,12 @@ except ImportError as exc:
 
 from . import ops  # noqa: E402
 from .adapters import (  # noqa: E402
-    AdapterConfig,
+    active_adapter,
     adapted_layers,
     add_adapters,
+    delete_adapter,
+    disable_adapters,
+    list_adapters,
     load_adapter,
     load_peft_adapter,
     merge_adapters,
@@ -68,10 +73,15 @@ from .adapters import (  # noqa: E402
     save_adapter,
     save_peft_adapter,
     saved_modules,
+    set_adapter,
     trainable_parameters,
     unmerge_adapters,
 )
-from .linear import Linear, check_adaptable  # noqa: E402
+from .conv import Conv  # noqa: E402
+from .dispatch import check_adaptable  # noqa: E402
+from .embedding import Embedding  # noqa: E402
+from .layer import AdapterConfig, AdapterLayer  # noqa: E402
+from .linear import Linear, TransposedLinear  # noqa: E402
 
 try:
     __version__ = metadata.version("moslora_ext")
@@ -96,8 +106,9 @@ def build_info():
 
 
 __all__ = [
-    "Linear", "check_adaptable", "ops", "build_info", "__version__",
-    "AdapterConfig", "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters",
-    "unmerge_adapters", "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter",
-    "save_peft_adapter", "saved_modules",
+    "Linear", "TransposedLinear", "Conv", "Embedding", "AdapterLayer", "AdapterConfig", "check_adaptable", "ops",
+    "build_info", "__version__",
+    "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",
+    "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter", "save_peft_adapter", "saved_modules",
+    "set_adapter", "active_adapter", "list_adapters", "disable_adapters", "delete_adapter",
 ]

@@ -1,34 +1,42 @@
-"""Adapters on whole models: inject by name, count, merge, save and load.
+"""Adapters on whole models: inject by name, count, switch, merge, save and load.
 
     model = moslora_ext.add_adapters(model, ["q_proj", "v_proj"], r=16, lora_alpha=32)
     ...train...
     moslora_ext.save_adapter(model, "my-adapter")          # adapter tensors + JSON config
     moslora_ext.load_adapter(fresh_model, "my-adapter")    # adds the adapters and loads them
-    plain = moslora_ext.merge_and_unload(model)            # nn.Linear only, adapter folded in
+    plain = moslora_ext.merge_and_unload(model)            # base modules only, adapter folded in
 
-Checkpoints of PEFT's LoRA and of the released MoSLoRA code load with
-``load_peft_adapter``; ``save_peft_adapter`` writes a standard PEFT LoRA
-adapter (the mixer folded into B) for PEFT and serving engines.
+A model holds adapters by name (``adapter_name=``, "default" when not given)
+and one of them is active (``set_adapter``, ``disable_adapters``,
+``delete_adapter``, ``list_adapters``). Every layer type (see
+``moslora_ext.dispatch``) goes through the same functions. Checkpoints of
+PEFT's LoRA and of the released MoSLoRA code load with ``load_peft_adapter``;
+``save_peft_adapter`` writes a standard PEFT LoRA adapter (the mixer folded
+into B) for PEFT and serving engines.
 """
 
+import contextlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import torch
-from torch import nn
 
-from .linear import Linear, check_adaptable, refusal_reason
+from .dispatch import adapter_class, check_adaptable, refusal_reason
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "moslora_ext"
 PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
 ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
+# PEFT's tensor names (and the released MoSLoRA code's lora_AB, the mixer) -> ours.
+FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer",
+                   "lora_B": "lora_B", "lora_embedding_B": "lora_B"}
 # The settings that decide what an adapter's tensors compute. The others (lora_dropout,
-# mixer_init, train_mixer, autocast_adapter_dtype) only shape training: loading into an
-# existing layer keeps its own.
+# mixer_init, train_mixer, autocast_adapter_dtype) only shape training: loading over an
+# existing adapter keeps its own.
 WEIGHT_SETTINGS = ("r", "lora_alpha", "use_rslora")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
 # Marks a module of modules_to_save (trained in full and saved with the adapter). An attribute
@@ -38,26 +46,6 @@ MODULE_TO_SAVE = "_moslora_ext_module_to_save"
 CONFIG_RECORD = "moslora_ext"
 
 
-@dataclass
-class AdapterConfig:
-    """The settings of one layer's adapter (the arguments of ``moslora_ext.Linear``)."""
-
-    r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-    mixer_init: str = "kaiming"
-    train_mixer: bool = True
-    use_rslora: bool = False
-    autocast_adapter_dtype: bool = True
-
-    @classmethod
-    def of(cls, layer):
-        """The settings of an existing ``moslora_ext.Linear``."""
-        return cls(r=layer.r, lora_alpha=layer.lora_alpha, lora_dropout=layer.lora_dropout,
-                   mixer_init=layer.mixer_init, train_mixer=layer.lora_mixer.requires_grad,
-                   use_rslora=layer.use_rslora, autocast_adapter_dtype=layer.autocast_adapter_dtype)
-
-
 def matching_names(model, target_modules):
     """Names of the modules of ``model`` that ``target_modules`` selects.
 
@@ -65,15 +53,17 @@ def matching_names(model, target_modules):
     them or ends with ``"." + it`` (``"q_proj"`` selects
     ``model.layers.0.self_attn.q_proj``); a single string is a regular
     expression that must match the whole name (as in PEFT). ``"all-linear"``
-    selects, as in PEFT, every linear layer that can take an adapter (see
-    ``check_adaptable``) except the output head, the module that
-    ``model.get_output_embeddings()`` returns on a transformers model.
+    selects, as in PEFT, every linear layer (``nn.Linear`` and GPT-2's
+    ``Conv1D``) that can take an adapter (see ``check_adaptable``) except the
+    output head, the module that ``model.get_output_embeddings()`` returns
+    on a transformers model.
     """
     if _is_all_linear(target_modules):
         get_head = getattr(model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
         return [name for name, module in model.named_modules()
-                if module is not head and refusal_reason(module) is None]
+                if module is not head and getattr(adapter_class(module), "is_linear", False)
+                and refusal_reason(module) is None]
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]
@@ -89,24 +79,29 @@ def _is_all_linear(target_modules):
 
 
 def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
-                 train_mixer=True, use_rslora=False, modules_to_save=None, autocast_adapter_dtype=True):
-    """Put a MoSLoRA adapter on every ``nn.Linear`` of ``model`` that
-    ``target_modules`` selects (see ``matching_names``) and freeze every other
-    parameter. The new ``moslora_ext.Linear`` layers share the base weights
-    and take the training mode of the layers they replace.
+                 train_mixer=True, use_rslora=False, modules_to_save=None, autocast_adapter_dtype=True,
+                 adapter_name=DEFAULT_ADAPTER):
+    """Put a MoSLoRA adapter named ``adapter_name`` on every module of
+    ``model`` that ``target_modules`` selects (see ``matching_names``) and
+    freeze every other parameter. Linear layers, GPT-2's ``Conv1D``,
+    convolutions and embeddings are replaced by adapted layers
+    (``moslora_ext.dispatch.ADAPTER_CLASSES``) that share their weights and
+    take their training mode; layers adapted already get one more adapter.
 
-    ``modules_to_save``, as in PEFT, is a list of module names (matched as a
-    ``target_modules`` list, e.g. ``["classifier"]``) that are trained in
-    full and saved with the adapter; "all-linear" leaves their linear
-    layers out of the targets. ``autocast_adapter_dtype`` (default True, as
-    PEFT) keeps adapters on float16/bfloat16 layers in float32 (see
-    ``moslora_ext.Linear``).
+    The first adapter of a model is active. A later one (another
+    ``adapter_name``) is inactive, and frozen, until ``set_adapter(model,
+    adapter_name)``, as in PEFT. ``modules_to_save``, as in PEFT, is a list
+    of module names (matched as a ``target_modules`` list, e.g.
+    ``["classifier"]``) that are trained in full and saved with the adapter;
+    "all-linear" leaves their linear layers out of the targets.
+    ``autocast_adapter_dtype`` (default True, as PEFT) keeps adapters on
+    float16/bfloat16 layers in float32 (see ``moslora_ext.Linear``).
 
     Returns ``model`` (changed in place). Raises ValueError, listing the
-    model's linear layers, if nothing matches, and TypeError if a selected
-    module cannot take an adapter (not an ``nn.Linear``, a subclass refused
-    by ``check_adaptable``, or one that already has an adapter); on any
-    error the model is left untouched.
+    model's adaptable layers, if nothing matches, and TypeError if a selected
+    module cannot take an adapter (an unsupported type, one refused by
+    ``check_adaptable``, or one that has an adapter named ``adapter_name``
+    already); on any error the model is left untouched.
     """
     config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora, autocast_adapter_dtype)
     to_save = []
@@ -119,10 +114,10 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
         names = [name for name in names if not _inside_any(name, to_save)]
     if not names:
         available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                            if isinstance(m, nn.Linear)})
+                            if name and adapter_class(m)})
         raise ValueError(f"target_modules {target_modules!r} matches no module of the model; "
-                         f"its linear layers are named {available}")
-    _wrap(model, {name: config for name in names}, to_save)
+                         f"the layers that can take adapters are named {available}")
+    _wrap(model, {name: config for name in names}, adapter_name, to_save)
     return model
 
 
@@ -131,15 +126,16 @@ def _inside_any(name, module_names):
     return next((m for m in module_names if name == m or name.startswith(m + ".")), None)
 
 
-def _wrap(model, configs, modules_to_save=()):
-    """Replace the named nn.Linear modules by adapted ones (all built before
-    any is swapped in), mark ``modules_to_save``, and freeze everything but
-    the adapters and the modules to save."""
+def _wrap(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):
+    """Give the named modules an adapter ``adapter_name`` (adapted layers
+    replace the others), mark ``modules_to_save`` and freeze everything but
+    the active adapters and the modules to save. Every adapter is built
+    before anything changes, so a failure leaves the model as it was."""
     to_save = [*saved_modules(model), *modules_to_save]
-    for name in configs:
-        module = model.get_submodule(name)
-        if isinstance(module, Linear):
-            raise TypeError(f"{name} already has a MoSLoRA adapter")
+    modules = {name: model.get_submodule(name) for name in configs}
+    for name, module in modules.items():
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+            raise TypeError(f"{name} already has a MoSLoRA adapter named {adapter_name!r}")
         check_adaptable(module, name)
         holder = _inside_any(name, to_save)
         if holder:
@@ -148,20 +144,19 @@ def _wrap(model, configs, modules_to_save=()):
     for name in modules_to_save:
         if any(_inside_any(layer, [name]) for layer in adapted_layers(model)):
             raise ValueError(f"module to save {name} holds adapted layers; it cannot be trained in full")
-    # from_linear freezes each base layer it wraps: undo that if a later one fails.
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        replacements = {name: Linear.from_linear(model.get_submodule(name), **asdict(config))
-                        for name, config in configs.items()}
-    except Exception:
-        for parameter, flag in requires_grad:
-            parameter.requires_grad_(flag)
-        raise
-    for name, layer in replacements.items():
-        _set_submodule(model, name, layer)
-    # Freeze all but the adapters, which keep their own settings (a frozen mixer stays frozen),
-    # and the modules to save, which are trained in full.
-    adapter_parameters = {id(getattr(layer, t)) for layer in adapted_layers(model).values() for t in ADAPTER_TENSORS}
+    built = {name: adapter_class(module).build_adapter(module.weight, configs[name])
+             for name, module in modules.items()}
+    active = active_adapter(model) or adapter_name
+    for name, module in modules.items():
+        if isinstance(module, AdapterLayer):
+            module.attach_adapter(adapter_name, built[name])
+        else:
+            layer = adapter_class(module).wrap(module, adapter_name, built[name])
+            layer.set_adapter(active)
+            _set_submodule(model, name, layer)
+    # Freeze all but the adapters, which keep their own flags (active or not, a frozen mixer
+    # stays frozen), and the modules to save, which are trained in full.
+    adapter_parameters = {id(p) for layer in adapted_layers(model).values() for p in layer.adapters.parameters()}
     for parameter in model.parameters():
         if id(parameter) not in adapter_parameters:
             parameter.requires_grad_(False)
@@ -172,28 +167,39 @@ def _wrap(model, configs, modules_to_save=()):
     _record(model)
 
 
-def _adapter_config(model):
-    """What ``save_adapter`` writes to adapter_config.json: each adapted layer's
-    settings, the names of the modules to save and this library's version."""
+def _layer_settings(model, adapter_name):
+    """{layer name: settings} of the layers holding ``adapter_name``."""
+    return {name: asdict(layer.adapters[adapter_name].config)
+            for name, layer in _layers_holding(model, adapter_name).items()}
+
+
+def _adapter_config(model, adapter_name):
+    """What ``save_adapter`` writes to adapter_config.json: the settings of
+    each layer's adapter ``adapter_name``, the names of the modules to save
+    and this library's version."""
     from . import __version__
 
-    return {"format": FORMAT, "version": __version__,
-            "layers": {name: asdict(AdapterConfig.of(layer)) for name, layer in adapted_layers(model).items()},
+    return {"format": FORMAT, "version": __version__, "layers": _layer_settings(model, adapter_name),
             "modules_to_save": list(saved_modules(model))}
 
 
 def _record(model):
-    """Keep the adapter settings in a transformers model's config, which
-    ``save_pretrained`` (and so the HF Trainer) writes to config.json beside
-    the full state dict with its lora_* tensors: ``load_adapter`` restores
-    the adapters from such a checkpoint. A merged model's weights already
-    hold its adapters, so it records none."""
+    """Keep the settings of every adapter in a transformers model's config,
+    which ``save_pretrained`` (and so the HF Trainer) writes to config.json
+    beside the full state dict with its adapter tensors: ``load_adapter``
+    restores an adapter from such a checkpoint. A merged model's weights
+    already hold its adapter, so it records none."""
+    from . import __version__
+
     config = getattr(model, "config", None)
     if not hasattr(config, "to_json_string"):  # not a transformers PretrainedConfig
         return
     layers = adapted_layers(model).values()
     if layers and not any(layer.merged for layer in layers):
-        setattr(config, CONFIG_RECORD, _adapter_config(model))
+        setattr(config, CONFIG_RECORD, {
+            "format": FORMAT, "version": __version__,
+            "adapters": {name: _layer_settings(model, name) for name in list_adapters(model)},
+            "modules_to_save": list(saved_modules(model))})
     elif hasattr(config, CONFIG_RECORD):
         delattr(config, CONFIG_RECORD)
 
@@ -204,8 +210,9 @@ def _set_submodule(model, name, module):
 
 
 def adapted_layers(model):
-    """{name: moslora_ext.Linear} of every adapted layer in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    """{name: layer} of every adapted layer in ``model`` (``moslora_ext.Linear``,
+    ``TransposedLinear``, ``Conv``, ``Embedding``: ``AdapterLayer`` subclasses)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def saved_modules(model):
@@ -227,13 +234,111 @@ def trainable_parameters(model):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+# --- named adapters ---------------------------------------------------------------------------
+
+
+def list_adapters(model):
+    """{adapter name: [names of the layers holding it]}, in the order the
+    adapters were added (PEFT keeps the names in ``peft_config``)."""
+    found = {}
+    for name, layer in adapted_layers(model).items():
+        for adapter_name in layer.adapters:
+            found.setdefault(adapter_name, []).append(name)
+    return found
+
+
+def active_adapter(model):
+    """The name of the model's active adapter, or None if it has no adapters."""
+    return next((layer.active_adapter for layer in adapted_layers(model).values()), None)
+
+
+def _layers_holding(model, adapter_name):
+    """{name: layer} of the layers holding the adapter ``adapter_name``;
+    ValueError, listing the model's adapters, if there are none."""
+    layers = {name: layer for name, layer in _require_adapters(model).items() if adapter_name in layer.adapters}
+    if not layers:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}; it has {list(list_adapters(model))}")
+    return layers
+
+
+def set_adapter(model, adapter_name):
+    """Make ``adapter_name`` the active adapter of every adapted layer (as
+    PEFT's ``set_adapter``): forward uses it alone, only its parameters
+    require grad, and merges fold it. Copies no weight: each layer holds all
+    its adapters' tensors, and the parameter objects stay the same (an
+    optimizer may hold them all). Layers without an adapter of that name
+    compute their base outputs. Refused (RuntimeError, nothing changed) while
+    adapters are merged: unmerge_adapters first. Returns ``model``."""
+    _layers_holding(model, adapter_name)  # refuses an unknown name
+    layers = adapted_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"set_adapter needs unmerged adapters, but {len(merged)} layers are merged (such as "
+                           f"{merged[0]}); call unmerge_adapters(model) first")
+    for layer in layers.values():
+        layer.set_adapter(adapter_name)
+    _record(model)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """A context manager under which ``model`` computes its base outputs
+    exactly, every adapted layer running its base module's forward alone (as
+    PEFT's ``disable_adapter``; TRL's DPO and KTO trainers get their reference
+    model this way). Refused (RuntimeError) while adapters are merged, since
+    unmerging is exact only up to rounding."""
+    layers = _require_adapters(model).values()
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("disable_adapters needs unmerged adapters; call unmerge_adapters(model) first")
+    previous = [(layer, layer.disabled) for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, disabled in previous:
+            layer.disabled = disabled
+
+
+def delete_adapter(model, adapter_name):
+    """Remove the adapter ``adapter_name`` from every layer; a layer left
+    without adapters is replaced by its base module (weights as they are).
+    If it was the active adapter, the first remaining one becomes active.
+    Refused (RuntimeError, nothing changed) while it is merged. Returns
+    ``model``."""
+    layers = _layers_holding(model, adapter_name)
+    merged = [name for name, layer in layers.items() if layer.merged and layer.active_adapter == adapter_name]
+    if merged:
+        raise RuntimeError(f"adapter {adapter_name!r} is merged into {len(merged)} layers (such as {merged[0]}); "
+                           "call unmerge_adapters(model) first")
+    was_active = active_adapter(model) == adapter_name
+    for name, layer in layers.items():
+        layer.delete_adapter(adapter_name)
+        if not layer.adapters:
+            _set_submodule(model, name, layer.unload())
+    remaining = list(list_adapters(model))
+    if was_active and remaining:
+        set_adapter(model, remaining[0])
+    _record(model)
+    return model
+
+
+# --- merging ----------------------------------------------------------------------------------
+
+
+def _active_layers(model):
+    """The adapted layers that hold the active adapter (the others compute their base)."""
+    return [layer for layer in _require_adapters(model).values() if layer.active_adapter in layer.adapters]
+
+
 def merge_adapters(model, safe=False):
-    """Merge every adapter into its base weight (see ``Linear.merge``). With
-    ``safe=True`` a refused merge unmerges the layers merged before it, so the
-    model is left as it was."""
+    """Merge the active adapter into the base weights (see
+    ``AdapterLayer.merge``). With ``safe=True`` a refused merge unmerges the
+    layers merged before it, so the model is left as it was."""
     merged = []
     try:
-        for layer in _require_adapters(model).values():
+        for layer in _active_layers(model):
             layer.merge(safe=safe)
             merged.append(layer)
     except Exception:
@@ -245,8 +350,8 @@ def merge_adapters(model, safe=False):
 
 
 def unmerge_adapters(model):
-    """Take every adapter back out of its base weight."""
-    layers = _require_adapters(model).values()
+    """Take the active adapter back out of the base weights."""
+    layers = _active_layers(model)
     not_merged = [layer for layer in layers if not layer.merged]
     if not_merged:
         raise RuntimeError(f"{len(not_merged)} of {len(layers)} adapted layers are not merged; nothing was changed")
@@ -257,19 +362,17 @@ def unmerge_adapters(model):
 
 
 def merge_and_unload(model):
-    """Fold every adapter into its base weight and put plain ``nn.Linear``
-    layers back: the result has no trace of moslora_ext (modules to save stay
-    as trained). Returns ``model``."""
-    layers = _require_adapters(model)
-    for module in saved_modules(model).values():
-        delattr(module, MODULE_TO_SAVE)
-    for name, layer in layers.items():
+    """Fold the active adapter into the base weights and put the base modules
+    back (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv2d``...; the other
+    adapters are dropped): the result has no trace of moslora_ext (modules
+    to save stay as trained). Returns ``model``."""
+    for layer in _active_layers(model):
         if not layer.merged:
             layer.merge()
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.weight = layer.weight
-        plain.bias = layer.bias
-        _set_submodule(model, name, plain)
+    for module in saved_modules(model).values():
+        delattr(module, MODULE_TO_SAVE)
+    for name, layer in adapted_layers(model).items():
+        _set_submodule(model, name, layer.unload())
     _record(model)
     return model
 
@@ -277,12 +380,13 @@ def merge_and_unload(model):
 # --- save and load ----------------------------------------------------------------------------
 
 
-def adapter_state_dict(model):
-    """The tensors ``save_adapter`` saves: each adapter's, keyed ``"<layer>.lora_A"``,
-    ``"<layer>.lora_mixer"``, ``"<layer>.lora_B"``, and the state of every module to save,
-    keyed as in ``model.state_dict()``."""
-    tensors = {f"{name}.{t}": getattr(layer, t) for name, layer in _require_adapters(model).items()
-               for t in ADAPTER_TENSORS}
+def adapter_state_dict(model, adapter_name=DEFAULT_ADAPTER):
+    """The tensors ``save_adapter`` saves: those of each layer's adapter
+    ``adapter_name``, keyed ``"<layer>.lora_A"``, ``"<layer>.lora_mixer"``,
+    ``"<layer>.lora_B"``, and the state of every module to save, keyed as in
+    ``model.state_dict()``."""
+    tensors = {f"{name}.{t}": getattr(layer.adapters[adapter_name], t)
+               for name, layer in _layers_holding(model, adapter_name).items() for t in ADAPTER_TENSORS}
     return tensors | _saved_module_state(model)
 
 
@@ -292,11 +396,11 @@ def _saved_module_state(model):
             for key, t in module.state_dict().items()}
 
 
-def _unmerged_adapters(model, caller):
-    layers = _require_adapters(model)
-    if any(layer.merged for layer in layers.values()):
+def _unmerged_adapters(model, caller, adapter_name):
+    """The layers holding ``adapter_name``, refusing a model with merged adapters."""
+    if any(layer.merged for layer in _require_adapters(model).values()):
         raise RuntimeError(f"{caller} needs unmerged adapters; call unmerge_adapters(model) first")
-    return layers
+    return _layers_holding(model, adapter_name)
 
 
 def _write(path, tensors, config):
@@ -309,45 +413,49 @@ def _write(path, tensors, config):
         json.dump(config, f, indent=1)
 
 
-def save_adapter(model, path):
-    """Save only the adapters of ``model`` to the folder ``path``:
-    ``adapter_model.safetensors`` (the tensors) and ``adapter_config.json``
-    (each adapted layer's settings, the names of the modules to save and this
+def save_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
+    """Save the adapter ``adapter_name`` of ``model`` (one adapter per
+    folder, as PEFT) to the folder ``path``: ``adapter_model.safetensors``
+    (its tensors, keyed ``<layer>.lora_A`` etc.) and ``adapter_config.json``
+    (each layer's settings, the names of the modules to save and this
     library's version). Refuses a merged model, whose adapters are also in
     the base weights."""
-    _unmerged_adapters(model, "save_adapter")
-    _write(path, adapter_state_dict(model), _adapter_config(model))
+    _unmerged_adapters(model, "save_adapter", adapter_name)
+    _write(path, adapter_state_dict(model, adapter_name), _adapter_config(model, adapter_name))
 
 
 # Settings that a PEFT LoRA adapter holds once for all its layers.
 PEFT_SHARED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
 
 
-def save_peft_adapter(model, path):
-    """Save the adapters of ``model`` as a standard PEFT LoRA adapter in the
-    folder ``path``, for PEFT's ``PeftModel.from_pretrained`` and for
-    serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI, LoRAX).
+def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
+    """Save the adapter ``adapter_name`` of ``model`` as a standard PEFT LoRA
+    adapter in the folder ``path``, for PEFT's ``PeftModel.from_pretrained``
+    and for serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI,
+    LoRAX).
 
     Since ``s·B M A = s·(B M) A``, each adapter is written as a rank-r LoRA
     adapter with ``lora_A = A`` and ``lora_B = B M`` (computed in fp32,
     rounded once to the adapter's dtype), under PEFT's key names
-    (``base_model.model.<layer>.lora_A.weight``); the modules to save are
-    written as PEFT writes them. ``adapter_config.json`` has ``peft_type``
-    "LORA", r, lora_alpha, lora_dropout, use_rslora, target_modules (the
-    layers' last names where these select exactly the adapted layers, else
-    their full names) and modules_to_save. The mixer is folded in, so the
-    saved adapter is plain LoRA: loading it back gives the same outputs
-    with an identity, frozen mixer.
+    (``base_model.model.<layer>.lora_A.weight``, ``lora_embedding_A`` for
+    embeddings); the modules to save are written as PEFT writes them.
+    ``adapter_config.json`` has ``peft_type`` "LORA", r, lora_alpha,
+    lora_dropout, use_rslora, target_modules (the layers' last names where
+    these select exactly the adapted layers, else their full names),
+    modules_to_save, and ``fan_in_fan_out`` true when it adapts GPT-2
+    ``Conv1D`` layers. The mixer is folded in, so the saved adapter is plain
+    LoRA: loading it back gives the same outputs with an identity, frozen
+    mixer.
 
     PEFT's LoRA has one r, lora_alpha, lora_dropout and use_rslora per
     adapter: ValueError if the adapted layers differ in one of them. Refuses
     a merged model.
     """
-    layers = _unmerged_adapters(model, "save_peft_adapter")
-    configs = {name: AdapterConfig.of(layer) for name, layer in layers.items()}
+    layers = _unmerged_adapters(model, "save_peft_adapter", adapter_name)
+    adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
     shared = {}
     for setting in PEFT_SHARED_SETTINGS:
-        values = {getattr(config, setting) for config in configs.values()}
+        values = {getattr(adapter.config, setting) for adapter in adapters.values()}
         if len(values) > 1:
             raise ValueError(f"a PEFT LoRA adapter has one {setting} for all layers, but the adapted layers "
                              f"have {sorted(values)}")
@@ -356,44 +464,51 @@ def save_peft_adapter(model, path):
     exact = set(matching_names(model, last_names)) == set(layers)
     tensors = {}
     with torch.no_grad():
-        for name, layer in layers.items():
-            tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-            tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (
-                layer.lora_B.float() @ layer.lora_mixer.float()).to(layer.lora_B.dtype)
+        for name, adapter in adapters.items():
+            peft_names = layers[name].peft_names
+            B = adapter.lora_B
+            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}"] = adapter.lora_A
+            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = (
+                B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
     tensors.update({PEFT_PREFIX + key: t for key, t in _saved_module_state(model).items()})
     base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
               "target_modules": last_names if exact else sorted(layers),
               "modules_to_save": list(saved_modules(model)) or None,
-              "bias": "none", "fan_in_fan_out": False, "use_dora": False, "init_lora_weights": True,
-              "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}}
+              "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+              "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
+              "alpha_pattern": {}}
     _write(path, tensors, config)
 
 
-def load_adapter(model, path):
-    """Load an adapter saved by ``save_adapter`` into ``model``, or the
-    adapters of a transformers checkpoint folder written by
-    ``save_pretrained`` (and so by the HF Trainer) of a model with adapters:
-    ``model.safetensors`` or its shards with ``model.safetensors.index.json``,
-    and ``config.json``, where the adapted model's config recorded the
-    adapter settings (lora_alpha cannot be read from tensor shapes). Only the
-    adapter tensors (and modules to save) are read from such a checkpoint.
+def load_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False):
+    """Load an adapter saved by ``save_adapter`` into ``model`` as
+    ``adapter_name``, or the adapter ``adapter_name`` of a transformers
+    checkpoint folder written by ``save_pretrained`` (and so by the HF
+    Trainer) of a model with adapters: ``model.safetensors`` or its shards
+    with ``model.safetensors.index.json``, and ``config.json``, where the
+    adapted model's config recorded the adapter settings (lora_alpha cannot
+    be read from tensor shapes). Only that adapter's tensors (and the modules
+    to save) are read from such a checkpoint.
 
-    Layers named in the checkpoint that are ``nn.Linear`` (see
-    ``check_adaptable``) get an adapter with the saved settings. Layers that
-    already have one must have the same ``WEIGHT_SETTINGS`` (r, lora_alpha,
-    use_rslora) and keep their own lora_dropout, mixer_init and
-    train_mixer, which do not change what the tensors compute. Every
-    tensor's shape is checked, and missing or unexpected keys are reported,
-    before anything changes: a failed load leaves the model untouched.
-    Returns ``model``.
+    Layers named in the checkpoint get an adapter ``adapter_name`` with the
+    saved settings (adapted layers replace base ones, see ``add_adapters``;
+    the adapter is active if it is the model's first). If the model has an
+    adapter of that name already, the load is refused unless ``replace``:
+    then the checkpoint's tensors are copied into the existing adapters (the
+    parameter objects stay, so an optimizer holding them goes on), which
+    must have the same ``WEIGHT_SETTINGS`` (r, lora_alpha, use_rslora) and
+    keep their own lora_dropout, mixer_init and train_mixer, which do not
+    change what the tensors compute. Every tensor's shape is checked, and
+    missing or unexpected keys are reported, before anything changes: a
+    failed load leaves the model untouched. Returns ``model``.
     """
     if os.path.exists(os.path.join(path, CONFIG_NAME)):
         with open(os.path.join(path, CONFIG_NAME)) as f:
             config = json.load(f)
         tensors = None  # read once the config is checked
     else:
-        config, tensors = _read_transformers_checkpoint(path)
+        config, tensors = _read_transformers_checkpoint(path, adapter_name)
     if config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a moslora_ext adapter (format {config.get('format')!r}); "
                          "for PEFT or released MoSLoRA checkpoints use load_peft_adapter")
@@ -405,14 +520,15 @@ def load_adapter(model, path):
         settings[name] = AdapterConfig(**layer_config)
     if tensors is None:
         tensors = _read_tensors(os.path.join(path, WEIGHTS_NAME))
-    _load(model, settings, tensors, str(path), config.get("modules_to_save", []))
+    _load(model, settings, tensors, str(path), config.get("modules_to_save", []), adapter_name, replace)
     return model
 
 
-def _read_transformers_checkpoint(path):
-    """The adapter record of a transformers checkpoint folder's config.json
-    and the tensors it names (adapters and modules to save), read alone from
-    ``model.safetensors`` or its shards."""
+def _read_transformers_checkpoint(path, adapter_name):
+    """The adapter ``adapter_name`` of a transformers checkpoint folder: the
+    save_adapter-style config of its record in config.json, and its tensors
+    (and those of the modules to save), read alone from ``model.safetensors``
+    or its shards and keyed as by ``adapter_state_dict``."""
     from safetensors import safe_open
 
     model_config = os.path.join(path, "config.json")
@@ -438,13 +554,18 @@ def _read_transformers_checkpoint(path):
                          "tensors (their lora_alpha cannot be read from shapes). It was saved from a model "
                          "without adapters, from one whose adapters were merged (its weights hold them: use it "
                          "as is), or with an older moslora_ext; load its adapters with save_adapter's folder")
-    wanted = {f"{name}.{t}" for name in record["layers"] for t in ADAPTER_TENSORS}
-    wanted |= {key for key in files if _inside_any(key, record.get("modules_to_save", []))}
+    if adapter_name not in record["adapters"]:
+        raise ValueError(f"{path}: the checkpoint has no adapter named {adapter_name!r}; it has "
+                         f"{list(record['adapters'])}")
+    layers = record["adapters"][adapter_name]
+    # The model's state-dict key of each tensor (AdapterLayer holds its adapters in `adapters`) -> ours.
+    wanted = {f"{name}.adapters.{adapter_name}.{t}": f"{name}.{t}" for name in layers for t in ADAPTER_TENSORS}
+    wanted |= {key: key for key in files if _inside_any(key, record["modules_to_save"])}
     tensors = {}
     for file in sorted({files[key] for key in wanted if key in files}):
         with safe_open(file, "pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys() if key in wanted})
-    return record, tensors
+            tensors.update({wanted[key]: f.get_tensor(key) for key in f.keys() if key in wanted})
+    return {"format": FORMAT, "layers": layers, "modules_to_save": record["modules_to_save"]}, tensors
 
 
 def _read_tensors(file):
@@ -454,76 +575,82 @@ def _read_tensors(file):
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def _load(model, settings, tensors, source, modules_to_save=()):
-    """Check everything, then wrap the layers that need it, mark the modules
-    to save and copy the tensors in."""
+def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEFAULT_ADAPTER, replace=False):
+    """Check everything, then give the layers that lack it the adapter
+    ``adapter_name``, mark the modules to save and copy the tensors in."""
     modules = dict(model.named_modules())
     missing_layers = [name for name in [*settings, *modules_to_save] if name not in modules]
     if missing_layers:
         raise ValueError(f"{source}: the model has no module named {missing_layers}")
+    if adapter_name in list_adapters(model) and not replace:
+        raise ValueError(f"{source}: the model has an adapter named {adapter_name!r} already; pass replace=True to "
+                         "load over it, or another adapter_name")
     saved_state = {f"{name}.{key}": t for name in modules_to_save
                    for key, t in modules[name].state_dict().items()}
     expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS} | saved_state.keys()
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
-    to_wrap = {}
+    to_add = {}
     for name, config in settings.items():
         module = modules[name]
-        if isinstance(module, Linear):
-            existing = AdapterConfig.of(module)
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+            existing = module.adapters[adapter_name].config
             differing = [s for s in WEIGHT_SETTINGS if getattr(existing, s) != getattr(config, s)]
             if differing:
                 raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
                                  f"but the checkpoint has {config}; {differing} must match")
-            if module.merged:
+            if module.merged and module.active_adapter == adapter_name:
                 raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
         else:
             check_adaptable(module, f"{source}: layer {name}")
-            to_wrap[name] = config
-        out_features, in_features = module.weight.shape
-        r = config.r
-        wanted = {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}
-        for t, shape in wanted.items():
+            to_add[name] = config
+        for t, shape in adapter_class(module).factor_shapes(module.weight, config.r).items():
             got = tuple(tensors[f"{name}.{t}"].shape)
             if got != shape:
                 raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
-                                 f"({in_features} -> {out_features}, r={r}) needs {shape}")
+                                 f"(weight {tuple(module.weight.shape)}, r={config.r}) needs {shape}")
     for key, t in saved_state.items():
         if tensors[key].shape != t.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
                              f"but the model's has {tuple(t.shape)}")
-    if to_wrap or modules_to_save:
-        _wrap(model, to_wrap, modules_to_save)
+    if to_add or modules_to_save:
+        _wrap(model, to_add, adapter_name, modules_to_save)
     layers = adapted_layers(model)
     with torch.no_grad():
         for name in settings:
+            adapter = layers[name].adapters[adapter_name]
             for t in ADAPTER_TENSORS:
-                getattr(layers[name], t).copy_(tensors[f"{name}.{t}"])
+                getattr(adapter, t).copy_(tensors[f"{name}.{t}"])
         for key, t in saved_state.items():
             t.copy_(tensors[key])
 
 
-def load_peft_adapter(model, path, autocast_adapter_dtype=True):
+def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, autocast_adapter_dtype=True):
     """Load a LoRA adapter saved by PEFT, or a MoSLoRA adapter saved by the
     released MoSLoRA code (a PEFT fork), from the folder ``path``
-    (``adapter_config.json`` and ``adapter_model.safetensors`` or ``.bin``).
+    (``adapter_config.json`` and ``adapter_model.safetensors`` or ``.bin``)
+    as the adapter ``adapter_name``.
 
     Keys ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight`` (and
-    ``lora_AB.weight``, the mixer, for MoSLoRA) are mapped onto ``<layer>``
-    of ``model``. A LoRA adapter gets an identity, frozen mixer, so the
-    layer computes exactly what PEFT computes; a MoSLoRA adapter gets its
-    trained mixer. Tensors of the config's ``modules_to_save`` (such as
-    the ``classifier.*`` or ``score.*`` of a SEQ_CLS adapter), keyed
+    ``lora_AB.weight``, the mixer, for MoSLoRA; ``lora_embedding_A`` /
+    ``lora_embedding_B`` for embeddings) are mapped onto ``<layer>`` of
+    ``model``: linear layers, GPT-2's ``Conv1D`` (PEFT's
+    ``fan_in_fan_out``), convolutions and embeddings. A LoRA adapter gets
+    an identity, frozen mixer, so the layer computes exactly what PEFT
+    computes; a MoSLoRA adapter gets its trained mixer. Tensors of the
+    config's ``modules_to_save`` (such as the ``classifier.*`` or
+    ``score.*`` of a SEQ_CLS adapter), keyed
     ``base_model.model.<module>.<name>``, are loaded into those modules,
     which are then trained in full as with ``add_adapters(...,
-    modules_to_save=...)``. Same all-or-nothing checks as ``load_adapter``.
-    ``autocast_adapter_dtype`` as in ``add_adapters`` (and PEFT's
-    ``from_pretrained``): float32 adapters on float16/bfloat16 layers.
+    modules_to_save=...)``. Same all-or-nothing checks, and the same
+    ``replace`` rule, as ``load_adapter``. ``autocast_adapter_dtype`` as in
+    ``add_adapters`` (and PEFT's ``from_pretrained``): float32 adapters on
+    float16/bfloat16 layers.
     """
     with open(os.path.join(path, CONFIG_NAME)) as f:
         peft_config = json.load(f)
-    unsupported = {key: peft_config[key] for key in ("fan_in_fan_out", "use_dora", "rank_pattern", "alpha_pattern")
+    unsupported = {key: peft_config[key] for key in ("use_dora", "rank_pattern", "alpha_pattern")
                    if peft_config.get(key)}
     if peft_config.get("bias", "none") != "none":
         unsupported["bias"] = peft_config["bias"]
@@ -533,7 +660,7 @@ def load_peft_adapter(model, path, autocast_adapter_dtype=True):
     weights = next((f for f in files if os.path.exists(f)), None)
     if weights is None:
         raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor adapter_model.bin")
-    key_pattern = re.compile(r"(.+)\.(lora_A|lora_AB|lora_B)(?:\.default)?\.weight")
+    key_pattern = re.compile(rf"(.+)\.({'|'.join(FROM_PEFT_NAMES)})(?:\.default)?(?:\.weight)?")
     modules_to_save = peft_config.get("modules_to_save")
     save_candidates = matching_names(model, modules_to_save) if modules_to_save else []
     by_layer, tensors, to_save = {}, {}, set()
@@ -542,7 +669,7 @@ def load_peft_adapter(model, path, autocast_adapter_dtype=True):
         match = key_pattern.fullmatch(name)
         module_to_save = _inside_any(name, save_candidates)
         if match:
-            by_layer.setdefault(match.group(1), {})[match.group(2)] = tensor
+            by_layer.setdefault(match.group(1), {})[FROM_PEFT_NAMES[match.group(2)]] = tensor
         elif module_to_save:
             to_save.add(module_to_save)
             tensors[name] = tensor
@@ -552,15 +679,14 @@ def load_peft_adapter(model, path, autocast_adapter_dtype=True):
     r, alpha = peft_config["r"], peft_config["lora_alpha"]
     settings = {}
     for name, parts in by_layer.items():
-        has_mixer = "lora_AB" in parts
+        has_mixer = "lora_mixer" in parts
         settings[name] = AdapterConfig(r=r, lora_alpha=alpha, lora_dropout=peft_config.get("lora_dropout", 0.0),
                                        mixer_init="kaiming" if has_mixer else "identity", train_mixer=has_mixer,
                                        use_rslora=peft_config.get("use_rslora", False),
                                        autocast_adapter_dtype=autocast_adapter_dtype)
-        tensors[f"{name}.lora_mixer"] = parts.pop("lora_AB") if has_mixer else torch.eye(r)
-        for t, tensor in parts.items():
-            tensors[f"{name}.{t}"] = tensor
+        parts.setdefault("lora_mixer", torch.eye(r))
+        tensors.update({f"{name}.{t}": tensor for t, tensor in parts.items()})
     if not settings:
         raise ValueError(f"{weights} holds no adapter tensors")
-    _load(model, settings, tensors, str(path), sorted(to_save))
+    _load(model, settings, tensors, str(path), sorted(to_save), adapter_name, replace)
     return model

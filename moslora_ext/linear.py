@@ -1,49 +1,13 @@
-"""``moslora_ext.Linear``: a frozen linear layer with a MoSLoRA adapter."""
-
-import math
+"""``moslora_ext.Linear`` (a linear layer with MoSLoRA adapters, on the fused
+ops) and ``TransposedLinear`` (the same for GPT-2's ``Conv1D``)."""
 
 import torch
 from torch import nn
 
 from . import ops
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, qualified_class_names
 
-MIXER_INITS = ("kaiming", "orthogonal", "identity", "braid")
-
-
-def adapter_dtype(base_dtype, autocast_adapter_dtype=True):
-    """The dtype of adapter parameters on a base of ``base_dtype``: float32 for
-    a float16/bfloat16 base when ``autocast_adapter_dtype``, else the base's."""
-    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return base_dtype
-
-
-def init_mixer_(mixer, mixer_init):
-    """Initialise an (r, r) mixer in place.
-
-    "kaiming": Kaiming-uniform with a = sqrt(5), as the released MoSLoRA code;
-    "orthogonal": a random orthogonal matrix; "identity": vanilla LoRA;
-    "braid": the two-subspace butterfly [[I, I], [I, I]] (even r only).
-    """
-    r = mixer.shape[0]
-    with torch.no_grad():
-        if mixer_init == "kaiming":
-            nn.init.kaiming_uniform_(mixer, a=math.sqrt(5))
-        elif mixer_init == "orthogonal":
-            # QR has no fp16/bf16 kernels: draw in (at least) fp32, then cast.
-            dtype = torch.promote_types(mixer.dtype, torch.float32)
-            mixer.copy_(nn.init.orthogonal_(torch.empty(r, r, dtype=dtype, device=mixer.device)))
-        elif mixer_init == "identity":
-            mixer.copy_(torch.eye(r))
-        elif mixer_init == "braid":
-            if r % 2:
-                raise ValueError(f"mixer_init='braid' needs an even rank r, got r={r}")
-            mixer.copy_(torch.eye(r // 2).repeat(2, 2))
-        else:
-            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
-    return mixer
-
-
+GPT2_CONV1D = "transformers.pytorch_utils.Conv1D"  # by name, so that nothing needs importing
 _QUANTIZED = "its weight is quantized and its forward dequantizes it"
 
 # nn.Linear subclasses whose forward is not x W^T + b of their own weight and bias (or whose
@@ -72,32 +36,8 @@ NOT_PLAIN_LINEAR = {
 }
 
 
-def refusal_reason(module):
-    """Why ``module`` cannot take an adapter, or None if it can: it must be a
-    ``torch.nn.Linear`` or a subclass whose forward is the linear map of its
-    weight and bias, i.e. any subclass not listed in ``NOT_PLAIN_LINEAR``."""
-    kind = type(module).__name__
-    if not isinstance(module, nn.Linear):
-        return f"is a {kind}, not a torch.nn.Linear; adapters go on linear layers only"
-    for cls in type(module).__mro__:
-        reason = NOT_PLAIN_LINEAR.get(f"{cls.__module__}.{cls.__qualname__}")
-        if reason:
-            return f"is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}"
-    if isinstance(module.weight, nn.parameter.UninitializedParameter):
-        return f"is a {kind} whose weight is not initialized yet; run a forward pass first"
-    return None
-
-
-def check_adaptable(module, name="the module"):
-    """Raise TypeError, naming ``name`` and saying why, if ``module`` cannot
-    take an adapter (see ``refusal_reason``)."""
-    reason = refusal_reason(module)
-    if reason:
-        raise TypeError(f"{name} {reason}")
-
-
-class Linear(nn.Module):
-    """A linear layer with a frozen base and a trainable MoSLoRA adapter.
+class Linear(AdapterLayer):
+    """A linear layer with a frozen base and trainable MoSLoRA adapters.
 
     ``y = x W^T + b + scale * B M A dropout(x)`` with ``lora_A`` (r, in),
     ``lora_mixer`` M (r, r) and ``lora_B`` (out, r); ``scale = lora_alpha / r``
@@ -124,118 +64,102 @@ class Linear(nn.Module):
 
     The base ``weight`` and ``bias`` are frozen (``requires_grad=False``).
     ``merge()`` folds the adapter into ``weight`` for inference, ``unmerge()``
-    takes it out again.
+    takes it out again. The layer holds its adapters by name (this one is
+    "default"; ``add_adapter``, ``set_adapter``, see ``AdapterLayer``);
+    ``lora_A``, ``r``, ``scale``... are the active adapter's, and forward
+    runs the fused ops on the active adapter alone.
     """
 
-    def __init__(
-        self,
-        in_features,
-        out_features,
-        r=8,
-        lora_alpha=16,
-        lora_dropout=0.0,
-        bias=True,
-        mixer_init="kaiming",
-        train_mixer=True,
-        use_rslora=False,
-        autocast_adapter_dtype=True,
-        device=None,
-        dtype=None,
-    ):
+    is_linear = True
+
+    def __init__(self, in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True,
+                 mixer_init="kaiming", train_mixer=True, use_rslora=False, autocast_adapter_dtype=True,
+                 device=None, dtype=None):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        base = nn.Linear(in_features, out_features, bias=bias, **factory)
-        self._init_from_base(base.weight, base.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
-                             autocast_adapter_dtype)
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
+                               autocast_adapter_dtype)
+        self._adopt(base, DEFAULT_ADAPTER, self.build_adapter(base.weight, config))
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming", train_mixer=True,
                     use_rslora=False, autocast_adapter_dtype=True):
-        """Wrap an existing ``nn.Linear``: its weight and bias Parameters are
-        shared (not copied) and frozen; the adapter is created on their
-        device, in their dtype (float32 for a half-precision base, see
-        ``autocast_adapter_dtype``), and the layer takes ``linear``'s training
-        mode (so dropout stays off in a model that is in eval mode). Subclasses
-        of ``nn.Linear`` are accepted unless their forward is known to be more
-        than the linear map (see ``check_adaptable``)."""
-        check_adaptable(linear, "from_linear's argument")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._init_from_base(linear.weight, linear.bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer,
-                              use_rslora, autocast_adapter_dtype)
-        return layer.train(linear.training)
+        """Wrap an existing ``nn.Linear`` (see ``AdapterLayer.from_module``):
+        its weight and bias Parameters are shared (not copied) and frozen; the
+        adapter "default" is created on their device, in their dtype (float32
+        for a half-precision base, see ``autocast_adapter_dtype``), and the
+        layer takes ``linear``'s training mode (so dropout stays off in a
+        model that is in eval mode). Subclasses of ``nn.Linear`` are accepted
+        unless their forward is known to be more than the linear map (see
+        ``moslora_ext.check_adaptable``)."""
+        return cls.from_module(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, mixer_init=mixer_init,
+                               train_mixer=train_mixer, use_rslora=use_rslora,
+                               autocast_adapter_dtype=autocast_adapter_dtype)
 
-    def _init_from_base(self, weight, bias, r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
-                        autocast_adapter_dtype):
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"r (the adapter rank) must be a positive integer, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype, autocast_adapter_dtype)}
-        # Built first: it validates mixer_init before anything is changed.
-        mixer = init_mixer_(torch.empty(r, r, **factory), mixer_init)
-        self.out_features, self.in_features = weight.shape
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = lora_dropout
-        self.mixer_init = mixer_init
-        self.use_rslora = use_rslora
-        self.autocast_adapter_dtype = autocast_adapter_dtype
-        self.scale = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.merged = False
-        weight.requires_grad_(False)
-        if bias is not None:
-            bias.requires_grad_(False)
-        self.weight = weight
-        self.bias = bias
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_mixer = nn.Parameter(mixer, requires_grad=train_mixer)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+    @classmethod
+    def refusal_reason(cls, module):
+        """None for a ``torch.nn.Linear`` or a subclass whose forward is the
+        linear map of its weight and bias (any not in ``NOT_PLAIN_LINEAR``)."""
+        kind = type(module).__name__
+        if not isinstance(module, nn.Linear):
+            return f"is a {kind}, not a torch.nn.Linear"
+        for class_name in qualified_class_names(module):
+            reason = NOT_PLAIN_LINEAR.get(class_name)
+            if reason:
+                return f"is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}"
+        return super().refusal_reason(module)
 
-    def forward(self, x):
-        if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
-        dropout_p = self.lora_dropout if self.training else 0.0
-        return ops.moslora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_mixer, self.lora_B, self.scale, dropout_p
-        )
+    def _keep_base_settings(self, module):
+        self.out_features, self.in_features = self._as_matrix(module.weight).shape
 
-    def delta_weight(self):
-        """The adapter as a weight update, ``scale * B M A`` (out, in)."""
-        with torch.no_grad():
-            return self.scale * (self.lora_B @ self.lora_mixer) @ self.lora_A
+    @staticmethod
+    def _as_matrix(weight):
+        return weight
 
-    def merge(self, safe=False):
-        """Fold the adapter into ``weight`` in place; forward is then the base layer alone.
+    def base_forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
 
-        With ``safe=True`` the merged weight is computed in a copy first and
-        the merge is refused (ValueError, weight untouched) if it has
-        non-finite values; this costs one weight-sized temporary.
-        """
-        if self.merged:
-            raise RuntimeError("this moslora_ext.Linear is already merged; call unmerge() first")
-        if safe:
-            with torch.no_grad():
-                merged = self.weight.clone()
-                ops.merge_(merged, self.lora_A, self.lora_mixer, self.lora_B, self.scale)
-                if not torch.isfinite(merged).all():
-                    raise ValueError("safe merge refused: the merged weight would contain inf or NaN "
-                                     "(the weight is left unchanged)")
-                self.weight.copy_(merged)
-        else:
-            ops.merge_(self.weight, self.lora_A, self.lora_mixer, self.lora_B, self.scale)
-        self.merged = True
+    def adapter_forward(self, x, adapter):
+        config = adapter.config
+        dropout_p = config.lora_dropout if self.training else 0.0
+        return ops.moslora_linear(x, self._as_matrix(self.weight), self.bias, adapter.lora_A, adapter.lora_mixer,
+                                  adapter.lora_B, config.scale, dropout_p)
 
-    def unmerge(self):
-        """Take the adapter back out of ``weight`` (exact up to rounding)."""
-        if not self.merged:
-            raise RuntimeError("this moslora_ext.Linear is not merged; nothing to unmerge")
-        ops.merge_(self.weight, self.lora_A, self.lora_mixer, self.lora_B, -self.scale)
-        self.merged = False
+    def _empty_base(self):
+        # A plain nn.Linear, also in place of a subclass such as Falcon's FalconLinear.
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-                f"mixer_init={self.mixer_init!r}, train_mixer={self.lora_mixer.requires_grad}, "
-                f"merged={self.merged}")
+                f"{super().extra_repr()}")
+
+
+class TransposedLinear(Linear):
+    """GPT-2's ``Conv1D`` (``transformers.pytorch_utils.Conv1D``) with MoSLoRA
+    adapters: a linear layer whose weight is stored (in_features,
+    out_features), PEFT's ``fan_in_fan_out``. The fused ops run on
+    ``weight.t()``, a view (no copy), and ``merge()`` writes into the
+    weight's own storage. Without an adapter it computes exactly what
+    ``Conv1D`` computes."""
+
+    fan_in_fan_out = True
+
+    @classmethod
+    def refusal_reason(cls, module):
+        if GPT2_CONV1D not in qualified_class_names(module):
+            return f"is a {type(module).__name__}, not a {GPT2_CONV1D}"
+        return AdapterLayer.refusal_reason(module)
+
+    @staticmethod
+    def _as_matrix(weight):
+        return weight.t()
+
+    def base_forward(self, x):
+        # Conv1D.forward itself, so that a disabled or merged layer gives its outputs bit for bit.
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.out_features)
+
+    def _empty_base(self):
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D(self.out_features, self.in_features)
+

@@ -39,3 +39,24 @@ def assert_close_to_reference(actual, expected, dtype):
     rtol, atol = TOLERANCES[dtype]
     magnitude = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol * magnitude)
+
+
+def conv_reference(x, weight, bias, lora_A, mixer, lora_B, scale, stride, padding, dilation, keep_mask=None, p=0.0):
+    """A convolution with base(x) + scale * B(M(A(dropout(x)))): A a convolution with the base's
+    geometry into r channels, M and B 1x1 convolutions, in plain PyTorch."""
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+    dropped = x if keep_mask is None else x * keep_mask / (1 - p)
+    u = conv(dropped, lora_A, None, stride, padding, dilation)
+    v = conv(u, mixer.reshape(*mixer.shape, *[1] * (weight.dim() - 2)))
+    return conv(x, weight, bias, stride, padding, dilation) + scale * conv(v, lora_B)
+
+
+def embedding_reference(ids, weight, lora_A, mixer, lora_B, scale, padding_idx=None):
+    """PEFT's LoRA embedding with a mixer: W[ids] + scale * A^T[ids] M^T B^T."""
+    after_A = F.embedding(ids, lora_A.t(), padding_idx)
+    return F.embedding(ids, weight, padding_idx) + scale * (after_A @ mixer.t()) @ lora_B.t()
+
+
+def transposed_linear_reference(x, weight, bias, lora_A, mixer, lora_B, scale):
+    """GPT-2's Conv1D (weight stored (in, out)) with an adapter: x W + b + scale * x A^T M^T B^T."""
+    return x @ weight + bias + scale * ((x @ lora_A.t()) @ mixer.t()) @ lora_B.t()

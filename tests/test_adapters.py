@@ -73,7 +73,8 @@ def test_add_adapters_by_suffix_shares_weights_and_freezes_the_rest():
     assert sorted(adapted) == ["layers.0.q_proj", "layers.0.v_proj", "layers.1.q_proj", "layers.1.v_proj"]
     assert model.layers[0].q_proj.weight is q_weight
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"{layer}.{t}" for layer in adapted for t in ("lora_A", "lora_mixer", "lora_B")}
+    assert trainable == {f"{layer}.adapters.default.{t}" for layer in adapted
+                         for t in ("lora_A", "lora_mixer", "lora_B")}
     assert all(layer.r == 4 and layer.scale == 2.0 for layer in adapted.values())
 
 
@@ -82,7 +83,7 @@ def test_add_adapters_by_regex_and_frozen_mixer():
                                      train_mixer=False)
     assert sorted(moslora_ext.adapted_layers(model)) == ["layers.1.down", "layers.1.up"]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "layers.1.up.lora_A", "layers.1.up.lora_B", "layers.1.down.lora_A", "layers.1.down.lora_B"}
+        f"layers.1.{layer}.adapters.default.{t}" for layer in ("up", "down") for t in ("lora_A", "lora_B")}
 
 
 def test_fresh_adapters_leave_the_output_unchanged():
@@ -191,7 +192,7 @@ def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):
     model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2))
     moslora_ext.save_adapter(model, tmp_path)
     other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2)
-    moslora_ext.load_adapter(other, tmp_path)
+    moslora_ext.load_adapter(other, tmp_path, replace=True)
     for name, t in moslora_ext.adapters.adapter_state_dict(model).items():
         assert torch.equal(moslora_ext.adapters.adapter_state_dict(other)[name], t)
 
@@ -202,7 +203,7 @@ def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):
                                                         mixer_init="orthogonal"))
     moslora_ext.save_adapter(model, tmp_path)
     other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, mixer_init="identity", train_mixer=False)
-    moslora_ext.load_adapter(other, tmp_path)
+    moslora_ext.load_adapter(other, tmp_path, replace=True)
     assert all(layer.lora_dropout == 0.0 and layer.mixer_init == "identity" and not layer.lora_mixer.requires_grad
                for layer in moslora_ext.adapted_layers(other).values())
     x = torch.randn(5, 4)
@@ -211,7 +212,7 @@ def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):
     other_alpha = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2, lora_alpha=4)
     snapshot = state_snapshot(other_alpha)
     with pytest.raises(ValueError, match=r"\['lora_alpha'\] must match"):
-        moslora_ext.load_adapter(other_alpha, tmp_path)
+        moslora_ext.load_adapter(other_alpha, tmp_path, replace=True)
     assert_same_state(other_alpha, snapshot)
 
 
@@ -222,7 +223,7 @@ def test_failed_loads_leave_the_model_untouched(tmp_path):
     wrong_rank = moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=8)
     snapshot = state_snapshot(wrong_rank)
     with pytest.raises(ValueError, match="r=8"):
-        moslora_ext.load_adapter(wrong_rank, tmp_path)
+        moslora_ext.load_adapter(wrong_rank, tmp_path, replace=True)
     assert_same_state(wrong_rank, snapshot)
 
     wider = TinyModel(width=24)  # every layer has other shapes; the first checked fails
@@ -406,3 +407,123 @@ def test_a_layer_that_fails_to_wrap_leaves_the_others_trainable():
                                            "layers.1.q_proj": moslora_ext.AdapterConfig(r=3, mixer_init="braid")})
     assert all(p.requires_grad for p in model.parameters())
     assert not moslora_ext.adapted_layers(model)
+
+
+# --- named adapters ---------------------------------------------------------------------------
+
+
+def two_adapter_model(tmp_path):
+    """A model with adapters "a" (q_proj, up; r=2) and "b" (q_proj, down; r=4), each also saved alone."""
+    model = randomize_adapters(moslora_ext.add_adapters(tiny_model(), ["q_proj", "up"], r=2, adapter_name="a"))
+    moslora_ext.add_adapters(model, ["q_proj", "down"], r=4, lora_alpha=4, adapter_name="b")
+    with torch.no_grad():
+        for layer in moslora_ext.adapted_layers(model).values():
+            if "b" in layer.adapters:
+                layer.adapters["b"].lora_B.normal_()
+    for name in ("a", "b"):
+        moslora_ext.save_adapter(model, tmp_path / name, adapter_name=name)
+    return model.eval()
+
+
+def alone(tmp_path, name):
+    """A fresh model holding only the adapter saved as ``name``."""
+    return moslora_ext.load_adapter(tiny_model().eval(), tmp_path / name)
+
+
+def test_named_adapters_switch_without_copying_and_each_computes_as_alone(tmp_path):
+    model = two_adapter_model(tmp_path)
+    assert moslora_ext.list_adapters(model) == {"a": ["layers.0.q_proj", "layers.0.up", "layers.1.q_proj",
+                                                      "layers.1.up"],
+                                                "b": ["layers.0.q_proj", "layers.0.down", "layers.1.q_proj",
+                                                      "layers.1.down"]}
+    # The first adapter stays active; the second is frozen until chosen.
+    assert moslora_ext.active_adapter(model) == "a"
+    parameters = dict(model.named_parameters())
+    weights = {name: (p.data_ptr(), p.detach().clone()) for name, p in parameters.items() if "lora_" not in name}
+    x = torch.randn(6, 4)
+    for name in ("a", "b", "a"):
+        moslora_ext.set_adapter(model, name)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            n for n in parameters if f".adapters.{name}." in n}
+        assert model.layers[0].q_proj.lora_A is model.layers[0].q_proj.adapters[name].lora_A
+        torch.testing.assert_close(model(x), alone(tmp_path, name)(x))
+    # The same parameter objects and keys throughout, and no base weight touched.
+    assert dict(model.named_parameters()) == parameters
+    assert all(p.data_ptr() == weights[n][0] and torch.equal(p, weights[n][1])
+               for n, p in model.named_parameters() if n in weights)
+
+
+def test_training_one_adapter_then_another_mid_run(tmp_path):
+    model = two_adapter_model(tmp_path).train()
+    # The optimizer holds both adapters, as a user switching adapters may have it.
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=1e-2)
+    x = torch.randn(16, 4)
+    for name in ("a", "b", "a"):
+        moslora_ext.set_adapter(model, name)
+        other = "b" if name == "a" else "a"
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if f".adapters.{other}." in n}
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            model(x).pow(2).mean().backward()
+            optimizer.step()
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    model.eval()
+    for name in ("a", "b"):
+        moslora_ext.set_adapter(model, name)
+        moslora_ext.save_adapter(model, tmp_path / f"trained-{name}", adapter_name=name)
+        torch.testing.assert_close(model(x), alone(tmp_path, f"trained-{name}")(x))
+
+
+def test_disable_adapters_gives_the_base_outputs_bit_for_bit(tmp_path):
+    model = two_adapter_model(tmp_path)
+    x = torch.randn(6, 4)
+    with_adapter = model(x)
+    with moslora_ext.disable_adapters(model):
+        assert torch.equal(model(x), tiny_model().eval()(x))
+    assert torch.equal(model(x), with_adapter)
+
+
+def test_merge_folds_the_active_adapter_and_switching_waits_for_unmerge(tmp_path):
+    model = two_adapter_model(tmp_path)
+    moslora_ext.set_adapter(model, "b")
+    x = torch.randn(6, 4)
+    moslora_ext.merge_adapters(model)
+    torch.testing.assert_close(model(x), alone(tmp_path, "b")(x))
+    snapshot = state_snapshot(model)
+    with pytest.raises(RuntimeError, match="unmerge_adapters"):
+        moslora_ext.set_adapter(model, "a")
+    assert_same_state(model, snapshot)
+    moslora_ext.unmerge_adapters(model)
+    torch.testing.assert_close(model.layers[0].down.weight, tiny_model().layers[0].down.weight)
+    moslora_ext.set_adapter(model, "a")
+    moslora_ext.merge_and_unload(model)
+    assert not moslora_ext.adapted_layers(model)
+    torch.testing.assert_close(model(x), alone(tmp_path, "a")(x))
+
+
+def test_delete_adapter_puts_back_base_layers_it_leaves_empty(tmp_path):
+    model = two_adapter_model(tmp_path)
+    x = torch.randn(6, 4)
+    moslora_ext.delete_adapter(model, "a")  # the active one: "b" takes over
+    assert moslora_ext.list_adapters(model) == {"b": ["layers.0.q_proj", "layers.0.down", "layers.1.q_proj",
+                                                      "layers.1.down"]}
+    assert moslora_ext.active_adapter(model) == "b" and type(model.layers[0].up) is nn.Linear
+    assert not any(".adapters.a." in key for key in model.state_dict())
+    torch.testing.assert_close(model(x), alone(tmp_path, "b")(x))
+
+
+def test_loading_under_a_name_in_use_needs_replace(tmp_path):
+    model = two_adapter_model(tmp_path)
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match="adapter named 'a' already; pass replace=True"):
+        moslora_ext.load_adapter(model, tmp_path / "b", adapter_name="a")
+    assert_same_state(model, snapshot)
+    # A new name loads beside the others, inactive; replace=True loads over a name in use.
+    moslora_ext.load_adapter(model, tmp_path / "b", adapter_name="c")
+    assert list(moslora_ext.list_adapters(model)) == ["a", "b", "c"] and moslora_ext.active_adapter(model) == "a"
+    q_proj_A = model.layers[0].q_proj.adapters["b"].lora_A
+    moslora_ext.load_adapter(model, tmp_path / "b", adapter_name="b", replace=True)
+    assert model.layers[0].q_proj.adapters["b"].lora_A is q_proj_A
+    moslora_ext.set_adapter(model, "c")
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(model(x), alone(tmp_path, "b")(x))

@@ -37,12 +37,24 @@ class World:
         self.saved = tmp_path / "adapter"
         moslora_ext.save_adapter(self.model, self.saved)
         self.tmp_path = tmp_path
+        # Modules of supported types that cannot take an adapter.
+        self.refused = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2),
+                                     nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"), ScaledEmbedding(10, 4))
 
     def tensors(self):
         found = dict(self.layer.state_dict(prefix="layer."))
         found.update({f"raw.{k}": v for k, v in self.raw.items() if v is not None})
         found.update(self.model.state_dict(prefix="model."))
+        found.update(self.refused.state_dict(prefix="refused."))
         return found
+
+    def merged_with_a_second_adapter(self):
+        moslora_ext.add_adapters(self.model, ["0"], r=2, adapter_name="other")
+        moslora_ext.merge_adapters(self.model)
+
+    def merge_while_disabled(self):
+        with moslora_ext.disable_adapters(self.model):
+            moslora_ext.merge_adapters(self.model)
 
     def raw_forward(self, **changes):
         a = {**self.raw, "x": self.x, "scale": 0.5, "dropout_p": 0.0, "dropout_seed": None, **changes}
@@ -65,6 +77,13 @@ class World:
         path.mkdir(exist_ok=True)
         (path / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": 8, **config}))
         return path
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Like the scaled word embeddings of some transformers models: a forward of its own."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
 
 
 @dataclass
@@ -148,8 +167,8 @@ MISUSES = [
            "1 is a ReLU"),
     Misuse("adapters added twice", lambda w: moslora_ext.add_adapters(w.model, ["0"]), TypeError,
            "already has a MoSLoRA adapter"),
-    Misuse("load an adapter of another rank", lambda w: moslora_ext.load_adapter(wider_model_with_adapters(8),
-                                                                                 w.saved), ValueError,
+    Misuse("load over an adapter of another rank", lambda w: moslora_ext.load_adapter(
+        wider_model_with_adapters(8), w.saved, replace=True), ValueError,
            "has adapter settings .*r=8.* but the checkpoint has .*r=4"),
     Misuse("load an adapter into other shapes",
            lambda w: moslora_ext.load_adapter(nn.Sequential(nn.Linear(D + 1, K), nn.ReLU(), nn.Linear(K, 8)),
@@ -157,6 +176,27 @@ MISUSES = [
     Misuse("load an adapter into a model that lacks its layers",
            lambda w: moslora_ext.load_adapter(nn.Sequential(nn.Linear(D, K)), w.saved), ValueError,
            r"no module named \['2'\]"),
+    Misuse("load under an adapter name in use", lambda w: moslora_ext.load_adapter(w.model, w.saved), ValueError,
+           "adapter named 'default' already; pass replace=True"),
+    Misuse("a grouped convolution", lambda w: moslora_ext.add_adapters(w.refused, ["0"]), TypeError,
+           "0 is a Conv2d with groups=2"),
+    Misuse("a convolution with reflect padding", lambda w: moslora_ext.add_adapters(w.refused, ["1"]), TypeError,
+           "1 is a Conv1d with padding_mode='reflect'"),
+    Misuse("an embedding with a forward of its own", lambda w: moslora_ext.add_adapters(w.refused, ["2"]),
+           TypeError, "2 is a ScaledEmbedding, an nn.Embedding subclass with a forward of its own"),
+    Misuse("Conv.from_module of a Linear", lambda w: moslora_ext.Conv.from_module(nn.Linear(4, 4)), TypeError,
+           "is a Linear, not a torch.nn.Conv1d, Conv2d or Conv3d"),
+    Misuse("set an adapter that does not exist", lambda w: moslora_ext.set_adapter(w.model, "nope"), ValueError,
+           r"no adapter named 'nope'; it has \['default'\]"),
+    Misuse("switch adapters while merged", lambda w: moslora_ext.set_adapter(w.model, "other"), RuntimeError,
+           "set_adapter needs unmerged adapters.*unmerge_adapters", setup=World.merged_with_a_second_adapter),
+    Misuse("disable merged adapters", lambda w: moslora_ext.disable_adapters(w.model).__enter__(), RuntimeError,
+           "disable_adapters needs unmerged adapters", setup=World.merged_with_a_second_adapter),
+    Misuse("merge disabled adapters", World.merge_while_disabled, RuntimeError, "adapters are disabled"),
+    Misuse("delete an adapter that does not exist", lambda w: moslora_ext.delete_adapter(w.model, "nope"),
+           ValueError, "no adapter named 'nope'"),
+    Misuse("delete a merged adapter", lambda w: moslora_ext.delete_adapter(w.model, "default"), RuntimeError,
+           "adapter 'default' is merged into 2 layers", setup=World.merged_with_a_second_adapter),
     Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(
         w.model, w.peft_checkpoint(use_dora=True)), NotImplementedError, "use_dora"),
     Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(

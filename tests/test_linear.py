@@ -41,7 +41,8 @@ def test_fresh_layer_equals_base_layer_and_freezes_it(device):
     x = torch.randn(4, 10, 64, device=device)
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_mixer", "lora_B"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == [
+        "adapters.default.lora_A", "adapters.default.lora_mixer", "adapters.default.lora_B"]
     assert torch.count_nonzero(layer.lora_B) == 0
     assert layer.lora_A.abs().max() <= 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) bound
 

@@ -19,6 +19,15 @@ def tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(config)
 
 
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # every Conv1D: attention in and out, MLP in and out
+
+
 def batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 64, (4, 16), generator=g)
@@ -41,18 +50,23 @@ def test_adapters_on_every_projection():
     assert all(("lora_" in name) == p.requires_grad for name, p in model.named_parameters())
 
 
-def test_adamw_lowers_the_loss_and_changes_only_the_adapters():
-    model = adapted_llama(lora_dropout=0.05)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    ids = batch()
+def train(model, ids, steps):
+    """AdamW steps on the language-modelling loss of ``ids``; the losses."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_adamw_lowers_the_loss_and_changes_only_the_adapters():
+    model = adapted_llama(lora_dropout=0.05)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = train(model, batch(), 8)
     assert losses[-1] < losses[0] - 0.1
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
@@ -178,14 +192,17 @@ def test_falcon_linear_layers_load_a_peft_adapter_as_peft_computes_it(tmp_path):
         torch.testing.assert_close(model(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
 
 
-def test_all_linear_selects_what_peft_selects():
+# Every projection (GPT-2's are Conv1D layers); lm_head, the output head, is left out.
+@pytest.mark.parametrize("make_model, layer_class, count", [(tiny_llama, moslora_ext.Linear, 2 * len(TARGETS)),
+                                                            (tiny_gpt2, moslora_ext.TransposedLinear, 2 * 4)])
+def test_all_linear_selects_what_peft_selects(make_model, layer_class, count):
     peft = pytest.importorskip("peft")
-    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules="all-linear"))
+    peft_model = peft.get_peft_model(make_model(), peft.LoraConfig(r=4, target_modules="all-linear"))
     peft_targets = {name for name, m in peft_model.base_model.model.named_modules()
                     if isinstance(m, peft.tuners.lora.LoraLayer)}
-    model = moslora_ext.add_adapters(tiny_llama(), "all-linear", r=4)
-    assert set(moslora_ext.adapted_layers(model)) == peft_targets
-    assert len(peft_targets) == 2 * len(TARGETS)  # every projection; lm_head, the output head, is left out
+    layers = moslora_ext.adapted_layers(moslora_ext.add_adapters(make_model(), "all-linear", r=4))
+    assert set(layers) == peft_targets and len(peft_targets) == count
+    assert all(type(layer) is layer_class for layer in layers.values())
 
 
 def test_peft_sequence_classification_adapter_restores_its_head(tmp_path):
@@ -263,3 +280,77 @@ def test_trainer_checkpoints_restore_the_adapters(tmp_path):
     model.save_pretrained(tmp_path / "merged")
     with pytest.raises(ValueError, match="no moslora_ext adapter record"):
         moslora_ext.load_adapter(tiny_llama(), tmp_path / "merged")
+
+
+def test_disable_adapters_gives_the_base_logits_bit_for_bit():
+    model = adapted_llama().eval()
+    ids = batch(9)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with moslora_ext.disable_adapters(model):
+            assert torch.equal(model(input_ids=ids).logits, tiny_llama().eval()(input_ids=ids).logits)
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+
+
+def test_checkpoints_of_save_pretrained_restore_each_named_adapter(tmp_path):
+    model = adapted_llama()
+    moslora_ext.add_adapters(model, ["q_proj", "v_proj"], r=2, lora_alpha=2, adapter_name="other")
+    with torch.no_grad():
+        for layer in moslora_ext.adapted_layers(model).values():
+            if "other" in layer.adapters:
+                layer.adapters["other"].lora_B.normal_(std=0.1)
+    model.save_pretrained(tmp_path)
+    ids = batch(10)
+    model.eval()
+    for name in ("default", "other"):
+        moslora_ext.set_adapter(model, name)
+        reloaded = moslora_ext.load_adapter(tiny_llama().eval(), tmp_path, adapter_name=name)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# --- GPT-2: Conv1D layers, weight stored (in, out) --------------------------------------------
+
+
+def test_gpt2_trains_saves_reloads_and_merges_in_place(tmp_path):
+    model = moslora_ext.add_adapters(tiny_gpt2().train(), GPT2_TARGETS, r=4, lora_alpha=8, lora_dropout=0.1)
+    ids = batch(11)
+    losses = train(model, ids, 4)
+    assert losses[-1] < losses[0]
+    moslora_ext.save_adapter(model.eval(), tmp_path)
+    reloaded = moslora_ext.load_adapter(tiny_gpt2(), tmp_path)
+    c_attn = reloaded.transformer.h[0].attn.c_attn
+    storage, original = c_attn.weight.data_ptr(), c_attn.weight.detach().clone()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        moslora_ext.merge_adapters(reloaded)
+        assert c_attn.weight.data_ptr() == storage and c_attn.weight.shape == (32, 96)  # (in, out), in place
+        torch.testing.assert_close(c_attn.weight, original + c_attn.delta_weight())
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        moslora_ext.merge_and_unload(reloaded)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert type(reloaded.transformer.h[0].attn.c_attn) is transformers.pytorch_utils.Conv1D
+
+
+def test_gpt2_peft_adapter_with_fan_in_fan_out_gives_peft_logits_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=GPT2_TARGETS,
+                                                                  fan_in_fan_out=True))
+    perturb(peft_model, "lora_B")
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = batch(12)
+    with torch.no_grad():
+        model = moslora_ext.load_peft_adapter(tiny_gpt2(), tmp_path / "peft")
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits)
+        with moslora_ext.disable_adapters(model):
+            assert torch.equal(model(input_ids=ids).logits, tiny_gpt2()(input_ids=ids).logits)
+
+        ours = moslora_ext.add_adapters(tiny_gpt2(), GPT2_TARGETS, r=4, lora_alpha=8)
+        for layer in moslora_ext.adapted_layers(ours).values():
+            layer.lora_B.normal_(std=0.1)
+        moslora_ext.save_peft_adapter(ours, tmp_path / "ours")
+        config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+        assert config["fan_in_fan_out"] is True
+        exported = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+        assert (exported(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max() <= 1e-5

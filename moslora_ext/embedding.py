@@ -1,0 +1,66 @@
+"""``moslora_ext.Embedding``: MoSLoRA adapters on ``nn.Embedding``, as PEFT defines LoRA for embeddings."""
+
+from torch import nn
+from torch.nn import functional as F
+
+from .layer import AdapterLayer
+
+
+class Embedding(AdapterLayer):
+    """A frozen embedding with MoSLoRA adapters, PEFT's LoRA embedding with a mixer:
+
+        y = W[ids] + s * (A^T[ids]) M^T B^T
+
+    ``lora_A`` (r, num_embeddings) is looked up by the ids like an embedding
+    table, then mixed by ``lora_mixer`` (r, r) and projected by ``lora_B``
+    (embedding_dim, r); the update of the table is ``s * (B M A)^T``
+    (num_embeddings, embedding_dim), which ``merge()`` adds in place. As in
+    PEFT, ``lora_A`` starts at zero and ``lora_B`` normal, the lookup uses the
+    base's padding_idx, max_norm, norm_type, scale_grad_by_freq and sparse
+    settings, and ``lora_dropout`` is not applied (ids cannot be dropped
+    out). PEFT checkpoints name the factors ``lora_embedding_A`` and
+    ``lora_embedding_B``. Embeddings with a forward of their own (scaled
+    embeddings, say) are refused. Plain PyTorch: the lookup and two r-wide
+    products cost little next to the rest of a model.
+    """
+
+    peft_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+    @classmethod
+    def refusal_reason(cls, module):
+        if not isinstance(module, nn.Embedding):
+            return f"is a {type(module).__name__}, not a torch.nn.Embedding"
+        if type(module).forward is not nn.Embedding.forward:
+            return f"is a {type(module).__name__}, an nn.Embedding subclass with a forward of its own"
+        return super().refusal_reason(module)
+
+    @staticmethod
+    def init_factors_(lora_A, lora_B):
+        nn.init.zeros_(lora_A)
+        nn.init.normal_(lora_B)
+
+    @staticmethod
+    def _as_matrix(weight):
+        # The table (num_embeddings, embedding_dim) is the transposed map from one-hot ids.
+        return weight.t()
+
+    def _keep_base_settings(self, module):
+        self.num_embeddings, self.embedding_dim = module.num_embeddings, module.embedding_dim
+        self.lookup_settings = {"padding_idx": module.padding_idx, "max_norm": module.max_norm,
+                                "norm_type": module.norm_type, "scale_grad_by_freq": module.scale_grad_by_freq,
+                                "sparse": module.sparse}
+
+    def base_forward(self, ids):
+        return F.embedding(ids, self.weight, **self.lookup_settings)
+
+    def adapter_forward(self, ids, adapter):
+        base = self.base_forward(ids)
+        after_A = F.embedding(ids, adapter.lora_A.t(), **self.lookup_settings)
+        mixed_B = adapter.config.scale * (adapter.lora_B @ adapter.lora_mixer)
+        return base + (after_A @ mixed_B.t()).to(base.dtype)
+
+    def _empty_base(self):
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, **self.lookup_settings)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, {super().extra_repr()}"

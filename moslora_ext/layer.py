@@ -1,0 +1,320 @@
+"""What every adapted layer shares: named adapters, the active one, merge/unmerge, disabling.
+
+An adapted layer keeps its base module's ``weight`` and ``bias`` Parameters
+(shared, frozen, under the base module's state-dict keys) and holds its
+MoSLoRA adapters by name in ``adapters`` (state-dict keys
+``adapters.<name>.lora_A``, ``.lora_mixer``, ``.lora_B``). One adapter is
+active: ``lora_A``, ``r``, ``scale``... are the active adapter's, forward
+computes with it alone, and ``merge()`` folds it into the weight. Each layer
+type (``Linear``, ``TransposedLinear``, ``Conv``, ``Embedding``) says how its
+base computes and how its adapter factors are shaped; the bookkeeping lives
+here, once.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import ops
+
+MIXER_INITS = ("kaiming", "orthogonal", "identity", "braid")
+DEFAULT_ADAPTER = "default"  # the adapter name when none is given, as in PEFT
+
+
+def adapter_dtype(base_dtype, autocast_adapter_dtype=True):
+    """The dtype of adapter parameters on a base of ``base_dtype``: float32 for
+    a float16/bfloat16 base when ``autocast_adapter_dtype``, else the base's."""
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
+def init_mixer_(mixer, mixer_init):
+    """Initialise an (r, r) mixer in place.
+
+    "kaiming": Kaiming-uniform with a = sqrt(5), as the released MoSLoRA code;
+    "orthogonal": a random orthogonal matrix; "identity": vanilla LoRA;
+    "braid": the two-subspace butterfly [[I, I], [I, I]] (even r only).
+    """
+    r = mixer.shape[0]
+    with torch.no_grad():
+        if mixer_init == "kaiming":
+            nn.init.kaiming_uniform_(mixer, a=math.sqrt(5))
+        elif mixer_init == "orthogonal":
+            # QR has no fp16/bf16 kernels: draw in (at least) fp32, then cast.
+            dtype = torch.promote_types(mixer.dtype, torch.float32)
+            mixer.copy_(nn.init.orthogonal_(torch.empty(r, r, dtype=dtype, device=mixer.device)))
+        elif mixer_init == "identity":
+            mixer.copy_(torch.eye(r))
+        elif mixer_init == "braid":
+            if r % 2:
+                raise ValueError(f"mixer_init='braid' needs an even rank r, got r={r}")
+            mixer.copy_(torch.eye(r // 2).repeat(2, 2))
+        else:
+            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
+    return mixer
+
+
+def qualified_class_names(module):
+    """"package.module.Class" of the module's class and of each of its base classes, nearest first."""
+    return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(module).__mro__]
+
+
+@dataclass
+class AdapterConfig:
+    """The settings of one adapter (the keyword arguments of ``moslora_ext.Linear``)."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    mixer_init: str = "kaiming"
+    train_mixer: bool = True
+    use_rslora: bool = False
+    autocast_adapter_dtype: bool = True
+
+    @property
+    def scale(self):
+        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``."""
+        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
+
+
+class Adapter(nn.Module):
+    """One named adapter of a layer: ``lora_A``, ``lora_mixer`` (r x r),
+    ``lora_B`` and its settings ``config``."""
+
+    def __init__(self, config, lora_A, lora_mixer, lora_B):
+        super().__init__()
+        self.config = config
+        self.lora_A = nn.Parameter(lora_A)
+        self.lora_mixer = nn.Parameter(lora_mixer)
+        self.lora_B = nn.Parameter(lora_B)
+
+    def set_trainable(self, trainable):
+        """Only the active adapter trains; its mixer only with ``train_mixer``."""
+        self.lora_A.requires_grad_(trainable)
+        self.lora_B.requires_grad_(trainable)
+        self.lora_mixer.requires_grad_(trainable and self.config.train_mixer)
+
+    def extra_repr(self):
+        c = self.config
+        return (f"r={c.r}, lora_alpha={c.lora_alpha}, lora_dropout={c.lora_dropout}, mixer_init={c.mixer_init!r}, "
+                f"train_mixer={c.train_mixer}, use_rslora={c.use_rslora}")
+
+
+def _of_active(attribute, doc):
+    return property(lambda self: getattr(self.active, attribute), doc=doc)
+
+
+def _of_active_config(setting, doc):
+    return property(lambda self: getattr(self.active.config, setting), doc=doc)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base module with named MoSLoRA adapters (see the module docstring).
+
+    Subclasses define ``base_forward(x)`` (the base module's forward, exactly),
+    ``adapter_forward(x, adapter)``, ``refusal_reason(module)``,
+    ``_as_matrix(weight)`` (the weight as an (out, in) matrix view, for merging),
+    ``_keep_base_settings(module)`` and ``_empty_base()`` (the base module
+    type, for ``unload``); ``factor_shapes`` and ``init_factors_`` where the
+    linear defaults do not fit.
+    """
+
+    # Whether PEFT's "all-linear" selects this type.
+    is_linear = False
+    # Whether the base weight is stored (in, out), PEFT's fan_in_fan_out.
+    fan_in_fan_out = False
+    # The names PEFT gives A and B in its checkpoints.
+    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    lora_A = _of_active("lora_A", "The active adapter's A (r, ...).")
+    lora_mixer = _of_active("lora_mixer", "The active adapter's mixer M (r, r).")
+    lora_B = _of_active("lora_B", "The active adapter's B (out, r, ...).")
+    r = _of_active_config("r", "The active adapter's rank.")
+    lora_alpha = _of_active_config("lora_alpha", "The active adapter's lora_alpha.")
+    lora_dropout = _of_active_config("lora_dropout", "The active adapter's dropout on its input.")
+    mixer_init = _of_active_config("mixer_init", "How the active adapter's mixer was initialised.")
+    use_rslora = _of_active_config("use_rslora", "Whether the active adapter's scale is lora_alpha / sqrt(r).")
+    autocast_adapter_dtype = _of_active_config("autocast_adapter_dtype", "See moslora_ext.Linear.")
+    scale = _of_active_config("scale", "The active adapter's scale s.")
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_module(cls, module, adapter_name=DEFAULT_ADAPTER, **settings):
+        """Wrap ``module``: its weight and bias Parameters are shared (not
+        copied) and frozen, and it gets one adapter, ``adapter_name``, with
+        ``settings`` (the fields of ``AdapterConfig``), created on the
+        weight's device in its dtype (float32 on a half-precision base, see
+        ``autocast_adapter_dtype``). The layer takes ``module``'s training
+        mode. TypeError (and ``module`` untouched) if ``module`` cannot take
+        this kind of adapter."""
+        reason = cls.refusal_reason(module)
+        if reason:
+            raise TypeError(f"{cls.__name__}.from_module's argument {reason}")
+        return cls.wrap(module, adapter_name, cls.build_adapter(module.weight, AdapterConfig(**settings)))
+
+    @classmethod
+    def wrap(cls, module, adapter_name, adapter):
+        """The layer of ``module`` (checked by ``refusal_reason``) holding
+        ``adapter`` (from ``build_adapter``) as ``adapter_name``, active.
+        Cannot fail: all checks come before."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._adopt(module, adapter_name, adapter)
+        return layer
+
+    def _adopt(self, module, adapter_name, adapter):
+        module.weight.requires_grad_(False)
+        self.weight = module.weight
+        self.bias = getattr(module, "bias", None)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._keep_base_settings(module)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        self.merged = False  # whether the active adapter is folded into the weight
+        self.disabled = False  # whether forward computes the base alone (moslora_ext.disable_adapters)
+        self.attach_adapter(adapter_name, adapter)
+        self.train(module.training)
+
+    @classmethod
+    def refusal_reason(cls, module):
+        """Why ``module`` cannot take this kind of adapter, or None."""
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+            return f"is a {type(module).__name__} whose weight is not initialized yet; run a forward pass first"
+        return None
+
+    @classmethod
+    def factor_shapes(cls, weight, r):
+        """The shapes of A, M and B on a base of this ``weight``."""
+        out_features, in_features = cls._as_matrix(weight).shape
+        return {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}
+
+    @staticmethod
+    def init_factors_(lora_A, lora_B):
+        """A Kaiming-uniform (a = sqrt(5)), B zero: a fresh adapter changes nothing."""
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.zeros_(lora_B)
+
+    @classmethod
+    def build_adapter(cls, weight, config):
+        """A new ``Adapter`` with ``config`` for a base of this ``weight``,
+        attached to nothing yet. Raises ValueError for bad settings."""
+        if not isinstance(config.r, int) or config.r < 1:
+            raise ValueError(f"r (the adapter rank) must be a positive integer, got {config.r!r}")
+        if not 0.0 <= config.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype, config.autocast_adapter_dtype)}
+        shapes = cls.factor_shapes(weight, config.r)
+        mixer = init_mixer_(torch.empty(shapes["lora_mixer"], **factory), config.mixer_init)
+        lora_A, lora_B = torch.empty(shapes["lora_A"], **factory), torch.empty(shapes["lora_B"], **factory)
+        cls.init_factors_(lora_A, lora_B)
+        return Adapter(config, lora_A, mixer, lora_B)
+
+    # --- named adapters ----------------------------------------------------------------------
+
+    @property
+    def active(self):
+        """The active ``Adapter``."""
+        if self.active_adapter not in self.adapters:
+            raise AttributeError(f"this {type(self).__name__} has no adapter named {self.active_adapter!r} (the "
+                                 f"active adapter); it has {list(self.adapters)}")
+        return self.adapters[self.active_adapter]
+
+    def attach_adapter(self, name, adapter):
+        """Hold ``adapter`` (from ``build_adapter``) as ``name``; it trains only while active."""
+        if name in self.adapters:
+            raise ValueError(f"this {type(self).__name__} already has an adapter named {name!r}")
+        self.adapters[name] = adapter
+        adapter.set_trainable(name == self.active_adapter)
+
+    def add_adapter(self, name, config):
+        """Add an adapter ``name`` with ``config`` (an AdapterConfig); it is
+        inactive (and frozen) unless ``name`` is the active adapter's name."""
+        self.attach_adapter(name, self.build_adapter(self.weight, config))
+
+    def set_adapter(self, name):
+        """Make ``name`` the active adapter (copies no weight): only its
+        parameters require grad. A layer without an adapter of that name
+        computes its base output. Refused while merged."""
+        if self.merged:
+            raise RuntimeError(f"this {type(self).__name__} has adapter {self.active_adapter!r} merged; "
+                               "unmerge() before set_adapter")
+        self.active_adapter = name
+        for adapter_name, adapter in self.adapters.items():
+            adapter.set_trainable(adapter_name == name)
+
+    def delete_adapter(self, name):
+        """Remove the adapter ``name``. Refused for the merged active adapter."""
+        if self.merged and name == self.active_adapter:
+            raise RuntimeError(f"adapter {name!r} is merged into this {type(self).__name__}; unmerge() first")
+        del self.adapters[name]
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(self, x):
+        if self.merged or self.disabled or self.active_adapter not in self.adapters:
+            return self.base_forward(x)
+        return self.adapter_forward(x, self.adapters[self.active_adapter])
+
+    # --- merging -----------------------------------------------------------------------------
+
+    def _merge_into(self, weight, adapter, scale):
+        # Every layer type's update is s * (B M) A on matrix views of the weight, A and B.
+        ops.merge_(self._as_matrix(weight), adapter.lora_A.flatten(1), adapter.lora_mixer,
+                   adapter.lora_B.flatten(1), scale)
+
+    def delta_weight(self):
+        """The active adapter as an update of ``weight`` (its shape and layout,
+        the adapter's dtype): ``s * B M A`` for a linear layer."""
+        adapter = self.active
+        delta = torch.zeros(self.weight.shape, dtype=adapter.lora_A.dtype, device=self.weight.device)
+        self._merge_into(delta, adapter, adapter.config.scale)
+        return delta
+
+    def merge(self, safe=False):
+        """Fold the active adapter into ``weight`` in place; forward is then the base alone.
+
+        With ``safe=True`` the merged weight is computed in a copy first and
+        the merge is refused (ValueError, weight untouched) if it has
+        non-finite values; this costs one weight-sized temporary.
+        """
+        adapter = self.active
+        if self.merged:
+            raise RuntimeError(f"this moslora_ext.{type(self).__name__} is already merged; call unmerge() first")
+        if self.disabled:
+            raise RuntimeError("the adapters are disabled (inside moslora_ext.disable_adapters); nothing to merge")
+        if safe:
+            with torch.no_grad():
+                merged = self.weight.clone()
+                self._merge_into(merged, adapter, adapter.config.scale)
+                if not torch.isfinite(merged).all():
+                    raise ValueError("safe merge refused: the merged weight would contain inf or NaN "
+                                     "(the weight is left unchanged)")
+                self.weight.copy_(merged)
+        else:
+            self._merge_into(self.weight, adapter, adapter.config.scale)
+        self.merged = True
+
+    def unmerge(self):
+        """Take the active adapter back out of ``weight`` (exact up to rounding)."""
+        if not self.merged:
+            raise RuntimeError(f"this moslora_ext.{type(self).__name__} is not merged; nothing to unmerge")
+        self._merge_into(self.weight, self.active, -self.active.config.scale)
+        self.merged = False
+
+    def unload(self):
+        """The base module alone (its type, on this layer's weight and bias,
+        merged or not), in this layer's training mode."""
+        with torch.device("meta"):
+            plain = self._empty_base()
+        plain.weight = self.weight
+        if self.bias is not None:
+            plain.bias = self.bias
+        return plain.train(self.training)
+
+    def extra_repr(self):
+        return f"active_adapter={self.active_adapter!r}, merged={self.merged}"
