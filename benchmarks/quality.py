@@ -61,6 +61,8 @@ RANK = 8  # every method is compared at this rank
 OTHER_RANKS = [4, 16]  # then LoRA and the best MoSLoRA variant at these
 ALPHA_PER_RANK = 2  # lora_alpha = 2r: the same scale alpha / r at every rank, so a rank is not also a step size
 MIXER_LR_MULTIPLIERS = [1, 10]  # the first is the one used without a sweep
+LEARNING_RATES = {"adapter": [3e-3, 1e-2, 3e-2], "full": [1e-3, 3e-3, 1e-2]}  # the same for both tasks
+DEFAULT_LR = {"adapter": 1e-2, "full": 3e-3}  # without a sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,22 +167,20 @@ def prose_splits():
 
 
 class Prose:
-    """Next-byte prediction. Data sets are 1-tuples of (windows, CONTEXT + 1) of byte ids."""
+    """Next-byte prediction. Data sets are 1-tuples of (windows, context + 1) of byte ids."""
 
     name = "prose"
-    context = 128
+    context = 64
     targets = ["q", "k", "v", "o", "up", "down"]
     trained_modules = ()  # besides the adapters
-    learning_rates = {"adapter": [3e-3, 1e-2, 3e-2], "full": [1e-3, 3e-3, 1e-2]}
-    default_lr = {"adapter": 1e-2, "full": 3e-3}  # without a sweep
     pretrain_batch = 16
-    schedule = Schedule(pretrain_steps=500, steps=100, batch=8, eval_every=25)
-    quick_schedule = Schedule(pretrain_steps=150, steps=30, batch=8, eval_every=10)
+    schedule = Schedule(pretrain_steps=400, steps=80, batch=8, eval_every=20)
+    quick_schedule = Schedule(pretrain_steps=100, steps=20, batch=8, eval_every=10)
 
     def __init__(self):
         train, val, test = prose_splits()
         self.train = train
-        self.val, self.test = (self.fixed_windows(val, 64),), (self.fixed_windows(test, 128),)
+        self.val, self.test = (self.fixed_windows(val, 96),), (self.fixed_windows(test, 256),)
         self.source = None  # the pretraining text, read only if a pretraining runs
 
     def new_model(self):
@@ -225,11 +225,9 @@ class Digits:
     name = "digits"
     targets = ["q", "v"]
     trained_modules = ("head",)  # the new classes' head, trained by every method
-    learning_rates = {"adapter": [1e-3, 3e-3, 1e-2], "full": [3e-4, 1e-3, 3e-3]}
-    default_lr = {"adapter": 3e-3, "full": 1e-3}
     pretrain_batch = 64
     schedule = Schedule(pretrain_steps=600, steps=150, batch=32, eval_every=25)
-    quick_schedule = Schedule(pretrain_steps=200, steps=50, batch=32, eval_every=10)
+    quick_schedule = Schedule(pretrain_steps=200, steps=40, batch=32, eval_every=10)
     width, classes = 64, 5
 
     def __init__(self):
@@ -383,7 +381,7 @@ def study(task, pretrained, method, rank, schedule, args, log):
         return sweep[settings][0][-1][1]
 
     sweep = {}  # (lr, mixer multiplier): seed 0's run
-    for lr in [task.default_lr[kind(method)]] if args.no_sweep else task.learning_rates[kind(method)]:
+    for lr in [DEFAULT_LR[kind(method)]] if args.no_sweep else LEARNING_RATES[kind(method)]:
         sweep[lr, MIXER_LR_MULTIPLIERS[0]] = run(lr, MIXER_LR_MULTIPLIERS[0], 0)
     lr = min(sweep, key=final_val_loss)[0]
     if trains_mixer(method) and not args.no_sweep:
@@ -493,6 +491,9 @@ def plot(reports, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def colour(method):  # the same colour for a method in every panel
+        return f"C{list(METHODS).index(method)}"
+
     fig, axes = plt.subplots(len(reports), 3, figsize=(19, 4.8 * len(reports)), squeeze=False)
     for (curves, finals, by_rank), (name, report) in zip(axes, reports.items()):
         results = report["runs"][str(RANK)]
@@ -501,21 +502,21 @@ def plot(reports, path):
             values = torch.tensor([[v for _, v in curve] for curve in r["curves"]])
             mean = values.mean(0)
             sd = values.std(0) if len(values) > 1 else torch.zeros_like(mean)
-            curves.plot(steps, mean, label=method, color=f"C{i}")
-            curves.fill_between(steps, mean - sd, mean + sd, alpha=0.2, color=f"C{i}")
-            finals.scatter([i] * len(r["test"]["loss"]), r["test"]["loss"], color=f"C{i}")
+            curves.plot(steps, mean, label=method, color=colour(method))
+            curves.fill_between(steps, mean - sd, mean + sd, alpha=0.2, color=colour(method))
+            finals.scatter([i] * len(r["test"]["loss"]), r["test"]["loss"], color=colour(method))
         curves.set(xlabel="step", ylabel="validation loss", title=f"{name}: adaptation at r={RANK} (mean ± sd)")
         curves.legend(fontsize=8)
         finals.set_xticks(range(len(results)), list(results), rotation=25, fontsize=8)
         finals.set(ylabel="test loss", title=f"{name}: final test loss at r={RANK}, one point per seed")
-        for method in ["lora", report["best_variant"]]:
-            ranks = sorted(int(rank) for rank, rs in report["runs"].items() if method in rs)
+        ranks = sorted(int(rank) for rank in report["runs"])
+        for method in filter(None, ["lora", report["best_variant"]]):
             losses = [report["runs"][str(rank)][method]["test"]["loss"] for rank in ranks]
-            by_rank.errorbar(ranks, [statistics.mean(v) for v in losses], capsize=4, label=method,
-                             yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in losses], marker="o")
+            by_rank.errorbar(ranks, [statistics.mean(v) for v in losses], capsize=4, marker="o", label=method,
+                             yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in losses], color=colour(method))
         by_rank.set(xscale="log", xlabel="rank r", ylabel="test loss", title=f"{name}: test loss against rank")
-        by_rank.set_xticks(sorted(int(rank) for rank in report["runs"]), minor=False)
-        by_rank.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        by_rank.set_xticks(ranks, [str(rank) for rank in ranks])
+        by_rank.set_xticks([], minor=True)
         by_rank.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
