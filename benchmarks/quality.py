@@ -26,8 +26,8 @@ order. Final numbers are on a separate held-out test split. Then r = 4 and 16,
 same protocol, for LoRA and for the MoSLoRA variant with the best mean
 validation loss at r = 8.
 
-    python benchmarks/quality.py            # about 20 min on 2 CPU cores
-    python benchmarks/quality.py --quick    # <3 min: fixed learning rates, 3 seeds, fewer steps
+    python benchmarks/quality.py            # about 15 min on 2 CPU cores, pretraining included
+    python benchmarks/quality.py --quick    # <3 min: fixed learning rates, 3 seeds, fewer steps, r = 4 and 8
 
 Prints a table per task and rank (mean ± sd over seeds of the test metrics,
 time per step relative to LoRA, trainable parameters, and the two-sided exact
@@ -528,12 +528,13 @@ def plot(reports, path):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="no sweeps (default learning rates, mixer lr x1), 3 seeds, fewer steps")
+                        help=f"no sweeps (default learning rates, mixer lr x1), 3 seeds, fewer steps, "
+                             f"r={OTHER_RANKS[0]} as the only other rank")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="lora is always included: everything is compared with it")
-    parser.add_argument("--other-ranks", nargs="*", type=int, default=OTHER_RANKS,
-                        help=f"ranks besides r={RANK} for LoRA and the best MoSLoRA variant")
+    parser.add_argument("--other-ranks", nargs="*", type=int,
+                        help=f"ranks besides r={RANK} for LoRA and the best MoSLoRA variant (default {OTHER_RANKS})")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--no-sweep", action="store_true", help="use the default learning rates, mixer lr x1")
     parser.add_argument("--threads", type=int, default=1,
@@ -543,6 +544,8 @@ def parse_args(argv):
     parser.add_argument("--out", default="benchmark-results")
     args = parser.parse_args(argv)
     args.methods = ["lora"] + [m for m in args.methods if m != "lora"]
+    if args.other_ranks is None:
+        args.other_ranks = OTHER_RANKS[:1] if args.quick else OTHER_RANKS
     if args.quick:
         args.seeds, args.no_sweep = min(args.seeds, 3), True
     return args
