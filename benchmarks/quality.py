@@ -471,8 +471,8 @@ def format_table(name, report):
     """The task's tables, one per rank."""
     before = ", ".join(f"{metric} {value:.4f}" for metric, value in report["before_adaptation"].items())
     lines = [f"{name}: before adaptation, test {before}"]
+    metrics = list(report["before_adaptation"])
     for rank, rows in report["summary"].items():
-        metrics = [m for m in report["before_adaptation"]]
         header = (f"{'r=' + rank:<26}{'lr':>7}{'mixer lr':>9}{'seeds':>6}"
                   + "".join(f"{m:>22}" for m in metrics) + f"{'step/lora':>11}{'trainable':>11}{'p vs lora':>11}")
         lines += ["", header, "-" * len(header)]
