@@ -2,11 +2,15 @@
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import moslora_ext
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
@@ -57,17 +61,74 @@ def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 
-def test_quality_study_runs_and_reports(tmp_path, capsys):
+TINY_QUALITY_RUN = ["--pretrain-steps", "3", "--steps", "2", "--eval-every", "1", "--seeds", "2", "--batch", "2"]
+
+
+def test_quality_study_sweeps_every_method_and_reports(tmp_path, capsys):
+    pytest.importorskip("sklearn")
     quality = load_script("quality")
-    rows = quality.main(["--pretrain-steps", "3", "--steps", "2", "--eval-every", "1", "--seeds", "2", "--no-sweep",
-                         "--batch", "2", "--methods", "lora", "moslora_kaiming", "--out", str(tmp_path)])
-    assert "moslora_kaiming" in capsys.readouterr().out
-    assert rows["lora"]["seeds"] == 2 and rows["moslora_kaiming"]["trainable_parameters"] > \
-        rows["lora"]["trainable_parameters"]
-    report = json.loads((tmp_path / "quality.json").read_text())
-    assert len(report["runs"]["lora"]["curves"][0]) == 3  # step 0, 1 and 2
+    reports = quality.main(TINY_QUALITY_RUN + ["--tasks", "digits", "--other-ranks", "4", "--out", str(tmp_path)])
+    assert "moslora_kaiming_rescaled" in capsys.readouterr().out
+    report = json.loads((tmp_path / "quality.json").read_text())["tasks"]["digits"]
+    assert report["summary"] == json.loads(json.dumps(reports["digits"]["summary"]))
+    runs, summary = report["runs"]["8"], report["summary"]["8"]
+    assert list(runs) == list(quality.METHODS)
+    for method, r in runs.items():
+        trains_mixer = quality.trains_mixer(method)
+        assert len(r["sweep"]) == 3 + trains_mixer  # the learning rates, then the mixer at 10x the best
+        assert r["lr"] in quality.LEARNING_RATES[quality.kind(method)]
+        assert r["mixer_lr_multiplier"] in ([1, 10] if trains_mixer else [1])
+        assert r["val_loss"][0] == min(r["sweep"].values())
+        assert len(r["curves"][0]) == 3  # step 0, 1 and 2
+        assert all(0 < loss < 10 for loss in r["test"]["loss"])
+        assert all(0 <= accuracy <= 1 for accuracy in r["test"]["accuracy"])
+        assert summary[method]["seeds"] == 2 and summary[method]["step_time_vs_lora"] > 0
+        assert method == "lora" or 0 < summary[method]["p_vs_lora"] <= 1
+    # The head is trained by every method; a trainable mixer adds r * r per adapted layer (q and v of 4 blocks).
+    assert runs["moslora_identity"]["trainable"] == runs["lora"]["trainable"] + 8 * 8 * 8
+    best = report["best_variant"]
+    assert best == min((m for m in runs if quality.trains_mixer(m)), key=lambda m: sum(runs[m]["val_loss"]))
+    assert list(report["runs"]["4"]) == ["lora", best]
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_quality_prose_task_reports_bits_per_byte(tmp_path):
+    quality = load_script("quality")
+    reports = quality.main(TINY_QUALITY_RUN + ["--tasks", "prose", "--methods", "lora", "--no-sweep",
+                                               "--other-ranks", "--out", str(tmp_path)])
+    row = reports["prose"]["summary"]["8"]["lora"]
+    assert row["lr"] == quality.DEFAULT_LR["adapter"]
+    assert row["bits_per_byte_mean"] == pytest.approx(row["loss_mean"] / math.log(2))
+
+
+def test_quality_mixers_and_their_learning_rate():
+    pytest.importorskip("sklearn")
+    quality = load_script("quality")
+    task = quality.Digits()
+    pretrained = task.new_model()
+    rescaled = quality.prepare(task, pretrained, "moslora_kaiming_rescaled", 8, seed=0)
+    kaiming = quality.prepare(task, pretrained, "moslora_kaiming", 8, seed=0)
+    for name, layer in moslora_ext.adapted_layers(rescaled).items():
+        mixer = layer.lora_mixer.detach()
+        assert mixer.norm().item() == pytest.approx(math.sqrt(8))
+        drawn = moslora_ext.adapted_layers(kaiming)[name].lora_mixer.detach()
+        assert torch.allclose(mixer / mixer.norm(), drawn / drawn.norm())  # the same draw, rescaled
+    groups = quality.parameter_groups(rescaled, 1e-2, 10)
+    assert [g["lr"] for g in groups] == [1e-2, 1e-1]
+    mixers = {id(layer.lora_mixer) for layer in moslora_ext.adapted_layers(rescaled).values()}
+    assert {id(p) for p in groups[1]["params"]} == mixers
+
+
+def test_quality_study_is_deterministic(tmp_path):
+    pytest.importorskip("sklearn")
+    quality = load_script("quality")
+    settings = TINY_QUALITY_RUN + ["--tasks", "digits", "--methods", "moslora_identity", "--other-ranks", "4"]
+    first, second = (quality.main(settings + ["--out", str(tmp_path / name)]) for name in ("first", "second"))
+    for rank in ("8", "4"):
+        for method, run in first["digits"]["runs"][rank].items():
+            again = second["digits"]["runs"][rank][method]
+            assert run["curves"] == again["curves"] and run["test"] == again["test"]
 
 
 @pytest.mark.parametrize("a, b", [
