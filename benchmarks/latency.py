@@ -12,7 +12,9 @@ Contenders:
   lora_compiled   lora_torch under torch.compile (inductor): LoRA as most people run it today
   moslora_torch   MoSLoRA as the released code writes it: three nn.Linear
   peft_lora       PEFT's own LoRA layer (when peft is installed)
-  ours            moslora_ext.Linear, unmerged
+  ours            moslora_ext.Linear, unmerged (on a float16/bfloat16 base: float32 adapter parameters)
+  ours_base_dtype ours with the adapter parameters in the base dtype (autocast_adapter_dtype=False):
+                  the cost of float32 adapters is ours / ours_base_dtype (the same layer on float32)
   ours_lora       moslora_ext.Linear with an identity, frozen mixer (LoRA on our kernels)
   ours_named      moslora_ext.Linear holding a second, inactive named adapter: costs what ours costs
   ours_merged     moslora_ext.Linear after merge() (inference only)
@@ -124,9 +126,11 @@ CONTENDERS = {
     "ours": ours,
     "ours_lora": lambda base, r, p: ours(base, r, p, mixer_init="identity", train_mixer=False),
     "ours_named": ours_named,
+    "ours_base_dtype": lambda base, r, p: ours(base, r, p, autocast_adapter_dtype=False),
     "ours_merged": ours_merged,
 }
-TRAINABLE = ["base", "lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours", "ours_lora", "ours_named"]
+TRAINABLE = ["base", "lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours", "ours_lora", "ours_named",
+             "ours_base_dtype"]
 # Contenders whose dropout cost is measured (those that have dropout).
 WITH_DROPOUT = ["lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours"]
 
@@ -288,7 +292,7 @@ def share_adapter(contenders, base, r, generator):
                 module.lora_B.weight.copy_(B)
                 if name == "moslora_torch":
                     module.lora_AB.weight.copy_(eye)
-            elif name in ("ours", "ours_lora", "ours_named"):
+            elif name in ("ours", "ours_lora", "ours_named", "ours_base_dtype"):
                 module.lora_A.copy_(A)
                 module.lora_B.copy_(B)
                 module.lora_mixer.copy_(eye)
@@ -417,8 +421,17 @@ def plot(cases, path):
     fig.savefig(path, dpi=120)
 
 
+def processor_name():
+    """The CPU model: platform.processor() is empty on most Linux systems, /proc/cpuinfo says it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_info(device):
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+    info = {"platform": platform.platform(), "processor": processor_name(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
             "torch": torch.__version__, "moslora_ext": moslora_ext.build_info()}
     if device.type == "cuda":
@@ -467,9 +480,11 @@ def main(argv=None):
         tqdm = None
     cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
     total = len(cases) * (3 * args.reps + 1)
-    progress = tqdm(total=total, desc="latency", file=sys.stderr) if tqdm else _NoProgress()
-    print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({platform.processor()} "
-          f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    # The banner before the bar exists (else it lands inside the bar's line); the bar leaves no
+    # final copy behind, the table rows written through it stay.
+    print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({processor_name()}, "
+          f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
+    progress = tqdm(total=total, desc="latency", file=sys.stderr, leave=False) if tqdm else _NoProgress()
     results = []
     for shape_name, tokens, r, dtype in cases:
         results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
