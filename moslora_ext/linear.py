@@ -13,13 +13,12 @@ _QUANTIZED = "its weight is quantized and its forward dequantizes it"
 # nn.Linear subclasses whose forward is not x W^T + b of their own weight and bias (or whose
 # parent never calls their forward), by qualified class name so that nothing needs importing;
 # their subclasses are refused too. Every other nn.Linear subclass (Falcon's FalconLinear,
-# say) is taken to compute the plain linear map, as PEFT does.
+# say) is taken to compute the plain linear map, as PEFT does. bitsandbytes' quantized layers
+# and torchao-quantized weights go to QuantizedLinear instead (moslora_ext.dispatch).
 NOT_PLAIN_LINEAR = {
     "torch.nn.modules.linear.NonDynamicallyQuantizableLinear":
         "nn.MultiheadAttention reads this out_proj's weight directly and never calls its forward",
     "torch.ao.nn.qat.modules.linear.Linear": "its forward fake-quantizes the weight",
-    "bitsandbytes.nn.modules.Linear8bitLt": _QUANTIZED,
-    "bitsandbytes.nn.modules.Linear4bit": _QUANTIZED,
     "transformers.integrations.finegrained_fp8.FP8Linear": _QUANTIZED,
     "transformers.integrations.fbgemm_fp8.FbgemmFp8Linear": _QUANTIZED,
     "transformers.integrations.compressed_tensors.CompressedTensorsFP8Linear": _QUANTIZED,
