@@ -276,11 +276,16 @@ class AdapterLayer(nn.Module):
         ops.merge_(self._as_matrix(weight), adapter.lora_A.flatten(1), adapter.lora_mixer,
                    adapter.lora_B.flatten(1), scale)
 
+    @property
+    def dense_shape(self):
+        """The shape of the base weight as a dense tensor (the stored one's, unless quantized)."""
+        return self.weight.shape
+
     def delta_weight(self):
         """The active adapter as an update of ``weight`` (its shape and layout,
         the adapter's dtype): ``s * B M A`` for a linear layer."""
         adapter = self.active
-        delta = torch.zeros(self.weight.shape, dtype=adapter.lora_A.dtype, device=self.weight.device)
+        delta = torch.zeros(self.dense_shape, dtype=adapter.lora_A.dtype, device=self.weight.device)
         self._merge_into(delta, adapter, adapter.config.scale)
         return delta
 

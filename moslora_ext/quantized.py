@@ -99,6 +99,10 @@ class QuantizedLinear(Linear):
         self.in_features, self.out_features = module.in_features, module.out_features
         self.kind = _kind(module)
 
+    @property
+    def dense_shape(self):
+        return torch.Size((self.out_features, self.in_features))
+
     def base_forward(self, x):
         return self.base_layer(x)
 
@@ -126,9 +130,15 @@ class QuantizedLinear(Linear):
         weight = self.weight
         with torch.no_grad():
             if self.kind == "4bit":
-                import bitsandbytes
+                import bitsandbytes.functional as bnbf
 
-                return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+                if getattr(weight.quant_state, "packing_format_for_cpu", False):
+                    # Repacked by an inference forward on CPU: back to the standard layout first, as
+                    # bitsandbytes' own state_dict does (the next such forward repacks it).
+                    weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
+                        weight.data, weight.quant_state)
+                    self.base_layer.quant_state = weight.quant_state
+                return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
             if self.kind == "8bit":
                 # After the first forward, bitsandbytes keeps the row scales on the layer's state.
                 scales = weight.SCB if weight.SCB is not None else self.base_layer.state.SCB
@@ -155,13 +165,11 @@ class QuantizedLinear(Linear):
 
     def dequantized_linear(self):
         """A plain ``nn.Linear`` in ``compute_dtype`` on the dequantised weight,
-        with the active adapter added unless it is disabled or absent (exact
-        up to the compute dtype, no requantisation), in this layer's training
-        mode. This layer must not be merged."""
-        if self.merged:
-            raise RuntimeError("this QuantizedLinear is merged (requantized); unmerge(requantize=True) first")
+        with the active adapter added unless it is disabled, absent or merged
+        already (exact up to the compute dtype, no requantisation), in this
+        layer's training mode."""
         weight = self.dequantized_weight()
-        if not self.disabled and self.active_adapter in self.adapters:
+        if not (self.merged or self.disabled) and self.active_adapter in self.adapters:
             self._merge_into(weight, self.active, self.scale)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=weight.device, dtype=self.compute_dtype)
@@ -179,6 +187,10 @@ class QuantizedLinear(Linear):
                 f"{action}() on a quantized layer ({type(self.base_layer).__name__}) rounds the weight: pass "
                 f"requantize=True to {action} and quantize again (lossy, with a warning of the rounding error), "
                 "or use merge_and_unload(model) to get a plain nn.Linear with the adapter added exactly")
+        self.check_requantizable()
+
+    def check_requantizable(self):
+        """NotImplementedError unless the weight can be quantized again (bitsandbytes)."""
         if self.kind == "torchao":
             raise NotImplementedError("requantizing a torchao weight needs its quantization config; use "
                                       "merge_and_unload(model) (dequantize) instead")
@@ -208,7 +220,7 @@ class QuantizedLinear(Linear):
         warnings.warn(f"requantized the merged weight of a {type(self.base_layer).__name__} ({self.kind}): "
                       f"rounding error up to {error:.3g} per weight entry, against an adapter update of up to "
                       f"{update:.3g}; the layer's outputs differ from the unmerged layer's accordingly",
-                      stacklevel=3)
+                      stacklevel=4)
 
     def unload(self):
         """The quantized base module (with the adapter requantized into it if merged)."""
