@@ -270,3 +270,18 @@ def test_identity_mixer_equals_peft_qlora_layer_and_loads_its_adapter(tmp_path):
             want = their_grads[f"{name}.{t}.weight"]
             got = getattr(layer, t).grad
             torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
+
+
+def test_save_peft_adapter_of_a_quantized_model_gives_peft_our_logits(tmp_path):
+    """A trained mixer folded into B on a 4-bit model: PEFT's QLoRA model reproduces our logits."""
+    folder = tiny_llama_folder(tmp_path)
+    ours = moslora_ext.add_adapters(load_4bit(folder), ["q_proj", "up_proj"], r=4, lora_alpha=8).eval()
+    with torch.no_grad():
+        for layer in moslora_ext.adapted_layers(ours).values():
+            layer.lora_B.normal_(std=0.1)
+    moslora_ext.save_peft_adapter(ours, tmp_path / "exported")
+    theirs = peft.PeftModel.from_pretrained(load_4bit(folder), tmp_path / "exported").eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits.float(), ours(input_ids=ids).logits.float(),
+                                   rtol=2e-2, atol=2e-2)
