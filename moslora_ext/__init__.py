@@ -107,7 +107,8 @@ def build_info():
 
 
 __all__ = [
-    "Linear", "TransposedLinear", "QuantizedLinear", "Conv", "Embedding", "AdapterLayer", "AdapterConfig", "check_adaptable", "ops",
+    "Linear", "TransposedLinear", "QuantizedLinear", "Conv", "Embedding", "AdapterLayer", "AdapterConfig",
+    "check_adaptable", "ops",
     "build_info", "__version__",
     "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",
     "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter", "save_peft_adapter", "saved_modules",

@@ -3,8 +3,8 @@
 from .conv import Conv
 from .embedding import Embedding
 from .layer import AdapterLayer, qualified_class_names
-from .linear import GPT2_CONV1D, Linear, TransposedLinear
-from .quantized import BNB_4BIT, BNB_8BIT, TORCHAO_TENSOR, QuantizedLinear
+from .linear import BNB_4BIT, BNB_8BIT, GPT2_CONV1D, TORCHAO_TENSOR, Linear, TransposedLinear
+from .quantized import QuantizedLinear
 
 # Base module type -> adapter class, by qualified class name so that nothing needs importing.
 # A subclass goes to its nearest listed base class, whose adapter class may still refuse it.

@@ -216,7 +216,8 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"r (the adapter rank) must be a positive integer, got {config.r!r}")
         if not 0.0 <= config.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
-        factory = {"device": weight.device, "dtype": adapter_dtype(cls.base_dtype(weight), config.autocast_adapter_dtype)}
+        dtype = adapter_dtype(cls.base_dtype(weight), config.autocast_adapter_dtype)
+        factory = {"device": weight.device, "dtype": dtype}
         shapes = cls.factor_shapes(weight, config.r)
         mixer = init_mixer_(torch.empty(shapes["lora_mixer"], **factory), config.mixer_init)
         lora_A, lora_B = torch.empty(shapes["lora_A"], **factory), torch.empty(shapes["lora_B"], **factory)

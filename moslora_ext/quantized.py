@@ -14,24 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layer import qualified_class_names
-from .linear import Linear
-
-BNB_4BIT = "bitsandbytes.nn.modules.Linear4bit"
-BNB_8BIT = "bitsandbytes.nn.modules.Linear8bitLt"
-TORCHAO_TENSOR = "torchao.utils.TorchAOBaseTensor"  # the base class of torchao's quantized weights
-
-
-def _kind(module):
-    """"4bit", "8bit" or "torchao" for a supported quantized base, else None."""
-    names = qualified_class_names(module)
-    if BNB_4BIT in names:
-        return "4bit"
-    if BNB_8BIT in names:
-        return "8bit"
-    if isinstance(module, nn.Linear) and TORCHAO_TENSOR in qualified_class_names(module.weight):
-        return "torchao"
-    return None
+from .linear import Linear, quantized_kind
 
 
 class QuantizedLinear(Linear):
@@ -52,11 +35,13 @@ class QuantizedLinear(Linear):
     instead (what ``merge_and_unload`` does by default).
     """
 
+    takes_quantized = True
+
     @classmethod
     def refusal_reason(cls, module):
         """None for a quantized base that is quantized already (bitsandbytes
         quantizes on the move to its device) and keeps a quantized weight."""
-        kind = _kind(module)
+        kind = quantized_kind(module)
         name = type(module).__name__
         if kind is None:
             return (f"is a {name}, not a bitsandbytes Linear4bit or Linear8bitLt nor a torch.nn.Linear with a "
@@ -65,9 +50,7 @@ class QuantizedLinear(Linear):
             return f"is a {name} whose weight is not quantized yet; move it to its device first"
         if kind == "8bit" and module.state.has_fp16_weights:
             return f"is a {name} with has_fp16_weights=True: its weight is a float weight, trained in full"
-        if kind == "torchao":
-            return super().refusal_reason(module)  # the other nn.Linear subclasses' rules
-        return None
+        return super().refusal_reason(module)  # nn.Linear's rules (NOT_PLAIN_LINEAR)
 
     @classmethod
     def factor_shapes(cls, weight, r):
@@ -97,7 +80,7 @@ class QuantizedLinear(Linear):
 
     def _keep_base_settings(self, module):
         self.in_features, self.out_features = module.in_features, module.out_features
-        self.kind = _kind(module)
+        self.kind = quantized_kind(module)
 
     @property
     def dense_shape(self):

@@ -241,6 +241,8 @@ if HAS_BNB:
                r"merge\(\) on a quantized layer \(Linear4bit\) rounds the weight: pass requantize=True"),
         Misuse("unmerge a quantized layer", lambda w: w.quantized[0].unmerge(), RuntimeError,
                r"unmerge\(\) on a quantized layer"),
+        Misuse("Linear.from_linear of a 4-bit layer", lambda w: moslora_ext.Linear.from_linear(linear_4bit()),
+               TypeError, "is a Linear4bit with a quantized weight; moslora_ext.QuantizedLinear takes it"),
         Misuse("a 4-bit layer not quantized yet", lambda w: moslora_ext.add_adapters(
             nn.Sequential(linear_4bit(quantized=False)), ["0"]), TypeError,
                "0 is a Linear4bit whose weight is not quantized yet; move it to its device first"),
