@@ -85,7 +85,8 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
     """Put a MoSLoRA adapter named ``adapter_name`` on every module of
     ``model`` that ``target_modules`` selects (see ``matching_names``) and
     freeze every other parameter. Linear layers, GPT-2's ``Conv1D``,
-    convolutions and embeddings are replaced by adapted layers
+    convolutions, embeddings and quantized linear layers (bitsandbytes
+    4-bit/8-bit, torchao; ``QuantizedLinear``) are replaced by adapted layers
     (``moslora_ext.dispatch.ADAPTER_CLASSES``) that share their weights and
     take their training mode; layers adapted already get one more adapter.
 
