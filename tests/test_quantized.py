@@ -50,7 +50,7 @@ def params(layer):
 def test_forward_and_gradients_match_base_plus_reference_adapter(kind, dropout_p):
     """y = base(x) + s B M A dropout(x), with the base module's own output and backward."""
     layer = adapted(kind, dropout_p)
-    assert type(layer.weight).__name__ != "Parameter" or kind == "int8"
+    assert type(layer.weight) is not nn.Parameter  # a quantized weight: the base computes its own output
     x = torch.randn(2, 5, D)
     torch.manual_seed(7)
     seed = ops.new_dropout_seed()
