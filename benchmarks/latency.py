@@ -30,6 +30,13 @@ forward and in one backward, at N/4 and at N tokens.
     python benchmarks/latency.py --quick            # one LLaMA shape, ~2 min on 2 CPU cores
     python benchmarks/latency.py                    # all shapes, ranks and token counts
     python benchmarks/latency.py --device cuda      # bf16 and fp16 on the GPU
+    python benchmarks/latency.py --quick --quantized  # adds a quantized-base (QLoRA) row per case
+
+Quantized-base row (--quantized, needs bitsandbytes): one bitsandbytes nf4
+Linear4bit (bf16 compute, bf16 input) alone (qbase), under PEFT's QLoRA layer
+(peft_qlora) and under moslora_ext.QuantizedLinear (ours_qlora, float32
+adapter parameters as PEFT's): training-step time and bytes saved for
+backward, with dropout off and on.
 
 Writes a table to stdout, every measurement to <out>/latency-<device>.json and
 a plot of the ratios to <out>/latency-<device>.png.
@@ -439,6 +446,52 @@ def machine_info(device):
     return info
 
 
+def quantized_contenders(base, r, lora_dropout):
+    """The 4-bit base alone, under PEFT's QLoRA layer (if peft is installed) and under ours."""
+    contenders = {"qbase": base, "ours_qlora": moslora_ext.QuantizedLinear.from_module(
+        base, r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout)}
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    except ImportError:
+        return contenders
+    config = LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout)
+    contenders["peft_qlora"] = PeftLinear4bit(base, "default", config=config, r=r, lora_alpha=LORA_ALPHA,
+                                              lora_dropout=lora_dropout)
+    return contenders
+
+
+def measure_quantized(shape_name, tokens, r, device, args, progress):
+    """The quantized-base row of one case (see the module docstring)."""
+    import bitsandbytes
+
+    d, k = (size // args.shrink for size in SHAPES[shape_name])
+    generator = torch.Generator().manual_seed(0)
+    base = bitsandbytes.nn.Linear4bit(d, k, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base.load_state_dict(nn.Linear(d, k, bias=False).state_dict())
+    base = base.to(device).requires_grad_(False)  # bitsandbytes quantizes on the move to the device
+    x = torch.randn(tokens, d, generator=generator).to(device=device, dtype=torch.bfloat16).requires_grad_(True)
+    grad_y = torch.randn(tokens, k, generator=generator).to(device=device, dtype=torch.bfloat16)
+    row = {"shape": shape_name, "tokens": tokens, "r": r, "lora_dropout": args.dropout}
+    for suffix, p in (("", 0.0), ("_dropout", args.dropout)):
+        contenders = quantized_contenders(base, r, p)
+        row["training" + suffix + "_s"] = time_round_robin(
+            {n: training_step(m.train(), x, grad_y) for n, m in contenders.items()}, args.reps, args.warmup, device,
+            progress)
+        row["saved_bytes" + suffix] = {n: saved_bytes(m, x) for n, m in contenders.items()}
+    return row
+
+
+def format_quantized(row):
+    lines = [f"quantized base (nf4, bf16) {row['shape']} N={row['tokens']} r={row['r']}: training step, "
+             "bytes saved for backward beyond x"]
+    for suffix, label in (("", "dropout 0"), ("_dropout", f"dropout {row['lora_dropout']}")):
+        times, saved = row["training" + suffix + "_s"], row["saved_bytes" + suffix]
+        lines.append(f"  {label:12s} " + "  ".join(
+            f"{n} {times[n][0] * 1e3:.1f} ms / {saved[n][1] / 2**20:.1f} MiB" for n in times))
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -454,6 +507,8 @@ def parse_args(argv):
     parser.add_argument("--reps", type=int, help="repetitions per contender (default 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmark-results", help="folder for the JSON and PNG")
+    parser.add_argument("--quantized", action="store_true",
+                        help="also a quantized-base row per case: bitsandbytes nf4, ours against PEFT's QLoRA")
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # smoke test: tiny shapes
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -479,23 +534,26 @@ def main(argv=None):
     except ImportError:  # the progress bar is a nicety
         tqdm = None
     cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
-    total = len(cases) * (3 * args.reps + 1)
+    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0))
     # The banner before the bar exists (else it lands inside the bar's line); the bar leaves no
     # final copy behind, the table rows written through it stay.
     print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({processor_name()}, "
           f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
     progress = tqdm(total=total, desc="latency", file=sys.stderr, leave=False) if tqdm else _NoProgress()
-    results = []
+    results, quantized = [], []
     for shape_name, tokens, r, dtype in cases:
         results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
         progress.write(format_case(results[-1]))
+    for shape_name, tokens, r in dict.fromkeys((s, n, r) for s, n, r, _ in cases) if args.quantized else ():
+        quantized.append(measure_quantized(shape_name, tokens, r, args.device, args, progress))
+        progress.write(format_quantized(quantized[-1]))
     progress.close()
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"latency-{args.device.type}")
     with open(stem + ".json", "w") as f:
         json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-                   "cases": results}, f, indent=1)
+                   "cases": results, "quantized": quantized}, f, indent=1)
     print(f"\nwrote {stem}.json")
     try:
         plot(results, stem + ".png")

@@ -46,35 +46,40 @@ void check_floating_same_device(const Tensor& ref, const char* ref_name, const T
 // Checks weight (k, d), lora_A (r, d), mixer (r, r), lora_B (k, r) against
 // each other; ref (x, or the weight for merge) sets their device, and their
 // dtype too unless adapter_dtype_free (merge computes in its own precision).
+// An undefined weight (adapter-only mode) leaves d to lora_A and k to lora_B.
 void check_adapter(const Tensor& ref, const char* ref_name, const Tensor& weight, const Tensor& lora_A,
                    const Tensor& mixer, const Tensor& lora_B, bool adapter_dtype_free = false) {
   TORCH_CHECK_TYPE(at::isFloatingType(ref.scalar_type()), "moslora_ext: ", ref_name,
                    " must be a floating point tensor, got dtype ", ref.scalar_type());
-  check_same_dtype_device(ref, ref_name, weight, "weight");
   const auto check = adapter_dtype_free ? check_floating_same_device : check_same_dtype_device;
   check(ref, ref_name, lora_A, "lora_A");
   check(ref, ref_name, mixer, "mixer");
   check(ref, ref_name, lora_B, "lora_B");
-  TORCH_CHECK_VALUE(weight.dim() == 2, "moslora_ext: weight must be 2-D (out_features, in_features), got shape ",
-                    weight.sizes());
-  const int64_t k = weight.size(0), d = weight.size(1);
-  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_A.size(1) == d,
-                    "moslora_ext: lora_A must have shape (r, in_features) with in_features = ", d,
-                    " (weight has shape ", weight.sizes(), "), got ", lora_A.sizes());
+  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_B.dim() == 2, "moslora_ext: lora_A and lora_B must be 2-D, got ",
+                    lora_A.sizes(), " and ", lora_B.sizes());
+  if (weight.defined()) {
+    check_same_dtype_device(ref, ref_name, weight, "weight");
+    TORCH_CHECK_VALUE(weight.dim() == 2, "moslora_ext: weight must be 2-D (out_features, in_features), got shape ",
+                      weight.sizes());
+    TORCH_CHECK_VALUE(lora_A.size(1) == weight.size(1), "moslora_ext: lora_A must have shape (r, in_features) "
+                      "with in_features = ", weight.size(1), " (weight has shape ", weight.sizes(), "), got ",
+                      lora_A.sizes());
+  }
+  const int64_t k = weight.defined() ? weight.size(0) : lora_B.size(0);
   const int64_t r = lora_A.size(0);
   TORCH_CHECK_VALUE(r >= 1, "moslora_ext: the rank r must be >= 1, lora_A has shape ", lora_A.sizes());
   TORCH_CHECK_VALUE(mixer.dim() == 2 && mixer.size(0) == r && mixer.size(1) == r,
                     "moslora_ext: mixer must have shape (r, r) = (", r, ", ", r, ") to match lora_A ",
                     lora_A.sizes(), ", got ", mixer.sizes());
-  TORCH_CHECK_VALUE(lora_B.dim() == 2 && lora_B.size(0) == k && lora_B.size(1) == r,
-                    "moslora_ext: lora_B must have shape (out_features, r) = (", k, ", ", r,
-                    ") to match weight ", weight.sizes(), " and lora_A ", lora_A.sizes(), ", got ",
-                    lora_B.sizes());
+  TORCH_CHECK_VALUE(lora_B.size(0) == k && lora_B.size(1) == r,
+                    "moslora_ext: lora_B must have shape (out_features, r) = (", k, ", ", r, ") to match ",
+                    weight.defined() ? "weight " + c10::str(weight.sizes()) + " and " : "", "lora_A ",
+                    lora_A.sizes(), ", got ", lora_B.sizes());
 }
 
-void check_input(const Tensor& x, const Tensor& weight) {
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "moslora_ext: x must have in_features = ",
-                    weight.size(1), " in its last dimension (weight has shape ", weight.sizes(),
+void check_input(const Tensor& x, const Tensor& lora_A) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == lora_A.size(1), "moslora_ext: x must have in_features = ",
+                    lora_A.size(1), " in its last dimension (lora_A has shape ", lora_A.sizes(),
                     "), got x of shape ", x.sizes());
 }
 
@@ -108,7 +113,7 @@ DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor
                              const Tensor& lora_B, double scale, double dropout_p,
                              const std::optional<Tensor>& dropout_seed) {
   check_adapter(x, "x", weight, lora_A, mixer, lora_B);
-  check_input(x, weight);
+  check_input(x, lora_A);
   check_scale(scale);
   return dropout_spec(x, dropout_p, dropout_seed);
 }
@@ -143,20 +148,40 @@ Tensor unit_column_rows(const Tensor& x2) {
 // Operators
 // ---------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-                                   const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B,
-                                   double scale, double dropout_p, const std::optional<Tensor>& dropout_seed) {
-  const DropoutSpec dropout = check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed);
+// y's shape: x's with out_features k in place of in_features.
+std::vector<int64_t> output_sizes(const Tensor& x, int64_t k) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = k;
+  return sizes;
+}
+
+std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>& weight_or_none,
+                                   const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& mixer,
+                                   const Tensor& lora_B, double scale, double dropout_p,
+                                   const std::optional<Tensor>& dropout_seed,
+                                   const std::optional<Tensor>& base_out_or_none) {
+  const Tensor weight = weight_or_none.value_or(Tensor());
+  const Tensor base_out = base_out_or_none.value_or(Tensor());
   const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK_VALUE(weight.defined() != base_out.defined(), "moslora_ext: forward needs either weight (the base "
+                    "output computed here) or base_out (computed by the caller), not both nor neither");
+  TORCH_CHECK_VALUE(!(has_bias && base_out.defined()),
+                    "moslora_ext: with base_out the bias belongs in base_out; pass bias=None");
+  const DropoutSpec dropout = check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed);
+  const int64_t n = leading_rows(x), d = lora_A.size(1), k = lora_B.size(0);
+  const auto y_sizes = output_sizes(x, k);
   if (has_bias) {
     check_same_dtype_device(x, "x", *bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                      "moslora_ext: bias must have shape (out_features,) = (", weight.size(0),
-                      ",), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == k, "moslora_ext: bias must have shape (out_features,) = (",
+                      k, ",), got ", bias->sizes());
+  }
+  if (base_out.defined()) {
+    check_same_dtype_device(x, "x", base_out, "base_out");
+    TORCH_CHECK_VALUE(base_out.sizes() == at::IntArrayRef(y_sizes), "moslora_ext: base_out must have the output's "
+                      "shape ", at::IntArrayRef(y_sizes), ", got ", base_out.sizes());
   }
   const NoAutocast no_autocast;
   const c10::DeviceGuard guard(x.device());
-  const int64_t n = leading_rows(x), d = weight.size(1);
   const auto x2 = x.reshape({n, d});
   const bool cuda = x.is_cuda();
   auto u = dropout_p == 0.0 ? at::mm(x2, lora_A.t())
@@ -165,34 +190,34 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const Tensor& weight, const 
   // y is allocated in its final shape and filled through a 2-D view, so the op
   // returns a tensor of its own rather than a view: callers may change it in
   // place (y += residual), as they may nn.Linear's output.
-  auto y_sizes = x.sizes().vec();
-  y_sizes.back() = weight.size(0);
   auto y = at::empty(y_sizes, x.options());
-  auto y2 = y.view({n, weight.size(0)});
-  // The small adapter GEMM writes y (with the bias) and the base GEMM
-  // accumulates into it (beta = 1): y is written once and read once, inside
-  // the base GEMM, with no separate add, scale or bias pass.
-  if (has_bias) {
+  auto y2 = y.view({n, k});
+  // The small adapter GEMM writes y (with the bias, or on top of the caller's
+  // base output) and the base GEMM accumulates into it (beta = 1): y is
+  // written once and read once, with no separate add, scale or bias pass.
+  if (base_out.defined()) {
+    at::addmm_out(y2, base_out.reshape({n, k}), v, lora_B.t());
+  } else if (has_bias) {
     at::addmm_out(y2, *bias, v, lora_B.t());
   } else {
     at::mm_out(y2, v, lora_B.t());
   }
-  y2.addmm_(x2, weight.t());
+  if (weight.defined()) y2.addmm_(x2, weight.t());
   return {y, u};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& x,
-                                                    const Tensor& weight, const Tensor& lora_A,
+                                                    const std::optional<Tensor>& weight_or_none, const Tensor& lora_A,
                                                     const Tensor& mixer, const Tensor& lora_B, const Tensor& u,
                                                     double scale, double dropout_p,
                                                     const std::optional<Tensor>& dropout_seed,
                                                     std::array<bool, 4> output_mask) {
+  const Tensor weight = weight_or_none.value_or(Tensor());
   const DropoutSpec dropout = check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed);
   check_same_dtype_device(x, "x", grad_out, "grad_out");
   check_same_dtype_device(x, "x", u, "u");
-  const int64_t n = leading_rows(x), d = weight.size(1), k = weight.size(0), r = lora_A.size(0);
-  auto y_sizes = x.sizes().vec();
-  y_sizes.back() = k;
+  const int64_t n = leading_rows(x), d = lora_A.size(1), k = lora_B.size(0), r = lora_A.size(0);
+  const auto y_sizes = output_sizes(x, k);
   TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(y_sizes), "moslora_ext: grad_out must have the output's shape ",
                     at::IntArrayRef(y_sizes), ", got ", grad_out.sizes());
   TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == n && u.size(1) == r, "moslora_ext: u must have shape (", n, ", ",
@@ -225,7 +250,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
       dA = ON_DEVICE(cuda, dropout_grads, unit_column_rows(x2), du, lora_A.contiguous(), dx2, need_dA, dropout);
     }
   }
-  if (need_dx) dx2.addmm_(g, weight);  // as in forward, the base GEMM accumulates into the adapter's part
+  // As in forward, the base GEMM accumulates into the adapter's part; without
+  // a weight the caller's base module adds its own.
+  if (need_dx && weight.defined()) dx2.addmm_(g, weight);
   return {dx, dA, dmixer, dB};
 }
 

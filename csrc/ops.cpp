@@ -28,15 +28,18 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(moslora_ext, m) {
   const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
   // y = x W^T + b + scale * dropout(x) A^T M^T B^T, and u = dropout(x) A^T
-  // (rows of x flattened), which backward needs.
+  // (rows of x flattened), which backward needs. Adapter-only mode, for a
+  // base that computes its own output (a quantized layer): weight and bias
+  // None and base_out given, y = base_out + scale * dropout(x) A^T M^T B^T.
   m.def(
-      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor mixer, Tensor lora_B, "
-      "float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
+      "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_A, Tensor mixer, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor? dropout_seed, Tensor? base_out=None) -> (Tensor, Tensor)",
       tags);
   // Gradients of forward for x, lora_A, mixer, lora_B; an output whose
-  // output_mask entry is false is not computed (None).
+  // output_mask entry is false is not computed (None). Without a weight the
+  // gradient of x is the adapter's part alone.
   m.def(
-      "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor mixer, Tensor lora_B, "
+      "backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor lora_A, Tensor mixer, Tensor lora_B, "
       "Tensor u, float scale, float dropout_p, Tensor? dropout_seed, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       tags);

@@ -82,6 +82,7 @@ from .dispatch import check_adaptable  # noqa: E402
 from .embedding import Embedding  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
+from .quantized import QuantizedLinear  # noqa: E402
 
 try:
     __version__ = metadata.version("moslora_ext")
@@ -106,7 +107,8 @@ def build_info():
 
 
 __all__ = [
-    "Linear", "TransposedLinear", "Conv", "Embedding", "AdapterLayer", "AdapterConfig", "check_adaptable", "ops",
+    "Linear", "TransposedLinear", "QuantizedLinear", "Conv", "Embedding", "AdapterLayer", "AdapterConfig",
+    "check_adaptable", "ops",
     "build_info", "__version__",
     "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",
     "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter", "save_peft_adapter", "saved_modules",

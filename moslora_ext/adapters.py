@@ -25,6 +25,7 @@ import torch
 
 from .dispatch import adapter_class, check_adaptable, refusal_reason
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
+from .quantized import QuantizedLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -84,7 +85,8 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
     """Put a MoSLoRA adapter named ``adapter_name`` on every module of
     ``model`` that ``target_modules`` selects (see ``matching_names``) and
     freeze every other parameter. Linear layers, GPT-2's ``Conv1D``,
-    convolutions and embeddings are replaced by adapted layers
+    convolutions, embeddings and quantized linear layers (bitsandbytes
+    4-bit/8-bit, torchao; ``QuantizedLinear``) are replaced by adapted layers
     (``moslora_ext.dispatch.ADAPTER_CLASSES``) that share their weights and
     take their training mode; layers adapted already get one more adapter.
 
@@ -332,47 +334,69 @@ def _active_layers(model):
     return [layer for layer in _require_adapters(model).values() if layer.active_adapter in layer.adapters]
 
 
-def merge_adapters(model, safe=False):
+def merge_adapters(model, safe=False, requantize=False):
     """Merge the active adapter into the base weights (see
     ``AdapterLayer.merge``). With ``safe=True`` a refused merge unmerges the
-    layers merged before it, so the model is left as it was."""
+    layers merged before it, so the model is left as it was. Quantized
+    layers are refused unless ``requantize=True`` (lossy, see
+    ``QuantizedLinear.merge``)."""
     merged = []
     try:
         for layer in _active_layers(model):
-            layer.merge(safe=safe)
+            layer.merge(safe=safe, requantize=requantize)
             merged.append(layer)
     except Exception:
         for layer in merged:
-            layer.unmerge()
+            layer.unmerge(requantize=requantize)
         raise
     _record(model)
     return model
 
 
-def unmerge_adapters(model):
-    """Take the active adapter back out of the base weights."""
+def unmerge_adapters(model, requantize=False):
+    """Take the active adapter back out of the base weights (``requantize``
+    as in ``merge_adapters``)."""
     layers = _active_layers(model)
     not_merged = [layer for layer in layers if not layer.merged]
     if not_merged:
         raise RuntimeError(f"{len(not_merged)} of {len(layers)} adapted layers are not merged; nothing was changed")
     for layer in layers:
-        layer.unmerge()
+        layer.unmerge(requantize=requantize)
     _record(model)
     return model
 
 
-def merge_and_unload(model):
+QUANTIZED_MERGES = ("dequantize", "requantize")
+
+
+def merge_and_unload(model, quantized="dequantize"):
     """Fold the active adapter into the base weights and put the base modules
     back (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Conv2d``...; the other
     adapters are dropped): the result has no trace of moslora_ext (modules
-    to save stay as trained). Returns ``model``."""
-    for layer in _active_layers(model):
-        if not layer.merged:
-            layer.merge()
+    to save stay as trained). Returns ``model``.
+
+    ``quantized`` says what becomes of quantized layers (``QuantizedLinear``):
+    "dequantize" (default) puts a plain ``nn.Linear`` in the layer's compute
+    dtype in their place, holding the dequantised weight plus the adapter
+    (exact up to that dtype); "requantize" folds the adapter into the
+    quantized weight and keeps the quantized module, as PEFT does, with a
+    warning that states the rounding error (bitsandbytes bases only).
+    """
+    if quantized not in QUANTIZED_MERGES:
+        raise ValueError(f"quantized must be one of {QUANTIZED_MERGES}, got {quantized!r}")
+    requantize = quantized == "requantize"
+    layers = _active_layers(model)
+    for layer in layers:  # refusals first, so that a refused call changes nothing
+        if isinstance(layer, QuantizedLinear) and requantize and not layer.merged:
+            layer.check_requantizable()
+    for layer in layers:
+        if not layer.merged and (requantize or not isinstance(layer, QuantizedLinear)):
+            layer.merge(requantize=requantize)
     for module in saved_modules(model).values():
         delattr(module, MODULE_TO_SAVE)
     for name, layer in adapted_layers(model).items():
-        _set_submodule(model, name, layer.unload())
+        dequantize = isinstance(layer, QuantizedLinear) and not requantize
+        _set_submodule(model, name, layer.dequantized_linear() if dequantize else layer.unload())
     _record(model)
     return model
 

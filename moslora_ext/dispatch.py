@@ -3,11 +3,17 @@
 from .conv import Conv
 from .embedding import Embedding
 from .layer import AdapterLayer, qualified_class_names
-from .linear import GPT2_CONV1D, Linear, TransposedLinear
+from .linear import BNB_4BIT, BNB_8BIT, GPT2_CONV1D, TORCHAO_TENSOR, Linear, TransposedLinear
+from .quantized import QuantizedLinear
 
 # Base module type -> adapter class, by qualified class name so that nothing needs importing.
 # A subclass goes to its nearest listed base class, whose adapter class may still refuse it.
+# The class of the module's weight is looked up first: a torchao-quantized weight makes an
+# nn.Linear a quantized layer.
 ADAPTER_CLASSES = {
+    TORCHAO_TENSOR: QuantizedLinear,  # a weight class
+    BNB_4BIT: QuantizedLinear,
+    BNB_8BIT: QuantizedLinear,
     "torch.nn.modules.linear.Linear": Linear,
     GPT2_CONV1D: TransposedLinear,  # GPT-2's linear layer, weight stored (in, out)
     "torch.nn.modules.conv.Conv1d": Conv,
@@ -16,14 +22,16 @@ ADAPTER_CLASSES = {
     "torch.nn.modules.sparse.Embedding": Embedding,
 }
 SUPPORTED = ("torch.nn.Linear, GPT-2's Conv1D (transformers.pytorch_utils.Conv1D), torch.nn.Conv1d, Conv2d, "
-             "Conv3d and torch.nn.Embedding")
+             "Conv3d, torch.nn.Embedding, bitsandbytes' Linear4bit and Linear8bitLt and torch.nn.Linear layers "
+             "with a torchao-quantized weight")
 
 
 def adapter_class(module):
     """The adapter class for ``module`` (its own class for an adapted layer), or None."""
     if isinstance(module, AdapterLayer):
         return type(module)
-    return next((ADAPTER_CLASSES[name] for name in qualified_class_names(module) if name in ADAPTER_CLASSES), None)
+    names = qualified_class_names(getattr(module, "weight", None)) + qualified_class_names(module)
+    return next((ADAPTER_CLASSES[name] for name in names if name in ADAPTER_CLASSES), None)
 
 
 def refusal_reason(module):
@@ -41,6 +49,7 @@ def check_adaptable(module, name="the module"):
     take an adapter: it must be one of the supported types (``SUPPORTED``)
     and pass its adapter class's checks: a linear layer whose forward is the
     linear map (not one of ``moslora_ext.linear.NOT_PLAIN_LINEAR``), a
+    quantized layer that is quantized already (``QuantizedLinear``), a
     convolution with groups=1 and zero padding, an embedding without a
     forward of its own, an initialized weight."""
     reason = refusal_reason(module)

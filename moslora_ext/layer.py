@@ -58,7 +58,7 @@ def init_mixer_(mixer, mixer_init):
 
 
 def qualified_class_names(module):
-    """"package.module.Class" of the module's class and of each of its base classes, nearest first."""
+    """"package.module.Class" of the class of ``module`` (any object) and of its base classes, nearest first."""
     return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(module).__mro__]
 
 
@@ -168,10 +168,9 @@ class AdapterLayer(nn.Module):
 
     def _adopt(self, module, adapter_name, adapter):
         module.weight.requires_grad_(False)
-        self.weight = module.weight
-        self.bias = getattr(module, "bias", None)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        if getattr(module, "bias", None) is not None:
+            module.bias.requires_grad_(False)
+        self._hold_base(module)
         self._keep_base_settings(module)
         self.adapters = nn.ModuleDict()
         self.active_adapter = adapter_name
@@ -179,6 +178,11 @@ class AdapterLayer(nn.Module):
         self.disabled = False  # whether forward computes the base alone (moslora_ext.disable_adapters)
         self.attach_adapter(adapter_name, adapter)
         self.train(module.training)
+
+    def _hold_base(self, module):
+        # The base's Parameters themselves, under the base module's state-dict keys.
+        self.weight = module.weight
+        self.bias = getattr(module, "bias", None)
 
     @classmethod
     def refusal_reason(cls, module):
@@ -194,6 +198,11 @@ class AdapterLayer(nn.Module):
         return {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}
 
     @staticmethod
+    def base_dtype(weight):
+        """The floating dtype the base computes in, which sets the adapter's dtype."""
+        return weight.dtype
+
+    @staticmethod
     def init_factors_(lora_A, lora_B):
         """A Kaiming-uniform (a = sqrt(5)), B zero: a fresh adapter changes nothing."""
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
@@ -207,7 +216,8 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"r (the adapter rank) must be a positive integer, got {config.r!r}")
         if not 0.0 <= config.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
-        factory = {"device": weight.device, "dtype": adapter_dtype(weight.dtype, config.autocast_adapter_dtype)}
+        dtype = adapter_dtype(cls.base_dtype(weight), config.autocast_adapter_dtype)
+        factory = {"device": weight.device, "dtype": dtype}
         shapes = cls.factor_shapes(weight, config.r)
         mixer = init_mixer_(torch.empty(shapes["lora_mixer"], **factory), config.mixer_init)
         lora_A, lora_B = torch.empty(shapes["lora_A"], **factory), torch.empty(shapes["lora_B"], **factory)
@@ -267,43 +277,55 @@ class AdapterLayer(nn.Module):
         ops.merge_(self._as_matrix(weight), adapter.lora_A.flatten(1), adapter.lora_mixer,
                    adapter.lora_B.flatten(1), scale)
 
+    @property
+    def dense_shape(self):
+        """The shape of the base weight as a dense tensor (the stored one's, unless quantized)."""
+        return self.weight.shape
+
     def delta_weight(self):
         """The active adapter as an update of ``weight`` (its shape and layout,
         the adapter's dtype): ``s * B M A`` for a linear layer."""
         adapter = self.active
-        delta = torch.zeros(self.weight.shape, dtype=adapter.lora_A.dtype, device=self.weight.device)
+        delta = torch.zeros(self.dense_shape, dtype=adapter.lora_A.dtype, device=self.weight.device)
         self._merge_into(delta, adapter, adapter.config.scale)
         return delta
 
-    def merge(self, safe=False):
+    def merge(self, safe=False, requantize=False):
         """Fold the active adapter into ``weight`` in place; forward is then the base alone.
 
         With ``safe=True`` the merged weight is computed in a copy first and
         the merge is refused (ValueError, weight untouched) if it has
         non-finite values; this costs one weight-sized temporary.
+        ``requantize`` allows merging into a quantized weight (see
+        ``QuantizedLinear``); other layers ignore it.
         """
         adapter = self.active
         if self.merged:
             raise RuntimeError(f"this moslora_ext.{type(self).__name__} is already merged; call unmerge() first")
         if self.disabled:
             raise RuntimeError("the adapters are disabled (inside moslora_ext.disable_adapters); nothing to merge")
+        self._add_to_weight(adapter, adapter.config.scale, safe)
+        self.merged = True
+
+    def _add_to_weight(self, adapter, scale, safe=False):
+        # The in-place update of merge and unmerge.
         if safe:
             with torch.no_grad():
                 merged = self.weight.clone()
-                self._merge_into(merged, adapter, adapter.config.scale)
+                self._merge_into(merged, adapter, scale)
                 if not torch.isfinite(merged).all():
                     raise ValueError("safe merge refused: the merged weight would contain inf or NaN "
                                      "(the weight is left unchanged)")
                 self.weight.copy_(merged)
         else:
-            self._merge_into(self.weight, adapter, adapter.config.scale)
-        self.merged = True
+            self._merge_into(self.weight, adapter, scale)
 
-    def unmerge(self):
-        """Take the active adapter back out of ``weight`` (exact up to rounding)."""
+    def unmerge(self, requantize=False):
+        """Take the active adapter back out of ``weight`` (exact up to
+        rounding). ``requantize`` as in ``merge``."""
         if not self.merged:
             raise RuntimeError(f"this moslora_ext.{type(self).__name__} is not merged; nothing to unmerge")
-        self._merge_into(self.weight, self.active, -self.active.config.scale)
+        self._add_to_weight(self.active, -self.active.config.scale)
         self.merged = False
 
     def unload(self):

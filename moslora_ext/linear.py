@@ -8,18 +8,20 @@ from . import ops
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, qualified_class_names
 
 GPT2_CONV1D = "transformers.pytorch_utils.Conv1D"  # by name, so that nothing needs importing
+BNB_4BIT = "bitsandbytes.nn.modules.Linear4bit"
+BNB_8BIT = "bitsandbytes.nn.modules.Linear8bitLt"
+TORCHAO_TENSOR = "torchao.utils.TorchAOBaseTensor"  # the base class of torchao's quantized weights
 _QUANTIZED = "its weight is quantized and its forward dequantizes it"
 
 # nn.Linear subclasses whose forward is not x W^T + b of their own weight and bias (or whose
 # parent never calls their forward), by qualified class name so that nothing needs importing;
 # their subclasses are refused too. Every other nn.Linear subclass (Falcon's FalconLinear,
-# say) is taken to compute the plain linear map, as PEFT does.
+# say) is taken to compute the plain linear map, as PEFT does. bitsandbytes' quantized layers
+# and torchao-quantized weights go to QuantizedLinear instead (moslora_ext.dispatch).
 NOT_PLAIN_LINEAR = {
     "torch.nn.modules.linear.NonDynamicallyQuantizableLinear":
         "nn.MultiheadAttention reads this out_proj's weight directly and never calls its forward",
     "torch.ao.nn.qat.modules.linear.Linear": "its forward fake-quantizes the weight",
-    "bitsandbytes.nn.modules.Linear8bitLt": _QUANTIZED,
-    "bitsandbytes.nn.modules.Linear4bit": _QUANTIZED,
     "transformers.integrations.finegrained_fp8.FP8Linear": _QUANTIZED,
     "transformers.integrations.fbgemm_fp8.FbgemmFp8Linear": _QUANTIZED,
     "transformers.integrations.compressed_tensors.CompressedTensorsFP8Linear": _QUANTIZED,
@@ -34,6 +36,19 @@ NOT_PLAIN_LINEAR = {
         "its forward adds output features of a second weight",
     "transformers.models.dory.modeling_dory.DoryLMHead": "its forward rescales the logits",
 }
+
+
+def quantized_kind(module):
+    """"4bit" or "8bit" for a bitsandbytes layer, "torchao" for an nn.Linear with a
+    torchao-quantized weight (the bases of ``QuantizedLinear``), else None."""
+    names = qualified_class_names(module)
+    if BNB_4BIT in names:
+        return "4bit"
+    if BNB_8BIT in names:
+        return "8bit"
+    if isinstance(module, nn.Linear) and TORCHAO_TENSOR in qualified_class_names(module.weight):
+        return "torchao"
+    return None
 
 
 class Linear(AdapterLayer):
@@ -71,6 +86,7 @@ class Linear(AdapterLayer):
     """
 
     is_linear = True
+    takes_quantized = False  # whether the bases of QuantizedLinear are this class's
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True,
                  mixer_init="kaiming", train_mixer=True, use_rslora=False, autocast_adapter_dtype=True,
@@ -103,6 +119,8 @@ class Linear(AdapterLayer):
         kind = type(module).__name__
         if not isinstance(module, nn.Linear):
             return f"is a {kind}, not a torch.nn.Linear"
+        if quantized_kind(module) and not cls.takes_quantized:
+            return f"is a {kind} with a quantized weight; moslora_ext.QuantizedLinear takes it"
         for class_name in qualified_class_names(module):
             reason = NOT_PLAIN_LINEAR.get(class_name)
             if reason:

@@ -32,15 +32,37 @@ def moslora_linear(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p=0.0)
     matrices of another floating dtype than x (fp32 adapters on a bf16 model)
     are cast to x's dtype; their gradients arrive in their own dtype.
     """
+    return _forward(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, None)
+
+
+def add_moslora(base_out, x, lora_A, mixer, lora_B, scale, dropout_p=0.0):
+    """``base_out + scale * dropout(x) A^T M^T B^T``: the adapter on top of a
+    base output computed by the caller (a quantized layer's own kernel).
+
+    Args:
+        base_out: the base module's output (..., out_features), of x's dtype.
+        x, lora_A, mixer, lora_B, scale, dropout_p: as ``moslora_linear``.
+
+    The same fused op as ``moslora_linear`` without its base GEMM: the
+    adapter GEMM accumulates into ``base_out`` (a new tensor is returned),
+    the dropout mask is regenerated in backward (nothing N x in_features is
+    saved), the gradient of x is the adapter's part (autograd adds the base
+    module's), and ``base_out``'s gradient passes through. Autocast and
+    adapter dtypes as ``moslora_linear``.
+    """
+    return _forward(x, None, None, lora_A, mixer, lora_B, scale, dropout_p, base_out)
+
+
+def _forward(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, base_out):
     device_type = x.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight, bias, lora_A, mixer, lora_B = (
-            _autocast(t, dtype) for t in (x, weight, bias, lora_A, mixer, lora_B))
+        x, weight, bias, lora_A, mixer, lora_B, base_out = (
+            _autocast(t, dtype) for t in (x, weight, bias, lora_A, mixer, lora_B, base_out))
     if x.is_floating_point():  # the small adapter matrices follow x, never the other way round
         lora_A, mixer, lora_B = (_cast_floating(t, x.dtype) for t in (lora_A, mixer, lora_B))
     seed = new_dropout_seed() if dropout_p > 0 else None
-    y, _ = _C_OPS.forward(x, weight, bias, lora_A, mixer, lora_B, float(scale), float(dropout_p), seed)
+    y, _ = _C_OPS.forward(x, weight, bias, lora_A, mixer, lora_B, float(scale), float(dropout_p), seed, base_out)
     return y
 
 
@@ -99,31 +121,44 @@ def _check_like(x, t, name):
 
 
 def _check_shapes(x, weight, lora_A, mixer, lora_B, adapter_dtype_free=False):
-    _check_like(x, weight, "weight")
+    # weight None: adapter-only mode, in_features from lora_A and out_features from lora_B.
+    if weight is not None:
+        _check_like(x, weight, "weight")
     for t, name in ((lora_A, "lora_A"), (mixer, "mixer"), (lora_B, "lora_B")):
         if adapter_dtype_free:
             torch._check(t.is_floating_point(), lambda: f"moslora_ext: {name} must be a floating point tensor")
             torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
         else:
             _check_like(x, t, name)
-    k, d = weight.shape
-    r = lora_A.shape[0]
+    torch._check(lora_A.dim() == 2 and lora_B.dim() == 2, lambda: "moslora_ext: lora_A and lora_B must be 2-D, "
+                 f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    r, d = lora_A.shape
+    k = lora_B.shape[0]
+    if weight is not None:
+        torch._check(tuple(weight.shape) == (k, d), lambda: f"moslora_ext: weight has shape {tuple(weight.shape)} "
+                     f"but lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} need {(k, d)}")
     torch._check(
         x.dim() >= 1 and x.shape[-1] == d,
         lambda: f"moslora_ext: x must have in_features = {d} in its last dimension, got {tuple(x.shape)}",
     )
     torch._check(r >= 1, lambda: f"moslora_ext: the rank r must be >= 1, lora_A has shape {tuple(lora_A.shape)}")
     torch._check(
-        tuple(lora_A.shape) == (r, d) and tuple(mixer.shape) == (r, r) and tuple(lora_B.shape) == (k, r),
-        lambda: f"moslora_ext: inconsistent adapter shapes weight {tuple(weight.shape)}, lora_A "
+        tuple(mixer.shape) == (r, r) and tuple(lora_B.shape) == (k, r),
+        lambda: f"moslora_ext: inconsistent adapter shapes lora_A "
         f"{tuple(lora_A.shape)}, mixer {tuple(mixer.shape)}, lora_B {tuple(lora_B.shape)}",
     )
 
 
 @torch.library.register_fake("moslora_ext::forward")
-def _forward_fake(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed):
+def _forward_fake(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed, base_out=None):
+    torch._check((weight is None) != (base_out is None),
+                 lambda: "moslora_ext: forward needs either weight or base_out, not both nor neither")
     _check_shapes(x, weight, lora_A, mixer, lora_B)
-    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    y = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
+    if base_out is not None:
+        _check_like(x, base_out, "base_out")
+        torch._check(base_out.shape == y.shape, lambda: f"moslora_ext: base_out must have the output's shape "
+                     f"{tuple(y.shape)}, got {tuple(base_out.shape)}")
     u = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
     return y, u
 
@@ -152,7 +187,7 @@ def _dropout_fake(x, p, seed):
 
 
 def _forward_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed = inputs
+    x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed, base_out = inputs
     _, u = output
     ctx.mark_non_differentiable(u)
     ctx.save_for_backward(x, weight, lora_A, mixer, lora_B, u, dropout_seed)
@@ -168,12 +203,13 @@ def _forward_backward(ctx, grad_y, grad_u):
     )
     grad_weight = grad_bias = None
     if needs[1] or needs[2]:
-        grad_y2 = grad_y.reshape(-1, weight.shape[0])
+        grad_y2 = grad_y.reshape(-1, lora_B.shape[0])
         if needs[1]:
             grad_weight = grad_y2.t() @ x.reshape(-1, weight.shape[1])
         if needs[2]:
             grad_bias = grad_y2.sum(0)
-    return grad_x, grad_weight, grad_bias, grad_A, grad_mixer, grad_B, None, None, None
+    grad_base_out = grad_y if len(needs) > 9 and needs[9] else None  # base_out may be left to its default
+    return grad_x, grad_weight, grad_bias, grad_A, grad_mixer, grad_B, None, None, None, grad_base_out
 
 
 torch.library.register_autograd("moslora_ext::forward", _forward_backward, setup_context=_forward_setup_context)

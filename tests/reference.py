@@ -14,8 +14,13 @@ TOLERANCES = {
 
 def moslora_reference(x, weight, bias, lora_A, mixer, lora_B, scale, keep_mask=None, p=0.0):
     """y = x W^T + b + scale * (dropout(x) A^T) M^T B^T in plain PyTorch."""
+    return F.linear(x, weight, bias) + adapter_reference(x, lora_A, mixer, lora_B, scale, keep_mask, p)
+
+
+def adapter_reference(x, lora_A, mixer, lora_B, scale, keep_mask=None, p=0.0):
+    """The adapter term alone, scale * (dropout(x) A^T) M^T B^T, in plain PyTorch."""
     dropped = x if keep_mask is None else x * keep_mask / (1 - p)
-    return F.linear(x, weight, bias) + scale * F.linear(F.linear(F.linear(dropped, lora_A), mixer), lora_B)
+    return scale * F.linear(F.linear(F.linear(dropped, lora_A), mixer), lora_B)
 
 
 def make_adapter(k, d, r, dtype=torch.float32, device="cpu", bias=True, seed=0):

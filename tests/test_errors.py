@@ -6,6 +6,7 @@ every weight and adapter tensor exactly as it was. The edge inputs at the end
 are unusual but valid and must match the plain-PyTorch reference.
 """
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,15 @@ from reference import assert_close_to_reference, make_adapter, moslora_reference
 
 OPS = torch.ops.moslora_ext
 K, D, R = 24, 40, 4
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def linear_4bit(quantized=True):
+    """A bitsandbytes nf4 layer, quantized (by the move to its device) unless told otherwise."""
+    import bitsandbytes
+
+    layer = bitsandbytes.nn.Linear4bit(D, K, quant_type="nf4")
+    return layer.to("cpu") if quantized else layer
 
 
 class World:
@@ -40,12 +50,17 @@ class World:
         # Modules of supported types that cannot take an adapter.
         self.refused = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2),
                                      nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"), ScaledEmbedding(10, 4))
+        self.quantized = nn.Sequential(linear_4bit(), nn.ReLU(), nn.Linear(K, 8)) if HAS_BNB else nn.Sequential()
+        if HAS_BNB:
+            moslora_ext.add_adapters(self.quantized, "all-linear", r=R)
 
     def tensors(self):
         found = dict(self.layer.state_dict(prefix="layer."))
         found.update({f"raw.{k}": v for k, v in self.raw.items() if v is not None})
         found.update(self.model.state_dict(prefix="model."))
         found.update(self.refused.state_dict(prefix="refused."))
+        found.update({k: v for k, v in self.quantized.state_dict(prefix="quantized.").items()
+                      if isinstance(v, torch.Tensor)})
         return found
 
     def merged_with_a_second_adapter(self):
@@ -59,7 +74,7 @@ class World:
     def raw_forward(self, **changes):
         a = {**self.raw, "x": self.x, "scale": 0.5, "dropout_p": 0.0, "dropout_seed": None, **changes}
         return OPS.forward(a["x"], a["weight"], a["bias"], a["lora_A"], a["mixer"], a["lora_B"], a["scale"],
-                           a["dropout_p"], a["dropout_seed"])
+                           a["dropout_p"], a["dropout_seed"], a.get("base_out"))
 
     def raw_backward(self, grad_out=None, u=None):
         a = self.raw
@@ -158,6 +173,17 @@ MISUSES = [
     Misuse("merge_ with a transposed B",
            lambda w: ops.merge_(w.raw["weight"], w.raw["lora_A"], w.raw["mixer"], w.raw["lora_B"].t(), 1.0),
            ValueError, r"lora_B must have shape \(out_features, r\)"),
+    Misuse("weight and base_out", lambda w: w.raw_forward(bias=None, base_out=torch.zeros(3, K)), ValueError,
+           "either weight .* or base_out .*, not both nor neither"),
+    Misuse("neither weight nor base_out", lambda w: w.raw_forward(weight=None, bias=None), ValueError,
+           "either weight .* or base_out"),
+    Misuse("bias with base_out", lambda w: w.raw_forward(weight=None, base_out=torch.zeros(3, K)), ValueError,
+           "with base_out the bias belongs in base_out"),
+    Misuse("base_out of another shape", lambda w: w.raw_forward(weight=None, bias=None, base_out=torch.zeros(3, K + 1)),
+           ValueError, rf"base_out must have the output's shape \[3, {K}\]"),
+    Misuse("base_out of another dtype", lambda w: w.raw_forward(weight=None, bias=None,
+                                                                 base_out=torch.zeros(3, K, dtype=torch.float64)),
+           TypeError, "base_out has dtype Double but x has dtype Float"),
     Misuse("dropout op with p = 1", lambda w: ops.dropout(w.x, 1.0, torch.tensor([1])), ValueError,
            r"dropout probability must be in \[0, 1\)"),
     # whole models
@@ -197,11 +223,30 @@ MISUSES = [
            ValueError, "no adapter named 'nope'"),
     Misuse("delete a merged adapter", lambda w: moslora_ext.delete_adapter(w.model, "default"), RuntimeError,
            "adapter 'default' is merged into 2 layers", setup=World.merged_with_a_second_adapter),
+    Misuse("merge_and_unload with an unknown mode", lambda w: moslora_ext.merge_and_unload(w.model, quantized="round"),
+           ValueError, "quantized must be one of .*'round'"),
+    Misuse("QuantizedLinear.from_module of a plain Linear",
+           lambda w: moslora_ext.QuantizedLinear.from_module(nn.Linear(4, 4)), TypeError,
+           "is a Linear, not a bitsandbytes Linear4bit or Linear8bitLt"),
     Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(
         w.model, w.peft_checkpoint(use_dora=True)), NotImplementedError, "use_dora"),
     Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(
         w.model, w.peft_checkpoint()), FileNotFoundError, "neither adapter_model.safetensors"),
 ]
+
+
+if HAS_BNB:
+    MISUSES += [
+        Misuse("merge a quantized layer", lambda w: moslora_ext.merge_adapters(w.quantized), RuntimeError,
+               r"merge\(\) on a quantized layer \(Linear4bit\) rounds the weight: pass requantize=True"),
+        Misuse("unmerge a quantized layer", lambda w: w.quantized[0].unmerge(), RuntimeError,
+               r"unmerge\(\) on a quantized layer"),
+        Misuse("Linear.from_linear of a 4-bit layer", lambda w: moslora_ext.Linear.from_linear(linear_4bit()),
+               TypeError, "is a Linear4bit with a quantized weight; moslora_ext.QuantizedLinear takes it"),
+        Misuse("a 4-bit layer not quantized yet", lambda w: moslora_ext.add_adapters(
+            nn.Sequential(linear_4bit(quantized=False)), ["0"]), TypeError,
+               "0 is a Linear4bit whose weight is not quantized yet; move it to its device first"),
+    ]
 
 
 def equal_including_nan(a, b):

@@ -7,7 +7,7 @@ import torch
 
 import moslora_ext
 from moslora_ext import ops
-from reference import assert_close_to_reference, make_adapter, moslora_reference
+from reference import adapter_reference, assert_close_to_reference, make_adapter, moslora_reference
 
 OPS = torch.ops.moslora_ext
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -104,6 +104,70 @@ def test_dropout_forward_backward_match_reference_with_same_mask(device):
     adapter = make_adapter(K, D, 8, torch.float64, device)
     x = torch.randn(4, 6, D, dtype=torch.float64, device=device)
     assert_dropout_matches_reference(x, adapter, 0.3, torch.tensor([99]))
+
+
+def adapter_only_args(adapter, base_out, dropout_p=0.0, seed=None):
+    """forward's arguments in adapter-only mode: no weight nor bias, the base output given."""
+    a = adapter
+    return (None, None, a["lora_A"], a["mixer"], a["lora_B"], 0.7, dropout_p, seed, base_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_adapter_only_forward_backward_match_reference(device, dtype, dropout_p):
+    """base_out + s B M A dropout(x): forward, and the gradients of x (the adapter's
+    part alone), base_out (passed through), A, M and B, with the same mask."""
+    adapter = make_adapter(K, D, 8, dtype, device)
+    x = torch.randn(3, 5, D, dtype=torch.float64).to(dtype=dtype, device=device)
+    base_out = torch.randn(3, 5, K, dtype=torch.float64).to(dtype=dtype, device=device)
+    grad_y = torch.randn(3, 5, K, dtype=torch.float64).to(dtype=dtype, device=device)
+    seed = torch.tensor([17])
+    mask = ops.dropout_mask(x.shape, dropout_p, seed, device=device) if dropout_p else None
+    trained = ("lora_A", "mixer", "lora_B")
+
+    def run(function, inputs, x_in, base_in):
+        x_in, base_in = x_in.clone().requires_grad_(True), base_in.clone().requires_grad_(True)
+        inputs = {**inputs, **{name: inputs[name].clone().requires_grad_(True) for name in trained}}
+        y = function(x_in, base_in, inputs)
+        y.backward(grad_y.to(y.dtype))
+        return [y, x_in.grad, base_in.grad] + [inputs[name].grad for name in trained]
+
+    actual = run(lambda x_in, base_in, a: OPS.forward(x_in, *adapter_only_args(a, base_in, dropout_p, seed))[0],
+                 adapter, x, base_out)
+    expected = run(lambda x_in, base_in, a: base_in + adapter_reference(
+        x_in, a["lora_A"], a["mixer"], a["lora_B"], 0.7, mask, dropout_p), as_float64(adapter), x.double(),
+        base_out.double())
+    for got, want in zip(actual, expected):
+        assert got.dtype == dtype
+        assert_close_to_reference(got, want, dtype)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_adapter_only_gradcheck_float64(dropout_p):
+    adapter = make_adapter(5, 6, 3, torch.float64, "cpu")
+    inputs = [torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64),
+              adapter["lora_A"], adapter["mixer"], adapter["lora_B"]]
+    inputs = [t.clone().requires_grad_(True) for t in inputs]
+
+    def function(x, base_out, lora_A, mixer, lora_B):
+        return OPS.forward(x, None, None, lora_A, mixer, lora_B, 0.9, dropout_p, torch.tensor([4321]), base_out)[0]
+
+    assert torch.autograd.gradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_opcheck_adapter_only(device, dropout_p):
+    a = make_adapter(K, D, 4, torch.float32, device)
+    for name in ("lora_A", "mixer", "lora_B"):
+        a[name].requires_grad_(True)
+    seed = torch.tensor([3])
+    x = torch.randn(3, 5, D, device=device, requires_grad=True)
+    base_out = torch.randn(3, 5, K, device=device, requires_grad=True)
+    torch.library.opcheck(OPS.forward, (x, *adapter_only_args(a, base_out, dropout_p, seed)))
+    _, u = OPS.forward(x, *adapter_only_args(a, base_out, dropout_p, seed))
+    args = (torch.randn(3, 5, K, device=device), x.detach(), None, a["lora_A"].detach(), a["mixer"].detach(),
+            a["lora_B"].detach(), u, 0.7, dropout_p, seed, [True, True, True, True])
+    torch.library.opcheck(OPS.backward, args)
 
 
 def test_dropout_op_masks_and_scales(device):

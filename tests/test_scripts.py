@@ -15,6 +15,7 @@ import moslora_ext
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # the plots are skipped without it
+HAVE_BNB = all(importlib.util.find_spec(name) for name in ("bitsandbytes", "peft"))  # the quantized row
 
 
 def load_script(name):
@@ -30,7 +31,8 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     # lora_compiled is left out: torch.compile's compilation would take most of the suite's minute.
     others = [name for name in latency.CONTENDERS if name != "lora_compiled"]
     latency.main(["--small", "--device", "cpu", "--shapes", "attn 4096x4096", "--tokens", "64", "--ranks", "4",
-                  "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--contenders", *others])
+                  "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--contenders", *others,
+                  *(["--quantized"] if HAVE_BNB else [])])
     table = capsys.readouterr().out
     assert "ours_merged" in table and "merge: ours" in table
     report = json.loads((tmp_path / "latency-cpu.json").read_text())
@@ -49,6 +51,14 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert at_quarter == at_n and min(at_n) > 0
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "latency-cpu.png").stat().st_size > 0
+    if HAVE_BNB:  # the quantized row: PEFT's QLoRA layer keeps a dropped (float32) copy of x, ours does not
+        (row,) = report["quantized"]
+        assert set(row["training_s"]) == {"qbase", "peft_qlora", "ours_qlora"}
+        saved = row["saved_bytes_dropout"]
+        assert saved["peft_qlora"][1] >= n * d * 4
+        # ours: U, the seed and the bf16 casts of the float32 A, M and B (r x d, r x r, d x r here)
+        assert saved["ours_qlora"][1] - saved["qbase"][1] <= (n * r + 2 * r * d + r * r) * 2 + 8
+        assert "quantized base (nf4, bf16)" in table
 
 
 def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
