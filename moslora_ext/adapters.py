@@ -387,6 +387,9 @@ def merge_and_unload(model, quantized="dequantize"):
     requantize = quantized == "requantize"
     layers = _active_layers(model)
     for layer in layers:  # refusals first, so that a refused call changes nothing
+        if layer.disabled:  # a dequantized layer would otherwise leave its adapter out, silently
+            raise RuntimeError("the adapters are disabled (inside moslora_ext.disable_adapters); "
+                               "call merge_and_unload outside that block")
         if isinstance(layer, QuantizedLinear) and requantize and not layer.merged:
             layer.check_requantizable()
     for layer in layers:

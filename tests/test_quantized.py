@@ -154,6 +154,16 @@ def test_merge_and_unload_dequantizes_into_an_exact_plain_linear(kind):
     torch.testing.assert_close(model[0](x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_merge_and_unload_inside_disable_adapters_is_refused_not_adapter_free():
+    layer = adapted("nf4")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    model = nn.Sequential(layer)
+    with moslora_ext.disable_adapters(model), pytest.raises(RuntimeError, match="adapters are disabled"):
+        moslora_ext.merge_and_unload(model)
+    assert model[0] is layer and not layer.merged
+
+
 def test_dequantize_uses_the_compute_dtype():
     model = nn.Sequential(adapted("nf4", compute_dtype=torch.bfloat16))
     moslora_ext.merge_and_unload(model)
