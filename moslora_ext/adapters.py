@@ -414,13 +414,12 @@ def adapter_state_dict(model, adapter_name=DEFAULT_ADAPTER):
     ``model.state_dict()``."""
     tensors = {f"{name}.{t}": getattr(layer.adapters[adapter_name], t)
                for name, layer in _layers_holding(model, adapter_name).items() for t in ADAPTER_TENSORS}
-    return tensors | _saved_module_state(model)
+    return tensors | _module_state(saved_modules(model))
 
 
-def _saved_module_state(model):
-    """The state of every module to save, keyed as in ``model.state_dict()``."""
-    return {f"{name}.{key}": t for name, module in saved_modules(model).items()
-            for key, t in module.state_dict().items()}
+def _module_state(modules):
+    """The state of the modules {name: module}, keyed as in the model's ``state_dict()``."""
+    return {f"{name}.{key}": t for name, module in modules.items() for key, t in module.state_dict().items()}
 
 
 def _unmerged_adapters(model, caller, adapter_name):
@@ -497,7 +496,7 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
             tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}"] = adapter.lora_A
             tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = (
                 B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
-    tensors.update({PEFT_PREFIX + key: t for key, t in _saved_module_state(model).items()})
+    tensors.update({PEFT_PREFIX + key: t for key, t in _module_state(saved_modules(model)).items()})
     base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
               "target_modules": last_names if exact else sorted(layers),
@@ -612,8 +611,7 @@ def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEF
     if adapter_name in list_adapters(model) and not replace:
         raise ValueError(f"{source}: the model has an adapter named {adapter_name!r} already; pass replace=True to "
                          "load over it, or another adapter_name")
-    saved_state = {f"{name}.{key}": t for name in modules_to_save
-                   for key, t in modules[name].state_dict().items()}
+    saved_state = _module_state({name: modules[name] for name in modules_to_save})
     expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS} | saved_state.keys()
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:

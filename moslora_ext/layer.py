@@ -57,6 +57,13 @@ def init_mixer_(mixer, mixer_init):
     return mixer
 
 
+def refuse_non_finite(merged):
+    """The refusal of a safe merge whose result ``merged`` holds inf or NaN."""
+    if not torch.isfinite(merged).all():
+        raise ValueError("safe merge refused: the merged weight would contain inf or NaN "
+                         "(the weight is left unchanged)")
+
+
 def qualified_class_names(module):
     """"package.module.Class" of the class of ``module`` (any object) and of its base classes, nearest first."""
     return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(module).__mro__]
@@ -192,9 +199,14 @@ class AdapterLayer(nn.Module):
         return None
 
     @classmethod
+    def matrix_shape(cls, weight):
+        """(out_features, in_features) of the map this ``weight`` stores."""
+        return tuple(cls._as_matrix(weight).shape)
+
+    @classmethod
     def factor_shapes(cls, weight, r):
         """The shapes of A, M and B on a base of this ``weight``."""
-        out_features, in_features = cls._as_matrix(weight).shape
+        out_features, in_features = cls.matrix_shape(weight)
         return {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}
 
     @staticmethod
@@ -313,9 +325,7 @@ class AdapterLayer(nn.Module):
             with torch.no_grad():
                 merged = self.weight.clone()
                 self._merge_into(merged, adapter, scale)
-                if not torch.isfinite(merged).all():
-                    raise ValueError("safe merge refused: the merged weight would contain inf or NaN "
-                                     "(the weight is left unchanged)")
+                refuse_non_finite(merged)
                 self.weight.copy_(merged)
         else:
             self._merge_into(self.weight, adapter, scale)

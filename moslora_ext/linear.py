@@ -128,7 +128,7 @@ class Linear(AdapterLayer):
         return super().refusal_reason(module)
 
     def _keep_base_settings(self, module):
-        self.out_features, self.in_features = self._as_matrix(module.weight).shape
+        self.out_features, self.in_features = self.matrix_shape(module.weight)
 
     @staticmethod
     def _as_matrix(weight):

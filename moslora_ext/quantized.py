@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .layer import refuse_non_finite
 from .linear import Linear, quantized_kind
 
 
@@ -53,10 +54,9 @@ class QuantizedLinear(Linear):
         return super().refusal_reason(module)  # nn.Linear's rules (NOT_PLAIN_LINEAR)
 
     @classmethod
-    def factor_shapes(cls, weight, r):
+    def matrix_shape(cls, weight):
         # A 4-bit weight is stored packed; its quant_state knows the (out, in) shape.
-        out_features, in_features = weight.quant_state.shape if hasattr(weight, "quant_state") else weight.shape
-        return {"lora_A": (r, in_features), "lora_mixer": (r, r), "lora_B": (out_features, r)}
+        return tuple(weight.quant_state.shape if hasattr(weight, "quant_state") else weight.shape)
 
     @staticmethod
     def base_dtype(weight):
@@ -79,7 +79,7 @@ class QuantizedLinear(Linear):
         return self.base_layer.bias
 
     def _keep_base_settings(self, module):
-        self.in_features, self.out_features = module.in_features, module.out_features
+        super()._keep_base_settings(module)
         self.kind = quantized_kind(module)
 
     @property
@@ -195,9 +195,8 @@ class QuantizedLinear(Linear):
         before = self.dequantized_weight()
         merged = before.clone()
         self._merge_into(merged, adapter, scale)
-        if safe and not torch.isfinite(merged).all():
-            raise ValueError("safe merge refused: the merged weight would contain inf or NaN "
-                             "(the weight is left unchanged)")
+        if safe:
+            refuse_non_finite(merged)
         update = (merged - before).abs().max().item()
         error = self._requantize(merged)
         warnings.warn(f"requantized the merged weight of a {type(self.base_layer).__name__} ({self.kind}): "
