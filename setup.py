@@ -99,7 +99,8 @@ def cuda_arch_list():
         caps = sorted({min(torch.cuda.get_device_capability(i), newest) for i in range(torch.cuda.device_count())})
         archs = with_ptx([f"{major}.{minor}" for major, minor in caps])
     else:
-        buildable = [a for a in torch_archs if a in nvcc_archs()]
+        available = nvcc_archs()
+        buildable = [a for a in torch_archs if a in available]
         archs = with_ptx([f"{a[:-1]}.{a[-1]}" for a in buildable]) if buildable else FALLBACK_CUDA_ARCHS
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # so the build compiles exactly what is recorded
     return archs

@@ -46,10 +46,19 @@ struct Grid3 {
   int64_t x, y, z;
 };
 
+// Column groups (one Philox call each) of a row of `cols` columns.
+MOSLORA_HOST_DEVICE int64_t column_groups(int64_t cols) {
+  return (cols + kDropoutColsPerCall - 1) / kDropoutColsPerCall;
+}
+
+// Blocks of kGroupThreads column groups over `cols` columns.
+inline int64_t group_blocks(int64_t cols) {
+  return (column_groups(cols) + kGroupThreads - 1) / kGroupThreads;
+}
+
 // Blocks of kGroupThreads column groups in x, rows grid-strided in y.
 inline Grid3 row_group_grid(int64_t rows, int64_t cols) {
-  const int64_t groups = (cols + kDropoutColsPerCall - 1) / kDropoutColsPerCall;
-  return Grid3{(groups + kGroupThreads - 1) / kGroupThreads, std::min<int64_t>(rows, 65535), 1};
+  return Grid3{group_blocks(cols), std::min<int64_t>(rows, 65535), 1};
 }
 
 // Blocks of kDownWarps rows, rows grid-strided beyond 2^16 blocks.
@@ -59,7 +68,7 @@ inline Grid3 down_project_grid(int64_t rows) {
 
 template <typename scalar_t>
 MOSLORA_HOST_DEVICE int64_t column_groups(const Rows<scalar_t>& m) {
-  return (m.cols + kDropoutColsPerCall - 1) / kDropoutColsPerCall;
+  return column_groups(m.cols);
 }
 
 // Group `group` of row `row` of x, dropped (row counts from the mask's row 0).
@@ -145,8 +154,7 @@ MOSLORA_HOST_DEVICE DASplits dA_splits(int64_t n, int64_t r, int64_t d) {
 
 // Blocks of kGroupThreads column groups in x, 8 rows of dA in y, splits in z.
 inline Grid3 dA_partial_grid(const DASplits& splits, int64_t r, int64_t d) {
-  const int64_t groups = (d + kDropoutColsPerCall - 1) / kDropoutColsPerCall;
-  return Grid3{(groups + kGroupThreads - 1) / kGroupThreads, (r + kDARChunk - 1) / kDARChunk, splits.count};
+  return Grid3{group_blocks(d), (r + kDARChunk - 1) / kDARChunk, splits.count};
 }
 
 template <typename acc_t, typename scalar_t>

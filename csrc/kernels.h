@@ -13,13 +13,9 @@
 
 namespace moslora {
 
-// What regenerates a dropout mask: Philox seed, the integer threshold of
-// dropout_keep() and the 1/(1-p) scale of kept elements.
-struct DropoutSpec {
-  uint64_t seed;
-  uint32_t drop_threshold;
-  double keep_scale;
-};
+// What regenerates a dropout mask, as the ops receive it (scale in double);
+// mask_of gives the kernels' copy in their accumulation type.
+using DropoutSpec = DropoutMask<double>;
 
 template <typename acc_t>
 DropoutMask<acc_t> mask_of(const DropoutSpec& spec) {
@@ -59,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at
                                                   const at::Tensor& mixer, double scale, bool need_dmixer);
 
 // out = dropout of the rows first_row, first_row + 1, ... of the (rows, cols)
-// matrix x; out has x's shape and dtype and contiguous rows.
+// matrix x (unit column stride); out has x's shape and dtype and contiguous rows.
 template <c10::DeviceType device>
 void dropout_rows(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec, int64_t first_row);
 

@@ -293,7 +293,7 @@ Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
   const c10::DeviceGuard guard(x.device());
   const int64_t rows = leading_rows(x), cols = x.size(-1);
   auto out = at::empty(x.sizes(), x.options());  // not a view, as forward's y
-  ON_DEVICE(x.is_cuda(), dropout_rows, x.reshape({rows, cols}), out.view({rows, cols}), spec, 0);
+  ON_DEVICE(x.is_cuda(), dropout_rows, unit_column_rows(x.reshape({rows, cols})), out.view({rows, cols}), spec, 0);
   return out;
 }
 

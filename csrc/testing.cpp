@@ -12,14 +12,9 @@
 namespace moslora {
 namespace {
 
-DropoutMask<double> host_mask(double p, int64_t seed) {
+DropoutSpec host_mask(double p, int64_t seed) {
   TORCH_CHECK_VALUE(p > 0.0 && p < 1.0, "cuda_bodies_on_host: p must be in (0, 1), got ", p);
-  return DropoutMask<double>{static_cast<uint64_t>(seed), dropout_threshold(p), 1.0 / (1.0 - p)};
-}
-
-template <typename acc_t>
-DropoutMask<acc_t> narrowed(const DropoutMask<double>& m) {
-  return DropoutMask<acc_t>{m.seed, m.drop_threshold, static_cast<acc_t>(m.keep_scale)};
+  return DropoutSpec{static_cast<uint64_t>(seed), dropout_threshold(p), 1.0 / (1.0 - p)};
 }
 
 void check_rows(const at::Tensor& t, const char* name) {
@@ -37,7 +32,7 @@ at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double p,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "down_project", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto xr = rows_of<const scalar_t>(x), ar = rows_of<const scalar_t>(lora_A);
-    const auto mask = narrowed<acc_t>(host_mask(p, seed));
+    const auto mask = mask_of<acc_t>(host_mask(p, seed));
     scalar_t* out = u.mutable_data_ptr<scalar_t>();
     const Grid3 grid = down_project_grid(n);
     for (int64_t block = 0; block < grid.x; ++block) {
@@ -73,7 +68,7 @@ at::Tensor grad_A(const at::Tensor& x, const at::Tensor& du, double p, int64_t s
     const DASplits splits = dA_splits(n, r, d);
     // Poisoned, so that an element no thread writes shows up as NaN.
     std::vector<acc_t> partials(splits.count * r * d, std::numeric_limits<acc_t>::quiet_NaN());
-    const auto mask = narrowed<acc_t>(host_mask(p, seed));
+    const auto mask = mask_of<acc_t>(host_mask(p, seed));
     const Grid3 grid = dA_partial_grid(splits, r, d);
     for (int64_t bx = 0; bx < grid.x; ++bx) {
       for (int64_t by = 0; by < grid.y; ++by) {
@@ -102,7 +97,7 @@ at::Tensor grad_x(const at::Tensor& du, const at::Tensor& lora_A, double p, int6
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, du.scalar_type(), "grad_x", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto out = rows_of<scalar_t>(dx);
-    const auto mask = narrowed<acc_t>(host_mask(p, seed));
+    const auto mask = mask_of<acc_t>(host_mask(p, seed));
     const Grid3 grid = row_group_grid(n, out.cols);
     for (int64_t bx = 0; bx < grid.x; ++bx) {
       for (int64_t by = 0; by < grid.y; ++by) {

@@ -80,7 +80,6 @@ dim3 to_dim3(const Grid3& g) {
 template <>
 void dropout_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec,
                               int64_t first_row) {
-  const auto x_rows = x.stride(1) == 1 ? x : x.contiguous();
   const int64_t n = x.size(0);
   if (n == 0 || x.size(1) == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -88,7 +87,7 @@ void dropout_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& out, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     dropout_kernel<<<to_dim3(row_group_grid(n, x.size(1))), kGroupThreads, 0, stream>>>(
-        rows_of<const scalar_t>(x_rows), rows_of<scalar_t>(out), mask_of<acc_t>(spec), first_row, n);
+        rows_of<const scalar_t>(x), rows_of<scalar_t>(out), mask_of<acc_t>(spec), first_row, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
