@@ -136,8 +136,7 @@ CONTENDERS = {
     "ours_base_dtype": lambda base, r, p: ours(base, r, p, autocast_adapter_dtype=False),
     "ours_merged": ours_merged,
 }
-TRAINABLE = ["base", "lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours", "ours_lora", "ours_named",
-             "ours_base_dtype"]
+TRAINABLE = [name for name in CONTENDERS if name != "ours_merged"]  # a merged layer has no adapter to train
 # Contenders whose dropout cost is measured (those that have dropout).
 WITH_DROPOUT = ["lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours"]
 
@@ -299,7 +298,7 @@ def share_adapter(contenders, base, r, generator):
                 module.lora_B.weight.copy_(B)
                 if name == "moslora_torch":
                     module.lora_AB.weight.copy_(eye)
-            elif name in ("ours", "ours_lora", "ours_named", "ours_base_dtype"):
+            elif isinstance(module, moslora_ext.Linear) and not module.merged:  # ours_merged keeps its weight
                 module.lora_A.copy_(A)
                 module.lora_B.copy_(B)
                 module.lora_mixer.copy_(eye)

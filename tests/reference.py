@@ -64,4 +64,4 @@ def embedding_reference(ids, weight, lora_A, mixer, lora_B, scale, padding_idx=N
 
 def transposed_linear_reference(x, weight, bias, lora_A, mixer, lora_B, scale):
     """GPT-2's Conv1D (weight stored (in, out)) with an adapter: x W + b + scale * x A^T M^T B^T."""
-    return x @ weight + bias + scale * ((x @ lora_A.t()) @ mixer.t()) @ lora_B.t()
+    return x @ weight + bias + adapter_reference(x, lora_A, mixer, lora_B, scale)

@@ -1,6 +1,7 @@
 """moslora_ext.Linear: initialisation, forward/backward against the reference,
 merge/unmerge, dropout behaviour, torch.compile (misuse: test_errors.py)."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -234,29 +235,21 @@ def test_float32_adapter_keeps_updates_that_bfloat16_would_round_away():
     assert torch.all(kept.lora_B > 1.0) and torch.all(rounded.lora_B == 1.0)
 
 
-def test_float32_adapter_merges_into_a_bfloat16_weight(device):
-    torch.manual_seed(0)
-    layer = randomize_adapter(moslora_ext.Linear(48, 24, r=8, device=device, dtype=torch.bfloat16))
-    original = layer.weight.detach().double()
-    expected = original + layer.scale * (layer.lora_B.double() @ layer.lora_mixer.double()) @ layer.lora_A.double()
-    layer.merge()
-    assert layer.weight.dtype == torch.bfloat16
-    assert_close_to_reference(layer.weight, expected, torch.bfloat16)
-    layer.unmerge()
-    assert_close_to_reference(layer.weight, original, torch.bfloat16)
-
-
+@pytest.mark.parametrize("under_autocast", [False, True])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-def test_merge_under_autocast_computes_in_the_weight_precision(device, weight_dtype):
+def test_merge_computes_in_the_weight_precision(device, weight_dtype, under_autocast):
+    """The float32 adapter of a bf16 weight merges in fp32 and rounds once; a bf16
+    autocast around merge/unmerge changes nothing (fp32 stays fp32-exact)."""
     torch.manual_seed(0)
     layer = randomize_adapter(moslora_ext.Linear(48, 24, r=8, device=device, dtype=weight_dtype))
     original = layer.weight.detach().double()
     expected = original + layer.scale * (layer.lora_B.double() @ layer.lora_mixer.double()) @ layer.lora_A.double()
-    with torch.autocast(device, dtype=torch.bfloat16):
+    context = torch.autocast(device, dtype=torch.bfloat16) if under_autocast else contextlib.nullcontext()
+    with context:
         layer.merge()
     assert layer.weight.dtype == weight_dtype
-    assert_close_to_reference(layer.weight, expected, weight_dtype)  # fp32 stays fp32-exact under a bf16 autocast
-    with torch.autocast(device, dtype=torch.bfloat16):
+    assert_close_to_reference(layer.weight, expected, weight_dtype)
+    with context:
         layer.unmerge()
     assert_close_to_reference(layer.weight, original, weight_dtype)
 

@@ -155,9 +155,7 @@ def test_merge_and_unload_dequantizes_into_an_exact_plain_linear(kind):
 
 
 def test_merge_and_unload_inside_disable_adapters_is_refused_not_adapter_free():
-    layer = adapted("nf4")
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = adapted("nf4")  # a nonzero B: dropping the adapter would change the weights
     model = nn.Sequential(layer)
     with moslora_ext.disable_adapters(model), pytest.raises(RuntimeError, match="adapters are disabled"):
         moslora_ext.merge_and_unload(model)
@@ -200,12 +198,15 @@ def test_requantize_refused_for_torchao():
 tf = pytest.importorskip("transformers")
 
 
-def tiny_llama_folder(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tmp_path_factory):
+    """A tiny Llama saved once for the tests that load it quantized."""
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    tf.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
 
 
 def load_4bit(folder):
@@ -215,9 +216,9 @@ def load_4bit(folder):
                                                    device_map="cpu")
 
 
-def test_qlora_recipe_trains_saves_and_reloads(tmp_path):
+def test_qlora_recipe_trains_saves_and_reloads(tmp_path, tiny_llama_folder):
     """4-bit nf4 base, bf16 compute, fp32 adapters, gradient checkpointing, a few AdamW steps."""
-    folder = tiny_llama_folder(tmp_path)
+    folder = tiny_llama_folder
     model = load_4bit(folder)
     if hasattr(model, "activation_checkpointing_enable"):  # the newer name of gradient_checkpointing_enable
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -254,10 +255,10 @@ def test_qlora_recipe_trains_saves_and_reloads(tmp_path):
 peft = pytest.importorskip("peft")
 
 
-def test_identity_mixer_equals_peft_qlora_layer_and_loads_its_adapter(tmp_path):
+def test_identity_mixer_equals_peft_qlora_layer_and_loads_its_adapter(tmp_path, tiny_llama_folder):
     """PEFT's QLoRA model on the same 4-bit base: logits, adapter gradients and its
     saved adapter, loaded by load_peft_adapter, agree to bf16's tolerance."""
-    folder = tiny_llama_folder(tmp_path)
+    folder = tiny_llama_folder
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     theirs = peft.get_peft_model(load_4bit(folder), config)
     assert type(theirs.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
@@ -282,9 +283,9 @@ def test_identity_mixer_equals_peft_qlora_layer_and_loads_its_adapter(tmp_path):
             torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
 
 
-def test_save_peft_adapter_of_a_quantized_model_gives_peft_our_logits(tmp_path):
+def test_save_peft_adapter_of_a_quantized_model_gives_peft_our_logits(tmp_path, tiny_llama_folder):
     """A trained mixer folded into B on a 4-bit model: PEFT's QLoRA model reproduces our logits."""
-    folder = tiny_llama_folder(tmp_path)
+    folder = tiny_llama_folder
     ours = moslora_ext.add_adapters(load_4bit(folder), ["q_proj", "up_proj"], r=4, lora_alpha=8).eval()
     with torch.no_grad():
         for layer in moslora_ext.adapted_layers(ours).values():

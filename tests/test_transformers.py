@@ -12,11 +12,13 @@ transformers = pytest.importorskip("transformers")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, model_class=None, **config_overrides):
+    """A tiny Llama (a causal LM unless ``model_class`` says otherwise) built from a config."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(config)
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      **config_overrides)
+    return (model_class or transformers.LlamaForCausalLM)(config)
 
 
 def tiny_gpt2(seed=0):
@@ -210,10 +212,8 @@ def test_peft_sequence_classification_adapter_restores_its_head(tmp_path):
     peft = pytest.importorskip("peft")
 
     def tiny_classifier():
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
-        return transformers.LlamaForSequenceClassification(config).eval()
+        return tiny_llama(model_class=transformers.LlamaForSequenceClassification, num_labels=3,
+                          pad_token_id=0).eval()
 
     peft_model = peft.get_peft_model(tiny_classifier(), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
                                                                         target_modules="all-linear"))
