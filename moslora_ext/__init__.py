@@ -5,9 +5,9 @@
 ``moslora_ext.Linear`` is the layer (on the fused ops; ``TransposedLinear`` for
 GPT-2's Conv1D, ``Conv`` and ``Embedding`` in plain PyTorch, all ``AdapterLayer``s
 holding named adapters); ``moslora_ext.ops`` has the functional ops;
-``add_adapters``, ``save_adapter``, ``load_adapter``, ``load_peft_adapter``,
-``set_adapter``, ``disable_adapters``, ``merge_and_unload`` and their helpers
-(``moslora_ext.adapters``) work on whole models; ``build_info()`` says what the installed extension was built with.
+``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.adapters``),
+``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``,
+``load_peft_adapter`` (``moslora_ext.checkpoints``) and their helpers work on whole models; ``build_info()`` says what the installed extension was built with.
 """
 
 import glob
@@ -66,17 +66,12 @@ from .adapters import (  # noqa: E402
     delete_adapter,
     disable_adapters,
     list_adapters,
-    load_adapter,
-    load_peft_adapter,
-    merge_adapters,
-    merge_and_unload,
-    save_adapter,
-    save_peft_adapter,
     saved_modules,
     set_adapter,
     trainable_parameters,
-    unmerge_adapters,
 )
+from .checkpoints import load_adapter, load_peft_adapter, save_adapter, save_peft_adapter  # noqa: E402
+from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
 from .conv import Conv  # noqa: E402
 from .dispatch import check_adaptable  # noqa: E402
 from .embedding import Embedding  # noqa: E402

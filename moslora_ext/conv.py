@@ -1,6 +1,5 @@
 """``moslora_ext.Conv``: MoSLoRA adapters on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``, in plain PyTorch."""
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -193,8 +193,8 @@ def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):
     moslora_ext.save_adapter(model, tmp_path)
     other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2)
     moslora_ext.load_adapter(other, tmp_path, replace=True)
-    for name, t in moslora_ext.adapters.adapter_state_dict(model).items():
-        assert torch.equal(moslora_ext.adapters.adapter_state_dict(other)[name], t)
+    for name, t in moslora_ext.checkpoints.adapter_state_dict(model).items():
+        assert torch.equal(moslora_ext.checkpoints.adapter_state_dict(other)[name], t)
 
 
 def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):

@@ -1,0 +1,363 @@
+"""Saving and loading adapters: this library's folders, PEFT's LoRA and the
+released MoSLoRA code's checkpoints, and transformers checkpoints.
+
+    moslora_ext.save_adapter(model, "my-adapter")          # adapter tensors + JSON config
+    moslora_ext.load_adapter(fresh_model, "my-adapter")    # adds the adapters and loads them
+    moslora_ext.save_peft_adapter(model, "for-vllm")       # a standard PEFT LoRA adapter, mixer folded in
+    moslora_ext.load_peft_adapter(model, "peft-adapter")   # PEFT LoRA or released MoSLoRA
+"""
+
+import json
+import os
+import re
+from dataclasses import fields
+
+import torch
+
+from .adapters import (
+    CONFIG_RECORD,
+    FORMAT,
+    _inside_any,
+    _layer_settings,
+    _layers_holding,
+    _require_adapters,
+    _wrap,
+    adapted_layers,
+    list_adapters,
+    matching_names,
+    saved_modules,
+)
+from .dispatch import adapter_class, check_adaptable
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
+ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
+# PEFT's tensor names (and the released MoSLoRA code's lora_AB, the mixer) -> ours.
+FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer",
+                   "lora_B": "lora_B", "lora_embedding_B": "lora_B"}
+# The settings that decide what an adapter's tensors compute. The others (lora_dropout,
+# mixer_init, train_mixer, autocast_adapter_dtype) only shape training: loading over an
+# existing adapter keeps its own.
+WEIGHT_SETTINGS = ("r", "lora_alpha", "use_rslora")
+
+
+def _adapter_config(model, adapter_name):
+    """What ``save_adapter`` writes to adapter_config.json: the settings of
+    each layer's adapter ``adapter_name``, the names of the modules to save
+    and this library's version."""
+    from . import __version__
+
+    return {"format": FORMAT, "version": __version__, "layers": _layer_settings(model, adapter_name),
+            "modules_to_save": list(saved_modules(model))}
+
+
+def adapter_state_dict(model, adapter_name=DEFAULT_ADAPTER):
+    """The tensors ``save_adapter`` saves: those of each layer's adapter
+    ``adapter_name``, keyed ``"<layer>.lora_A"``, ``"<layer>.lora_mixer"``,
+    ``"<layer>.lora_B"``, and the state of every module to save, keyed as in
+    ``model.state_dict()``."""
+    tensors = {f"{name}.{t}": getattr(layer.adapters[adapter_name], t)
+               for name, layer in _layers_holding(model, adapter_name).items() for t in ADAPTER_TENSORS}
+    return tensors | _module_state(saved_modules(model))
+
+
+def _module_state(modules):
+    """The state of the modules {name: module}, keyed as in the model's ``state_dict()``."""
+    return {f"{name}.{key}": t for name, module in modules.items() for key, t in module.state_dict().items()}
+
+
+def _unmerged_adapters(model, caller, adapter_name):
+    """The layers holding ``adapter_name``, refusing a model with merged adapters."""
+    if any(layer.merged for layer in _require_adapters(model).values()):
+        raise RuntimeError(f"{caller} needs unmerged adapters; call unmerge_adapters(model) first")
+    return _layers_holding(model, adapter_name)
+
+
+def _write(path, tensors, config):
+    """Write an adapter folder: the tensors and the JSON config."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file({key: t.detach().contiguous() for key, t in tensors.items()}, os.path.join(path, WEIGHTS_NAME))
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def save_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
+    """Save the adapter ``adapter_name`` of ``model`` (one adapter per
+    folder, as PEFT) to the folder ``path``: ``adapter_model.safetensors``
+    (its tensors, keyed ``<layer>.lora_A`` etc.) and ``adapter_config.json``
+    (each layer's settings, the names of the modules to save and this
+    library's version). Refuses a merged model, whose adapters are also in
+    the base weights."""
+    _unmerged_adapters(model, "save_adapter", adapter_name)
+    _write(path, adapter_state_dict(model, adapter_name), _adapter_config(model, adapter_name))
+
+
+# Settings that a PEFT LoRA adapter holds once for all its layers.
+PEFT_SHARED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+
+
+def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
+    """Save the adapter ``adapter_name`` of ``model`` as a standard PEFT LoRA
+    adapter in the folder ``path``, for PEFT's ``PeftModel.from_pretrained``
+    and for serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI,
+    LoRAX).
+
+    Since ``s·B M A = s·(B M) A``, each adapter is written as a rank-r LoRA
+    adapter with ``lora_A = A`` and ``lora_B = B M`` (computed in fp32,
+    rounded once to the adapter's dtype), under PEFT's key names
+    (``base_model.model.<layer>.lora_A.weight``, ``lora_embedding_A`` for
+    embeddings); the modules to save are written as PEFT writes them.
+    ``adapter_config.json`` has ``peft_type`` "LORA", r, lora_alpha,
+    lora_dropout, use_rslora, target_modules (the layers' last names where
+    these select exactly the adapted layers, else their full names),
+    modules_to_save, and ``fan_in_fan_out`` true when it adapts GPT-2
+    ``Conv1D`` layers. The mixer is folded in, so the saved adapter is plain
+    LoRA: loading it back gives the same outputs with an identity, frozen
+    mixer.
+
+    PEFT's LoRA has one r, lora_alpha, lora_dropout and use_rslora per
+    adapter: ValueError if the adapted layers differ in one of them. Refuses
+    a merged model.
+    """
+    layers = _unmerged_adapters(model, "save_peft_adapter", adapter_name)
+    adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
+    shared = {}
+    for setting in PEFT_SHARED_SETTINGS:
+        values = {getattr(adapter.config, setting) for adapter in adapters.values()}
+        if len(values) > 1:
+            raise ValueError(f"a PEFT LoRA adapter has one {setting} for all layers, but the adapted layers "
+                             f"have {sorted(values)}")
+        shared[setting] = values.pop()
+    last_names = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    exact = set(matching_names(model, last_names)) == set(layers)
+    tensors = {}
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            peft_names = layers[name].peft_names
+            B = adapter.lora_B
+            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}"] = adapter.lora_A
+            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = (
+                B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
+    tensors.update({PEFT_PREFIX + key: t for key, t in _module_state(saved_modules(model)).items()})
+    base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
+              "target_modules": last_names if exact else sorted(layers),
+              "modules_to_save": list(saved_modules(model)) or None,
+              "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+              "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
+              "alpha_pattern": {}}
+    _write(path, tensors, config)
+
+
+def load_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False):
+    """Load an adapter saved by ``save_adapter`` into ``model`` as
+    ``adapter_name``, or the adapter ``adapter_name`` of a transformers
+    checkpoint folder written by ``save_pretrained`` (and so by the HF
+    Trainer) of a model with adapters: ``model.safetensors`` or its shards
+    with ``model.safetensors.index.json``, and ``config.json``, where the
+    adapted model's config recorded the adapter settings (lora_alpha cannot
+    be read from tensor shapes). Only that adapter's tensors (and the modules
+    to save) are read from such a checkpoint.
+
+    Layers named in the checkpoint get an adapter ``adapter_name`` with the
+    saved settings (adapted layers replace base ones, see ``add_adapters``;
+    the adapter is active if it is the model's first). If the model has an
+    adapter of that name already, the load is refused unless ``replace``:
+    then the checkpoint's tensors are copied into the existing adapters (the
+    parameter objects stay, so an optimizer holding them goes on), which
+    must have the same ``WEIGHT_SETTINGS`` (r, lora_alpha, use_rslora) and
+    keep their own lora_dropout, mixer_init and train_mixer, which do not
+    change what the tensors compute. Every tensor's shape is checked, and
+    missing or unexpected keys are reported, before anything changes: a
+    failed load leaves the model untouched. Returns ``model``.
+    """
+    if os.path.exists(os.path.join(path, CONFIG_NAME)):
+        with open(os.path.join(path, CONFIG_NAME)) as f:
+            config = json.load(f)
+        tensors = None  # read once the config is checked
+    else:
+        config, tensors = _read_transformers_checkpoint(path, adapter_name)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a moslora_ext adapter (format {config.get('format')!r}); "
+                         "for PEFT or released MoSLoRA checkpoints use load_peft_adapter")
+    settings = {}
+    for name, layer_config in config["layers"].items():
+        unknown = set(layer_config) - {f.name for f in fields(AdapterConfig)}
+        if unknown:
+            raise ValueError(f"{path}: unknown adapter settings {sorted(unknown)} for layer {name}")
+        settings[name] = AdapterConfig(**layer_config)
+    if tensors is None:
+        tensors = _read_tensors(os.path.join(path, WEIGHTS_NAME))
+    _load(model, settings, tensors, str(path), config.get("modules_to_save", []), adapter_name, replace)
+    return model
+
+
+def _read_transformers_checkpoint(path, adapter_name):
+    """The adapter ``adapter_name`` of a transformers checkpoint folder: the
+    save_adapter-style config of its record in config.json, and its tensors
+    (and those of the modules to save), read alone from ``model.safetensors``
+    or its shards and keyed as by ``adapter_state_dict``."""
+    from safetensors import safe_open
+
+    model_config = os.path.join(path, "config.json")
+    if not os.path.exists(model_config):
+        raise FileNotFoundError(f"{path} holds neither {CONFIG_NAME} (an adapter folder) "
+                                "nor config.json (a transformers checkpoint)")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = {key: os.path.join(path, file) for key, file in json.load(f)["weight_map"].items()}
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        single = os.path.join(path, "model.safetensors")
+        with safe_open(single, "pt") as f:
+            files = dict.fromkeys(f.keys(), single)
+    else:
+        raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json "
+                                "(save with safe_serialization, the default)")
+    with open(model_config) as f:
+        record = json.load(f).get(CONFIG_RECORD)
+    if record is None:
+        lora_keys = [key for key in files if ".lora_" in key]
+        raise ValueError(f"{path}: config.json has no moslora_ext adapter record, and {len(lora_keys)} lora_* "
+                         "tensors (their lora_alpha cannot be read from shapes). It was saved from a model "
+                         "without adapters, from one whose adapters were merged (its weights hold them: use it "
+                         "as is), or with an older moslora_ext; load its adapters with save_adapter's folder")
+    if adapter_name not in record["adapters"]:
+        raise ValueError(f"{path}: the checkpoint has no adapter named {adapter_name!r}; it has "
+                         f"{list(record['adapters'])}")
+    layers = record["adapters"][adapter_name]
+    # The model's state-dict key of each tensor (AdapterLayer holds its adapters in `adapters`) -> ours.
+    wanted = {f"{name}.adapters.{adapter_name}.{t}": f"{name}.{t}" for name in layers for t in ADAPTER_TENSORS}
+    wanted |= {key: key for key in files if _inside_any(key, record["modules_to_save"])}
+    tensors = {}
+    for file in sorted({files[key] for key in wanted if key in files}):
+        with safe_open(file, "pt") as f:
+            tensors.update({wanted[key]: f.get_tensor(key) for key in f.keys() if key in wanted})
+    return {"format": FORMAT, "layers": layers, "modules_to_save": record["modules_to_save"]}, tensors
+
+
+def _read_tensors(file):
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(file)
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEFAULT_ADAPTER, replace=False):
+    """Check everything, then give the layers that lack it the adapter
+    ``adapter_name``, mark the modules to save and copy the tensors in."""
+    modules = dict(model.named_modules())
+    missing_layers = [name for name in [*settings, *modules_to_save] if name not in modules]
+    if missing_layers:
+        raise ValueError(f"{source}: the model has no module named {missing_layers}")
+    if adapter_name in list_adapters(model) and not replace:
+        raise ValueError(f"{source}: the model has an adapter named {adapter_name!r} already; pass replace=True to "
+                         "load over it, or another adapter_name")
+    saved_state = _module_state({name: modules[name] for name in modules_to_save})
+    expected = {f"{name}.{t}" for name in settings for t in ADAPTER_TENSORS} | saved_state.keys()
+    missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
+    to_add = {}
+    for name, config in settings.items():
+        module = modules[name]
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+            existing = module.adapters[adapter_name].config
+            differing = [s for s in WEIGHT_SETTINGS if getattr(existing, s) != getattr(config, s)]
+            if differing:
+                raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
+                                 f"but the checkpoint has {config}; {differing} must match")
+            if module.merged and module.active_adapter == adapter_name:
+                raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
+        else:
+            check_adaptable(module, f"{source}: layer {name}")
+            to_add[name] = config
+        for t, shape in adapter_class(module).factor_shapes(module.weight, config.r).items():
+            got = tuple(tensors[f"{name}.{t}"].shape)
+            if got != shape:
+                raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
+                                 f"(weight {tuple(module.weight.shape)}, r={config.r}) needs {shape}")
+    for key, t in saved_state.items():
+        if tensors[key].shape != t.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
+                             f"but the model's has {tuple(t.shape)}")
+    if to_add or modules_to_save:
+        _wrap(model, to_add, adapter_name, modules_to_save)
+    layers = adapted_layers(model)
+    with torch.no_grad():
+        for name in settings:
+            adapter = layers[name].adapters[adapter_name]
+            for t in ADAPTER_TENSORS:
+                getattr(adapter, t).copy_(tensors[f"{name}.{t}"])
+        for key, t in saved_state.items():
+            t.copy_(tensors[key])
+
+
+def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, autocast_adapter_dtype=True):
+    """Load a LoRA adapter saved by PEFT, or a MoSLoRA adapter saved by the
+    released MoSLoRA code (a PEFT fork), from the folder ``path``
+    (``adapter_config.json`` and ``adapter_model.safetensors`` or ``.bin``)
+    as the adapter ``adapter_name``.
+
+    Keys ``base_model.model.<layer>.lora_A.weight`` / ``lora_B.weight`` (and
+    ``lora_AB.weight``, the mixer, for MoSLoRA; ``lora_embedding_A`` /
+    ``lora_embedding_B`` for embeddings) are mapped onto ``<layer>`` of
+    ``model``: linear layers, GPT-2's ``Conv1D`` (PEFT's
+    ``fan_in_fan_out``), convolutions and embeddings. A LoRA adapter gets
+    an identity, frozen mixer, so the layer computes exactly what PEFT
+    computes; a MoSLoRA adapter gets its trained mixer. Tensors of the
+    config's ``modules_to_save`` (such as the ``classifier.*`` or
+    ``score.*`` of a SEQ_CLS adapter), keyed
+    ``base_model.model.<module>.<name>``, are loaded into those modules,
+    which are then trained in full as with ``add_adapters(...,
+    modules_to_save=...)``. Same all-or-nothing checks, and the same
+    ``replace`` rule, as ``load_adapter``. ``autocast_adapter_dtype`` as in
+    ``add_adapters`` (and PEFT's ``from_pretrained``): float32 adapters on
+    float16/bfloat16 layers.
+    """
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        peft_config = json.load(f)
+    unsupported = {key: peft_config[key] for key in ("use_dora", "rank_pattern", "alpha_pattern")
+                   if peft_config.get(key)}
+    if peft_config.get("bias", "none") != "none":
+        unsupported["bias"] = peft_config["bias"]
+    if unsupported:
+        raise NotImplementedError(f"{path}: PEFT settings not supported by moslora_ext: {unsupported}")
+    files = [os.path.join(path, name) for name in (WEIGHTS_NAME, "adapter_model.bin")]
+    weights = next((f for f in files if os.path.exists(f)), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor adapter_model.bin")
+    key_pattern = re.compile(rf"(.+)\.({'|'.join(FROM_PEFT_NAMES)})(?:\.default)?(?:\.weight)?")
+    modules_to_save = peft_config.get("modules_to_save")
+    save_candidates = matching_names(model, modules_to_save) if modules_to_save else []
+    by_layer, tensors, to_save = {}, {}, set()
+    for key, tensor in _read_tensors(weights).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        match = key_pattern.fullmatch(name)
+        module_to_save = _inside_any(name, save_candidates)
+        if match:
+            by_layer.setdefault(match.group(1), {})[FROM_PEFT_NAMES[match.group(2)]] = tensor
+        elif module_to_save:
+            to_save.add(module_to_save)
+            tensors[name] = tensor
+        else:
+            raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor "
+                             f"nor one of a module of modules_to_save {modules_to_save})")
+    r, alpha = peft_config["r"], peft_config["lora_alpha"]
+    settings = {}
+    for name, parts in by_layer.items():
+        has_mixer = "lora_mixer" in parts
+        settings[name] = AdapterConfig(r=r, lora_alpha=alpha, lora_dropout=peft_config.get("lora_dropout", 0.0),
+                                       mixer_init="kaiming" if has_mixer else "identity", train_mixer=has_mixer,
+                                       use_rslora=peft_config.get("use_rslora", False),
+                                       autocast_adapter_dtype=autocast_adapter_dtype)
+        parts.setdefault("lora_mixer", torch.eye(r))
+        tensors.update({f"{name}.{t}": tensor for t, tensor in parts.items()})
+    if not settings:
+        raise ValueError(f"{weights} holds no adapter tensors")
+    _load(model, settings, tensors, str(path), sorted(to_save), adapter_name, replace)
+    return model
