@@ -7,7 +7,8 @@ GPT-2's Conv1D, ``Conv`` and ``Embedding`` in plain PyTorch, all ``AdapterLayer`
 holding named adapters); ``moslora_ext.ops`` has the functional ops;
 ``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.adapters``),
 ``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``,
-``load_peft_adapter`` (``moslora_ext.checkpoints``) and their helpers work on whole models; ``build_info()`` says what the installed extension was built with.
+``load_peft_adapter`` (``moslora_ext.checkpoints``) and their helpers work on whole
+models; ``build_info()`` says what the installed extension was built with.
 """
 
 import glob
@@ -71,12 +72,12 @@ from .adapters import (  # noqa: E402
     trainable_parameters,
 )
 from .checkpoints import load_adapter, load_peft_adapter, save_adapter, save_peft_adapter  # noqa: E402
-from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
 from .conv import Conv  # noqa: E402
 from .dispatch import check_adaptable  # noqa: E402
 from .embedding import Embedding  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
+from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
 from .quantized import QuantizedLinear  # noqa: E402
 
 try:

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict
 
 from .dispatch import adapter_class, check_adaptable, refusal_reason
-from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
 
 FORMAT = "moslora_ext"
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
@@ -39,22 +39,35 @@ def matching_names(model, target_modules):
     selects, as in PEFT, every linear layer (``nn.Linear`` and GPT-2's
     ``Conv1D``) that can take an adapter (see ``check_adaptable``) except the
     output head, the module that ``model.get_output_embeddings()`` returns
-    on a transformers model.
+    on a transformers model. Never the model itself, nor a module inside an
+    adapted layer (its base module, its adapters).
     """
+    candidates = _candidates(model)
     if _is_all_linear(target_modules):
         get_head = getattr(model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
-        return [name for name, module in model.named_modules()
+        return [name for name, module in candidates
                 if module is not head and getattr(adapter_class(module), "is_linear", False)
                 and refusal_reason(module) is None]
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
-        return [name for name, _ in model.named_modules() if name and pattern.fullmatch(name)]
-    targets = list(target_modules)
+        return [name for name, _ in candidates if pattern.fullmatch(name)]
+    targets = list(target_modules) if isinstance(target_modules, (list, tuple, set)) else None
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
-    return [name for name, _ in model.named_modules()
-            if name and any(name == t or name.endswith("." + t) for t in targets)]
+    return [name for name, _ in candidates if any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def _candidates(model):
+    """(name, module) of the modules of ``model`` that a target may select:
+    not the model itself, nor anything inside an adapted layer."""
+    found, adapted = [], []
+    for name, module in model.named_modules():
+        if name and not _inside_any(name, adapted):
+            found.append((name, module))
+            if isinstance(module, AdapterLayer):
+                adapted.append(name)
+    return found
 
 
 def _is_all_linear(target_modules):
@@ -84,10 +97,12 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
     Returns ``model`` (changed in place). Raises ValueError, listing the
     model's adaptable layers, if nothing matches, and TypeError if a selected
     module cannot take an adapter (an unsupported type, one refused by
-    ``check_adaptable``, or one that has an adapter named ``adapter_name``
-    already); on any error the model is left untouched.
+    ``check_adaptable``), ValueError for bad settings (see ``AdapterConfig``)
+    or a bad ``adapter_name`` (see ``check_adapter_name``), or one that the
+    selected layers hold already; on any error the model is left untouched.
     """
     config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora, autocast_adapter_dtype)
+    check_adapter_name(adapter_name)
     to_save = []
     if modules_to_save:
         to_save = matching_names(model, modules_to_save)
@@ -97,12 +112,20 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
     if _is_all_linear(target_modules):
         names = [name for name in names if not _inside_any(name, to_save)]
     if not names:
-        available = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                            if name and adapter_class(m)})
-        raise ValueError(f"target_modules {target_modules!r} matches no module of the model; "
+        available = sorted({name.rsplit(".", 1)[-1] for name, m in _candidates(model) if refusal_reason(m) is None})
+        how = ""
+        if isinstance(target_modules, str) and not _is_all_linear(target_modules):
+            how = (" (a single string is a regular expression that must match a module's full name, such as "
+                   f"{_example_name(model)!r}; pass a list, [{target_modules!r}], to match names by their end)")
+        raise ValueError(f"target_modules {target_modules!r} matches no module of the model{how}; "
                          f"the layers that can take adapters are named {available}")
     _wrap(model, {name: config for name in names}, adapter_name, to_save)
     return model
+
+
+def _example_name(model):
+    """The full name of an adaptable module of ``model``, for messages."""
+    return next((name for name, m in _candidates(model) if refusal_reason(m) is None), "layers.0.q_proj")
 
 
 def _inside_any(name, module_names):
@@ -115,11 +138,19 @@ def _wrap(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):
     replace the others), mark ``modules_to_save`` and freeze everything but
     the active adapters and the modules to save. Every adapter is built
     before anything changes, so a failure leaves the model as it was."""
+    check_adapter_name(adapter_name)
+    if "" in configs:
+        raise ValueError("the model itself cannot take an adapter; target its layers")
     to_save = [*saved_modules(model), *modules_to_save]
     modules = {name: model.get_submodule(name) for name in configs}
+    adapted = list(adapted_layers(model))
     for name, module in modules.items():
         if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
-            raise TypeError(f"{name} already has a MoSLoRA adapter named {adapter_name!r}")
+            raise ValueError(f"{name} already has a MoSLoRA adapter named {adapter_name!r}; pass another "
+                             "adapter_name, or delete_adapter(model, name) first")
+        inside = next((a for a in adapted if name.startswith(a + ".")), None)
+        if inside:
+            raise ValueError(f"{name} is inside the adapted layer {inside}; adapt {inside} itself")
         check_adaptable(module, name)
         holder = _inside_any(name, to_save)
         if holder:
@@ -161,21 +192,28 @@ def _record(model):
     """Keep the settings of every adapter in a transformers model's config,
     which ``save_pretrained`` (and so the HF Trainer) writes to config.json
     beside the full state dict with its adapter tensors: ``load_adapter``
-    restores an adapter from such a checkpoint. A merged model's weights
-    already hold its adapter, so it records none."""
+    restores an adapter from such a checkpoint. It also counts the merged
+    layers ("merged_layers", kept up to date by layer-level ``merge()`` and
+    ``unmerge()`` too, through the record each layer holds): the weights of
+    a checkpoint saved with merged layers hold their adapter already, and
+    ``load_adapter`` refuses to add it a second time."""
     from . import __version__
 
     config = getattr(model, "config", None)
     if not hasattr(config, "to_json_string"):  # not a transformers PretrainedConfig
         return
     layers = adapted_layers(model).values()
-    if layers and not any(layer.merged for layer in layers):
-        setattr(config, CONFIG_RECORD, {
-            "format": FORMAT, "version": __version__,
-            "adapters": {name: _layer_settings(model, name) for name in list_adapters(model)},
-            "modules_to_save": list(saved_modules(model))})
-    elif hasattr(config, CONFIG_RECORD):
-        delattr(config, CONFIG_RECORD)
+    if not layers:
+        if hasattr(config, CONFIG_RECORD):
+            delattr(config, CONFIG_RECORD)
+        return
+    record = {"format": FORMAT, "version": __version__,
+              "adapters": {name: _layer_settings(model, name) for name in list_adapters(model)},
+              "modules_to_save": list(saved_modules(model)),
+              "merged_layers": sum(layer.merged for layer in layers)}
+    setattr(config, CONFIG_RECORD, record)
+    for layer in layers:
+        layer._config_record = record
 
 
 def _set_submodule(model, name, module):

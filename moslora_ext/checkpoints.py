@@ -7,10 +7,13 @@ released MoSLoRA code's checkpoints, and transformers checkpoints.
     moslora_ext.load_peft_adapter(model, "peft-adapter")   # PEFT LoRA or released MoSLoRA
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
-from dataclasses import fields
+import shutil
+import uuid
 
 import torch
 
@@ -28,7 +31,7 @@ from .adapters import (
     saved_modules,
 )
 from .dispatch import adapter_class, check_adaptable
-from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -76,13 +79,68 @@ def _unmerged_adapters(model, caller, adapter_name):
 
 
 def _write(path, tensors, config):
-    """Write an adapter folder: the tensors and the JSON config."""
+    """Write an adapter folder, all or nothing: the tensors and the JSON config.
+
+    The config is encoded before anything is written (a setting JSON cannot
+    hold is refused with nothing on disk). Both files are written under
+    temporary names, flushed to disk, then renamed into place: a new folder
+    is written whole under a temporary name and renamed, so it appears
+    complete or not at all; in an existing folder the previous adapter stays
+    whole until both new files are complete, and only a crash between the
+    two renames could pair the new tensors with the old config.
+    """
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
-    save_file({key: t.detach().contiguous() for key, t in tensors.items()}, os.path.join(path, WEIGHTS_NAME))
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=1)
+    try:
+        text = json.dumps(config, indent=1, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the adapter settings cannot be written as JSON ({exc}); nothing was written") from exc
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} exists and is not a folder; nothing was written")
+    new_folder = not os.path.exists(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    work = os.path.join(parent if new_folder else path, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    os.mkdir(work)
+    try:
+        save_file(_unshared(tensors), os.path.join(work, WEIGHTS_NAME))
+        with open(os.path.join(work, CONFIG_NAME), "w") as f:
+            f.write(text)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            _fsync(os.path.join(work, name))
+        if new_folder:
+            os.rename(work, path)
+        else:
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(os.path.join(work, name), os.path.join(path, name))
+            os.rmdir(work)
+        _fsync(parent if new_folder else path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _fsync(path):
+    """Flush a file's or a folder's entries to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unshared(tensors):
+    """The tensors, detached and contiguous, each with a storage of its own:
+    safetensors refuses tensors that share one (tied embed_tokens and
+    lm_head among the modules to save)."""
+    storages, out = set(), {}
+    for key, t in tensors.items():
+        t = t.detach()
+        storage = (t.device, t.untyped_storage().data_ptr())
+        out[key] = t.clone() if storage in storages else t.contiguous()
+        storages.add(storage)
+    return out
 
 
 def save_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
@@ -175,25 +233,74 @@ def load_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False):
     missing or unexpected keys are reported, before anything changes: a
     failed load leaves the model untouched. Returns ``model``.
     """
+    _check_folder(path)
+    check_adapter_name(adapter_name)
     if os.path.exists(os.path.join(path, CONFIG_NAME)):
-        with open(os.path.join(path, CONFIG_NAME)) as f:
-            config = json.load(f)
+        config = _read_json(os.path.join(path, CONFIG_NAME))
         tensors = None  # read once the config is checked
     else:
         config, tensors = _read_transformers_checkpoint(path, adapter_name)
     if config.get("format") != FORMAT:
         raise ValueError(f"{path} is not a moslora_ext adapter (format {config.get('format')!r}); "
                          "for PEFT or released MoSLoRA checkpoints use load_peft_adapter")
+    layers = config.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path}: its config has no adapted layers ('layers' is {layers!r}); it is not a complete "
+                         "moslora_ext adapter: save the adapter again")
     settings = {}
-    for name, layer_config in config["layers"].items():
-        unknown = set(layer_config) - {f.name for f in fields(AdapterConfig)}
+    for name, layer_config in layers.items():
+        if not isinstance(layer_config, dict):
+            raise ValueError(f"{path}: the settings of layer {name} must be a JSON object, got {layer_config!r}")
+        unknown = set(layer_config) - {f.name for f in dataclasses.fields(AdapterConfig)}
         if unknown:
             raise ValueError(f"{path}: unknown adapter settings {sorted(unknown)} for layer {name}")
-        settings[name] = AdapterConfig(**layer_config)
+        settings[name] = _settings(path, f"layer {name}", **layer_config)
+    modules_to_save = _names_list(path, config.get("modules_to_save", []))
     if tensors is None:
         tensors = _read_tensors(os.path.join(path, WEIGHTS_NAME))
-    _load(model, settings, tensors, str(path), config.get("modules_to_save", []), adapter_name, replace)
+    _load(model, settings, tensors, str(path), modules_to_save, adapter_name, replace)
     return model
+
+
+def _check_folder(path):
+    """FileNotFoundError/NotADirectoryError, saying so, unless ``path`` is a local folder."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist; moslora_ext reads adapters from local folders and does not "
+                                "fetch Hugging Face Hub ids (download one first, e.g. with "
+                                "huggingface_hub.snapshot_download)")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file; pass the adapter's folder")
+
+
+def _settings(path, what, **values):
+    """``AdapterConfig(**values)``, its refusal naming the file and what the settings are of."""
+    try:
+        return AdapterConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: bad adapter settings for {what}: {exc}") from None
+
+
+def _names_list(path, names):
+    """``modules_to_save`` as read from a config: None or a list of module names."""
+    if names is None:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{path}: modules_to_save must be a list of module names, got {names!r}")
+    return names
+
+
+def _read_json(file):
+    """The JSON object in ``file``; ValueError naming the file if it is not one."""
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} does not exist")
+    try:
+        with open(file) as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}); the file is damaged: save it again") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def _read_transformers_checkpoint(path, adapter_name):
@@ -209,23 +316,30 @@ def _read_transformers_checkpoint(path, adapter_name):
                                 "nor config.json (a transformers checkpoint)")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = {key: os.path.join(path, file) for key, file in json.load(f)["weight_map"].items()}
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map object")
+        files = {key: os.path.join(path, file) for key, file in weight_map.items()}
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         single = os.path.join(path, "model.safetensors")
-        with safe_open(single, "pt") as f:
+        with _reading(single), safe_open(single, "pt") as f:
             files = dict.fromkeys(f.keys(), single)
     else:
         raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json "
                                 "(save with safe_serialization, the default)")
-    with open(model_config) as f:
-        record = json.load(f).get(CONFIG_RECORD)
+    record = _read_json(model_config).get(CONFIG_RECORD)
     if record is None:
         lora_keys = [key for key in files if ".lora_" in key]
         raise ValueError(f"{path}: config.json has no moslora_ext adapter record, and {len(lora_keys)} lora_* "
                          "tensors (their lora_alpha cannot be read from shapes). It was saved from a model "
                          "without adapters, from one whose adapters were merged (its weights hold them: use it "
                          "as is), or with an older moslora_ext; load its adapters with save_adapter's folder")
+    if not isinstance(record, dict) or not isinstance(record.get("adapters"), dict):
+        raise ValueError(f"{model_config}: its {CONFIG_RECORD!r} record is damaged (no 'adapters' object)")
+    if record.get("merged_layers"):
+        raise ValueError(f"{path} was saved with {record['merged_layers']} adapted layers merged: its weights hold "
+                         "their adapter already, and loading it again would add it twice. Use the checkpoint as "
+                         "it is, or unmerge before saving")
     if adapter_name not in record["adapters"]:
         raise ValueError(f"{path}: the checkpoint has no adapter named {adapter_name!r}; it has "
                          f"{list(record['adapters'])}")
@@ -235,16 +349,30 @@ def _read_transformers_checkpoint(path, adapter_name):
     wanted |= {key: key for key in files if _inside_any(key, record["modules_to_save"])}
     tensors = {}
     for file in sorted({files[key] for key in wanted if key in files}):
-        with safe_open(file, "pt") as f:
+        with _reading(file), safe_open(file, "pt") as f:
             tensors.update({wanted[key]: f.get_tensor(key) for key in f.keys() if key in wanted})
     return {"format": FORMAT, "layers": layers, "modules_to_save": record["modules_to_save"]}, tensors
 
 
 def _read_tensors(file):
-    if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(file)
-    return torch.load(file, map_location="cpu", weights_only=True)
+    """The tensors in a safetensors (or torch) ``file``, read onto the CPU."""
+    with _reading(file):
+        if file.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(file)
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def _reading(file):
+    """Turn a failure to read ``file`` (truncated, empty, not in its format) into a ValueError naming it."""
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} does not exist")
+    try:
+        yield
+    except Exception as exc:
+        raise ValueError(f"{file} cannot be read ({type(exc).__name__}: {exc}); it is truncated, empty or not a "
+                         "tensor file: save it again") from exc
 
 
 def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEFAULT_ADAPTER, replace=False):
@@ -319,8 +447,12 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     ``add_adapters`` (and PEFT's ``from_pretrained``): float32 adapters on
     float16/bfloat16 layers.
     """
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        peft_config = json.load(f)
+    _check_folder(path)
+    check_adapter_name(adapter_name)
+    peft_config = _read_json(os.path.join(path, CONFIG_NAME))
+    if peft_config.get("format") == FORMAT:
+        raise ValueError(f"{path} is a moslora_ext adapter folder (written by save_adapter), not a PEFT one; "
+                         "load it with moslora_ext.load_adapter")
     unsupported = {key: peft_config[key] for key in ("use_dora", "rank_pattern", "alpha_pattern")
                    if peft_config.get(key)}
     if peft_config.get("bias", "none") != "none":
@@ -331,8 +463,12 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     weights = next((f for f in files if os.path.exists(f)), None)
     if weights is None:
         raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor adapter_model.bin")
+    # Settings the config leaves out take PEFT's LoraConfig defaults, as PEFT's own loading does.
+    shared = _settings(path, "the adapter", r=peft_config.get("r", 8), lora_alpha=peft_config.get("lora_alpha", 8),
+                       lora_dropout=peft_config.get("lora_dropout", 0.0),
+                       use_rslora=peft_config.get("use_rslora", False), autocast_adapter_dtype=autocast_adapter_dtype)
     key_pattern = re.compile(rf"(.+)\.({'|'.join(FROM_PEFT_NAMES)})(?:\.default)?(?:\.weight)?")
-    modules_to_save = peft_config.get("modules_to_save")
+    modules_to_save = _names_list(path, peft_config.get("modules_to_save"))
     save_candidates = matching_names(model, modules_to_save) if modules_to_save else []
     by_layer, tensors, to_save = {}, {}, set()
     for key, tensor in _read_tensors(weights).items():
@@ -347,15 +483,12 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
         else:
             raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor "
                              f"nor one of a module of modules_to_save {modules_to_save})")
-    r, alpha = peft_config["r"], peft_config["lora_alpha"]
     settings = {}
     for name, parts in by_layer.items():
         has_mixer = "lora_mixer" in parts
-        settings[name] = AdapterConfig(r=r, lora_alpha=alpha, lora_dropout=peft_config.get("lora_dropout", 0.0),
-                                       mixer_init="kaiming" if has_mixer else "identity", train_mixer=has_mixer,
-                                       use_rslora=peft_config.get("use_rslora", False),
-                                       autocast_adapter_dtype=autocast_adapter_dtype)
-        parts.setdefault("lora_mixer", torch.eye(r))
+        settings[name] = dataclasses.replace(shared, mixer_init="kaiming" if has_mixer else "identity",
+                                             train_mixer=has_mixer)
+        parts.setdefault("lora_mixer", torch.eye(shared.r))
         tensors.update({f"{name}.{t}": tensor for t, tensor in parts.items()})
     if not settings:
         raise ValueError(f"{weights} holds no adapter tensors")

@@ -3,7 +3,7 @@
 from torch import nn
 from torch.nn import functional as F
 
-from .layer import AdapterLayer
+from .layer import AdapterLayer, class_path
 
 # By the number of spatial dimensions.
 CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -34,7 +34,7 @@ class Conv(AdapterLayer):
 
     @classmethod
     def refusal_reason(cls, module):
-        kind = type(module).__name__
+        kind = class_path(module)
         if not isinstance(module, tuple(CONV_MODULES.values())):
             return f"is a {kind}, not a torch.nn.Conv1d, Conv2d or Conv3d"
         if type(module).forward not in {m.forward for m in CONV_MODULES.values()}:

@@ -2,7 +2,7 @@
 
 from .conv import Conv
 from .embedding import Embedding
-from .layer import AdapterLayer, qualified_class_names
+from .layer import AdapterLayer, class_path, qualified_class_names
 from .linear import BNB_4BIT, BNB_8BIT, GPT2_CONV1D, TORCHAO_TENSOR, Linear, TransposedLinear
 from .quantized import QuantizedLinear
 
@@ -40,7 +40,7 @@ def refusal_reason(module):
         return None
     cls = adapter_class(module)
     if cls is None:
-        return f"is a {type(module).__name__}; adapters go on {SUPPORTED}"
+        return f"is a {class_path(module)}; adapters go on {SUPPORTED}"
     return cls.refusal_reason(module)
 
 

@@ -3,7 +3,7 @@
 from torch import nn
 from torch.nn import functional as F
 
-from .layer import AdapterLayer
+from .layer import AdapterLayer, class_path
 
 
 class Embedding(AdapterLayer):
@@ -29,9 +29,9 @@ class Embedding(AdapterLayer):
     @classmethod
     def refusal_reason(cls, module):
         if not isinstance(module, nn.Embedding):
-            return f"is a {type(module).__name__}, not a torch.nn.Embedding"
+            return f"is a {class_path(module)}, not a torch.nn.Embedding"
         if type(module).forward is not nn.Embedding.forward:
-            return f"is a {type(module).__name__}, an nn.Embedding subclass with a forward of its own"
+            return f"is a {class_path(module)}, an nn.Embedding subclass with a forward of its own"
         return super().refusal_reason(module)
 
     @staticmethod

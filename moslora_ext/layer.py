@@ -12,8 +12,11 @@ here, once.
 """
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
+import numpy
 import torch
 from torch import nn
 
@@ -21,6 +24,33 @@ from . import ops
 
 MIXER_INITS = ("kaiming", "orthogonal", "identity", "braid")
 DEFAULT_ADAPTER = "default"  # the adapter name when none is given, as in PEFT
+BASE_MODEL_NAME = "__base__"  # stands for "no adapter" in PEFT's mixed-adapter batches: reserved
+# Names a ModuleDict cannot hold as keys: its own attributes ("training", "keys", "forward"...).
+_MODULE_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
+
+
+def check_adapter_name(name):
+    """ValueError unless ``name`` can name an adapter: a non-empty string
+    without "." (it separates the parts of state-dict keys), neither
+    ``BASE_MODEL_NAME`` nor an attribute of ``nn.ModuleDict``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+    if "." in name:
+        raise ValueError(f"adapter_name must not contain '.' (it separates the parts of state-dict keys), "
+                         f"got {name!r}")
+    if name == BASE_MODEL_NAME or name in _MODULE_DICT_ATTRIBUTES:
+        raise ValueError(f"adapter_name {name!r} is reserved (the base model's name in mixed-adapter batches, or "
+                         "an attribute of the torch.nn.ModuleDict that holds the adapters); choose another name")
+    return name
+
+
+def class_path(obj):
+    """The class of ``obj`` as its users import it: ``torch.nn.Linear`` for
+    torch's modules, else ``package.module.Class`` (``peft.tuners.lora.layer.Linear``)."""
+    cls = type(obj)
+    if cls.__module__.startswith("torch.nn.modules."):
+        return f"torch.nn.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def adapter_dtype(base_dtype, autocast_adapter_dtype=True):
@@ -69,9 +99,24 @@ def qualified_class_names(module):
     return [f"{cls.__module__}.{cls.__qualname__}" for cls in type(module).__mro__]
 
 
+def _flag(name, value):
+    """A setting that must be a bool (numpy's included); "false" and 0 are refused, not guessed."""
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 @dataclass
 class AdapterConfig:
-    """The settings of one adapter (the keyword arguments of ``moslora_ext.Linear``)."""
+    """The settings of one adapter (the keyword arguments of ``moslora_ext.Linear``).
+
+    Checked and normalised where they enter (ValueError naming the setting):
+    ``r`` a positive integer, ``lora_alpha`` a finite real number,
+    ``lora_dropout`` a real number in [0, 1), ``mixer_init`` one of
+    ``MIXER_INITS``, the flags bools. numpy numbers are accepted and become
+    Python numbers, so the settings always fit in JSON; strings such as
+    ``"16"`` or ``"false"`` are refused.
+    """
 
     r: int = 8
     lora_alpha: float = 16
@@ -80,6 +125,23 @@ class AdapterConfig:
     train_mixer: bool = True
     use_rslora: bool = False
     autocast_adapter_dtype: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
+            raise ValueError(f"r (the adapter rank) must be a positive integer, got {self.r!r}")
+        self.r = int(self.r)
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"lora_alpha must be a finite real number, got {alpha!r}")
+        self.lora_alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
+        p = self.lora_dropout
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {p!r}")
+        self.lora_dropout = float(p)
+        if not isinstance(self.mixer_init, str) or self.mixer_init not in MIXER_INITS:
+            raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
+        for flag in ("train_mixer", "use_rslora", "autocast_adapter_dtype"):
+            setattr(self, flag, _flag(flag, getattr(self, flag)))
 
     @property
     def scale(self):
@@ -150,17 +212,18 @@ class AdapterLayer(nn.Module):
     # --- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_module(cls, module, adapter_name=DEFAULT_ADAPTER, **settings):
+    def from_module(cls, module, adapter_name=DEFAULT_ADAPTER, _caller="from_module", **settings):
         """Wrap ``module``: its weight and bias Parameters are shared (not
         copied) and frozen, and it gets one adapter, ``adapter_name``, with
         ``settings`` (the fields of ``AdapterConfig``), created on the
         weight's device in its dtype (float32 on a half-precision base, see
         ``autocast_adapter_dtype``). The layer takes ``module``'s training
         mode. TypeError (and ``module`` untouched) if ``module`` cannot take
-        this kind of adapter."""
+        this kind of adapter, ValueError for bad settings."""
         reason = cls.refusal_reason(module)
         if reason:
-            raise TypeError(f"{cls.__name__}.from_module's argument {reason}")
+            raise TypeError(f"{cls.__name__}.{_caller}'s argument {reason}")
+        check_adapter_name(adapter_name)
         return cls.wrap(module, adapter_name, cls.build_adapter(module.weight, AdapterConfig(**settings)))
 
     @classmethod
@@ -195,7 +258,7 @@ class AdapterLayer(nn.Module):
     def refusal_reason(cls, module):
         """Why ``module`` cannot take this kind of adapter, or None."""
         if isinstance(module.weight, nn.parameter.UninitializedParameter):
-            return f"is a {type(module).__name__} whose weight is not initialized yet; run a forward pass first"
+            return f"is a {class_path(module)} whose weight is not initialized yet; run a forward pass first"
         return None
 
     @classmethod
@@ -223,11 +286,8 @@ class AdapterLayer(nn.Module):
     @classmethod
     def build_adapter(cls, weight, config):
         """A new ``Adapter`` with ``config`` for a base of this ``weight``,
-        attached to nothing yet. Raises ValueError for bad settings."""
-        if not isinstance(config.r, int) or config.r < 1:
-            raise ValueError(f"r (the adapter rank) must be a positive integer, got {config.r!r}")
-        if not 0.0 <= config.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {config.lora_dropout}")
+        attached to nothing yet (``config`` is checked by ``AdapterConfig``;
+        ValueError for a braid mixer of odd rank)."""
         dtype = adapter_dtype(cls.base_dtype(weight), config.autocast_adapter_dtype)
         factory = {"device": weight.device, "dtype": dtype}
         shapes = cls.factor_shapes(weight, config.r)
@@ -247,7 +307,9 @@ class AdapterLayer(nn.Module):
         return self.adapters[self.active_adapter]
 
     def attach_adapter(self, name, adapter):
-        """Hold ``adapter`` (from ``build_adapter``) as ``name``; it trains only while active."""
+        """Hold ``adapter`` (from ``build_adapter``) as ``name`` (see
+        ``check_adapter_name``); it trains only while active."""
+        check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"this {type(self).__name__} already has an adapter named {name!r}")
         self.adapters[name] = adapter
@@ -278,6 +340,10 @@ class AdapterLayer(nn.Module):
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, x):
+        if self.merged and self.training and torch.is_grad_enabled() and self.active.lora_A.requires_grad:
+            warnings.warn(f"adapter {self.active_adapter!r} is merged into this {type(self).__name__}'s weight, so "
+                          "training gives its parameters no gradient (and a loss with nothing to train raises "
+                          "'element 0 of tensors does not require grad'): unmerge before training", stacklevel=2)
         if self.merged or self.disabled or self.active_adapter not in self.adapters:
             return self.base_forward(x)
         return self.adapter_forward(x, self.adapters[self.active_adapter])
@@ -302,6 +368,24 @@ class AdapterLayer(nn.Module):
         self._merge_into(delta, adapter, adapter.config.scale)
         return delta
 
+    def check_merge(self, safe=False, requantize=False):
+        """Raise what ``merge(safe, requantize)`` would raise, changing nothing
+        (the model-level merges check every layer before they merge any)."""
+        adapter = self.active
+        if self.merged:
+            raise RuntimeError(f"this moslora_ext.{type(self).__name__} is already merged; call unmerge() first")
+        if self.disabled:
+            raise RuntimeError("the adapters are disabled (inside moslora_ext.disable_adapters); nothing to merge")
+        if safe:
+            refuse_non_finite(self._merged_weight(adapter, adapter.config.scale))
+
+    def _merged_weight(self, adapter, scale):
+        """A dense copy of the weight with ``scale * B M A`` added."""
+        with torch.no_grad():
+            merged = self.weight.clone()
+            self._merge_into(merged, adapter, scale)
+        return merged
+
     def merge(self, safe=False, requantize=False):
         """Fold the active adapter into ``weight`` in place; forward is then the base alone.
 
@@ -311,24 +395,13 @@ class AdapterLayer(nn.Module):
         ``requantize`` allows merging into a quantized weight (see
         ``QuantizedLinear``); other layers ignore it.
         """
-        adapter = self.active
-        if self.merged:
-            raise RuntimeError(f"this moslora_ext.{type(self).__name__} is already merged; call unmerge() first")
-        if self.disabled:
-            raise RuntimeError("the adapters are disabled (inside moslora_ext.disable_adapters); nothing to merge")
-        self._add_to_weight(adapter, adapter.config.scale, safe)
-        self.merged = True
+        self.check_merge(safe, requantize)
+        self._add_to_weight(self.active, self.active.config.scale)
+        self._set_merged(True)
 
-    def _add_to_weight(self, adapter, scale, safe=False):
+    def _add_to_weight(self, adapter, scale):
         # The in-place update of merge and unmerge.
-        if safe:
-            with torch.no_grad():
-                merged = self.weight.clone()
-                self._merge_into(merged, adapter, scale)
-                refuse_non_finite(merged)
-                self.weight.copy_(merged)
-        else:
-            self._merge_into(self.weight, adapter, scale)
+        self._merge_into(self.weight, adapter, scale)
 
     def unmerge(self, requantize=False):
         """Take the active adapter back out of ``weight`` (exact up to
@@ -336,7 +409,22 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             raise RuntimeError(f"this moslora_ext.{type(self).__name__} is not merged; nothing to unmerge")
         self._add_to_weight(self.active, -self.active.config.scale)
-        self.merged = False
+        self._set_merged(False)
+
+    def _set_merged(self, merged):
+        # A transformers model's config records how many of its layers are merged (see
+        # moslora_ext.adapters._record), so that a checkpoint saved after a layer-level merge()
+        # is not loaded as if its weights held no adapter.
+        self.merged = merged
+        record = self.__dict__.get("_config_record")
+        if record is not None:
+            record["merged_layers"] = max(0, record.get("merged_layers", 0) + (1 if merged else -1))
+
+    def untie_weight(self):
+        """Give this layer a copy of its base weight of its own (frozen, same
+        dtype and device), for a weight that other modules share (tied word
+        embeddings), which a merge would otherwise change for them too."""
+        self.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=False)
 
     def unload(self):
         """The base module alone (its type, on this layer's weight and bias,

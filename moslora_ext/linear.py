@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, qualified_class_names
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, class_path, qualified_class_names
 
 GPT2_CONV1D = "transformers.pytorch_utils.Conv1D"  # by name, so that nothing needs importing
 BNB_4BIT = "bitsandbytes.nn.modules.Linear4bit"
@@ -108,15 +108,15 @@ class Linear(AdapterLayer):
         model that is in eval mode). Subclasses of ``nn.Linear`` are accepted
         unless their forward is known to be more than the linear map (see
         ``moslora_ext.check_adaptable``)."""
-        return cls.from_module(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, mixer_init=mixer_init,
-                               train_mixer=train_mixer, use_rslora=use_rslora,
+        return cls.from_module(linear, _caller="from_linear", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                               mixer_init=mixer_init, train_mixer=train_mixer, use_rslora=use_rslora,
                                autocast_adapter_dtype=autocast_adapter_dtype)
 
     @classmethod
     def refusal_reason(cls, module):
         """None for a ``torch.nn.Linear`` or a subclass whose forward is the
         linear map of its weight and bias (any not in ``NOT_PLAIN_LINEAR``)."""
-        kind = type(module).__name__
+        kind = class_path(module)
         if not isinstance(module, nn.Linear):
             return f"is a {kind}, not a torch.nn.Linear"
         if quantized_kind(module) and not cls.takes_quantized:
@@ -165,7 +165,7 @@ class TransposedLinear(Linear):
     @classmethod
     def refusal_reason(cls, module):
         if GPT2_CONV1D not in qualified_class_names(module):
-            return f"is a {type(module).__name__}, not a {GPT2_CONV1D}"
+            return f"is a {class_path(module)}, not a {GPT2_CONV1D}"
         return AdapterLayer.refusal_reason(module)
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layer import refuse_non_finite
+from .layer import class_path
 from .linear import Linear, quantized_kind
 
 
@@ -43,7 +43,7 @@ class QuantizedLinear(Linear):
         """None for a quantized base that is quantized already (bitsandbytes
         quantizes on the move to its device) and keeps a quantized weight."""
         kind = quantized_kind(module)
-        name = type(module).__name__
+        name = class_path(module)
         if kind is None:
             return (f"is a {name}, not a bitsandbytes Linear4bit or Linear8bitLt nor a torch.nn.Linear with a "
                     "torchao quantized weight")
@@ -146,16 +146,16 @@ class QuantizedLinear(Linear):
             self.base_layer.state.reset_grads()  # the next forward takes the new CB and SCB
         return (self.dequantized_weight() - merged).abs().max().item()
 
-    def dequantized_linear(self):
-        """A plain ``nn.Linear`` in ``compute_dtype`` on the dequantised weight,
-        with the active adapter added unless it is disabled, absent or merged
-        already (exact up to the compute dtype, no requantisation), in this
-        layer's training mode."""
+    def dequantized_linear(self, dtype=None):
+        """A plain ``nn.Linear`` in ``dtype`` (default ``compute_dtype``) on the
+        dequantised weight, with the active adapter added unless it is
+        disabled, absent or merged already (exact up to that dtype, no
+        requantisation), in this layer's training mode."""
         weight = self.dequantized_weight()
         if not (self.merged or self.disabled) and self.active_adapter in self.adapters:
             self._merge_into(weight, self.active, self.scale)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=self.compute_dtype)
+                           device=weight.device, dtype=dtype or self.compute_dtype)
         with torch.no_grad():
             linear.weight.copy_(weight)
             if self.bias is not None:
@@ -178,12 +178,17 @@ class QuantizedLinear(Linear):
             raise NotImplementedError("requantizing a torchao weight needs its quantization config; use "
                                       "merge_and_unload(model) (dequantize) instead")
 
-    def merge(self, safe=False, requantize=False):
-        """Fold the active adapter into the quantized weight: only with
-        ``requantize=True`` (dequantise, add, quantize again; warns with the
-        rounding error). ``safe`` as ``AdapterLayer.merge``."""
+    def check_merge(self, safe=False, requantize=False):
+        """Merging into the quantized weight is allowed only with
+        ``requantize=True`` (dequantise, add, quantize again; ``merge`` warns
+        with the rounding error). ``safe`` as ``AdapterLayer.merge``."""
         self._refuse_unless(requantize, "merge")
-        super().merge(safe)
+        super().check_merge(safe)
+
+    def _merged_weight(self, adapter, scale):
+        merged = self.dequantized_weight()
+        self._merge_into(merged, adapter, scale)
+        return merged
 
     def unmerge(self, requantize=False):
         """Take the adapter back out, requantising again (so not exact): only
@@ -191,18 +196,15 @@ class QuantizedLinear(Linear):
         self._refuse_unless(requantize, "unmerge")
         super().unmerge()
 
-    def _add_to_weight(self, adapter, scale, safe=False):
+    def _add_to_weight(self, adapter, scale):
         before = self.dequantized_weight()
-        merged = before.clone()
-        self._merge_into(merged, adapter, scale)
-        if safe:
-            refuse_non_finite(merged)
+        merged = self._merged_weight(adapter, scale)
         update = (merged - before).abs().max().item()
         error = self._requantize(merged)
         warnings.warn(f"requantized the merged weight of a {type(self.base_layer).__name__} ({self.kind}): "
                       f"rounding error up to {error:.3g} per weight entry, against an adapter update of up to "
                       f"{update:.3g}; the layer's outputs differ from the unmerged layer's accordingly",
-                      stacklevel=4)
+                      stacklevel=3)
 
     def unload(self):
         """The quantized base module (with the adapter requantized into it if merged)."""

@@ -259,7 +259,7 @@ def test_add_adapters_misuse_names_what_is_wrong():
     assert not moslora_ext.adapted_layers(model)
     assert all(p.requires_grad for p in model.parameters())
     moslora_ext.add_adapters(model, ["q_proj"])
-    with pytest.raises(TypeError, match="already has a MoSLoRA adapter"):
+    with pytest.raises(ValueError, match="already has a MoSLoRA adapter named 'default'; pass another adapter_name"):
         moslora_ext.add_adapters(model, ["q_proj"])
     with pytest.raises(ValueError, match="no MoSLoRA adapters"):
         moslora_ext.save_adapter(tiny_model(), "unused")

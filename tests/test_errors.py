@@ -137,7 +137,7 @@ MISUSES = [
     Misuse("unknown mixer_init", lambda w: moslora_ext.Linear(D, K, mixer_init="random"), ValueError,
            "mixer_init must be one of .*'random'"),
     Misuse("from_linear of a Conv1d", lambda w: moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1)), TypeError,
-           "is a Conv1d, not a torch.nn.Linear"),
+           "from_linear's argument is a torch.nn.Conv1d, not a torch.nn.Linear"),
     Misuse("merge twice", lambda w: w.layer.merge(), RuntimeError, "already merged", setup=lambda w: w.layer.merge()),
     Misuse("unmerge when not merged", lambda w: w.layer.unmerge(), RuntimeError, "not merged"),
     Misuse("safe merge to inf", lambda w: w.layer.merge(safe=True), ValueError, "inf or NaN.*left unchanged",
@@ -190,9 +190,9 @@ MISUSES = [
     Misuse("targets that match nothing", lambda w: moslora_ext.add_adapters(w.model, ["q_proj"]), ValueError,
            "matches no module"),
     Misuse("a target that is not a Linear", lambda w: moslora_ext.add_adapters(w.model, ["1"]), TypeError,
-           "1 is a ReLU"),
-    Misuse("adapters added twice", lambda w: moslora_ext.add_adapters(w.model, ["0"]), TypeError,
-           "already has a MoSLoRA adapter"),
+           "1 is a torch.nn.ReLU"),
+    Misuse("adapters added twice", lambda w: moslora_ext.add_adapters(w.model, ["0"]), ValueError,
+           "already has a MoSLoRA adapter named 'default'; pass another adapter_name, or delete_adapter"),
     Misuse("load over an adapter of another rank", lambda w: moslora_ext.load_adapter(
         wider_model_with_adapters(8), w.saved, replace=True), ValueError,
            "has adapter settings .*r=8.* but the checkpoint has .*r=4"),
@@ -205,13 +205,13 @@ MISUSES = [
     Misuse("load under an adapter name in use", lambda w: moslora_ext.load_adapter(w.model, w.saved), ValueError,
            "adapter named 'default' already; pass replace=True"),
     Misuse("a grouped convolution", lambda w: moslora_ext.add_adapters(w.refused, ["0"]), TypeError,
-           "0 is a Conv2d with groups=2"),
+           "0 is a torch.nn.Conv2d with groups=2"),
     Misuse("a convolution with reflect padding", lambda w: moslora_ext.add_adapters(w.refused, ["1"]), TypeError,
-           "1 is a Conv1d with padding_mode='reflect'"),
+           "1 is a torch.nn.Conv1d with padding_mode='reflect'"),
     Misuse("an embedding with a forward of its own", lambda w: moslora_ext.add_adapters(w.refused, ["2"]),
-           TypeError, "2 is a ScaledEmbedding, an nn.Embedding subclass with a forward of its own"),
+           TypeError, "2 is a test_errors.ScaledEmbedding, an nn.Embedding subclass with a forward of its own"),
     Misuse("Conv.from_module of a Linear", lambda w: moslora_ext.Conv.from_module(nn.Linear(4, 4)), TypeError,
-           "is a Linear, not a torch.nn.Conv1d, Conv2d or Conv3d"),
+           "is a torch.nn.Linear, not a torch.nn.Conv1d, Conv2d or Conv3d"),
     Misuse("set an adapter that does not exist", lambda w: moslora_ext.set_adapter(w.model, "nope"), ValueError,
            r"no adapter named 'nope'; it has \['default'\]"),
     Misuse("switch adapters while merged", lambda w: moslora_ext.set_adapter(w.model, "other"), RuntimeError,
@@ -227,7 +227,7 @@ MISUSES = [
            ValueError, "quantized must be one of .*'round'"),
     Misuse("QuantizedLinear.from_module of a plain Linear",
            lambda w: moslora_ext.QuantizedLinear.from_module(nn.Linear(4, 4)), TypeError,
-           "is a Linear, not a bitsandbytes Linear4bit or Linear8bitLt"),
+           "is a torch.nn.Linear, not a bitsandbytes Linear4bit or Linear8bitLt"),
     Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(
         w.model, w.peft_checkpoint(use_dora=True)), NotImplementedError, "use_dora"),
     Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(
@@ -242,10 +242,10 @@ if HAS_BNB:
         Misuse("unmerge a quantized layer", lambda w: w.quantized[0].unmerge(), RuntimeError,
                r"unmerge\(\) on a quantized layer"),
         Misuse("Linear.from_linear of a 4-bit layer", lambda w: moslora_ext.Linear.from_linear(linear_4bit()),
-               TypeError, "is a Linear4bit with a quantized weight; moslora_ext.QuantizedLinear takes it"),
+               TypeError, "is a bitsandbytes.nn.modules.Linear4bit with a quantized weight; moslora_ext.QuantizedLinear takes it"),
         Misuse("a 4-bit layer not quantized yet", lambda w: moslora_ext.add_adapters(
             nn.Sequential(linear_4bit(quantized=False)), ["0"]), TypeError,
-               "0 is a Linear4bit whose weight is not quantized yet; move it to its device first"),
+               "0 is a bitsandbytes.nn.modules.Linear4bit whose weight is not quantized yet; move it to its device first"),
     ]
 
 

@@ -413,7 +413,7 @@ def test_from_linear_refusal_leaves_the_base_layer_untouched():
     with pytest.raises(ValueError, match="even rank"):
         moslora_ext.Linear.from_linear(base, r=3, mixer_init="braid")
     assert base.weight.requires_grad and base.bias.requires_grad
-    with pytest.raises(TypeError, match="is a Conv1d, not a torch.nn.Linear"):
+    with pytest.raises(TypeError, match="from_linear's argument is a torch.nn.Conv1d, not a torch.nn.Linear"):
         moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1))
 
 
