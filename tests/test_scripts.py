@@ -25,6 +25,15 @@ def load_script(name):
     return module
 
 
+def test_latency_benchmark_runs_only_the_contenders_asked_for(tmp_path, capsys):
+    latency = load_script("latency")
+    latency.main(["--small", "--device", "cpu", "--shapes", "attn 4096x4096", "--tokens", "16", "--ranks", "2",
+                  "--reps", "1", "--warmup", "0", "--out", str(tmp_path), "--contenders", "base", "ours_lora"])
+    (case,) = json.loads((tmp_path / "latency-cpu.json").read_text())["cases"]
+    assert set(case["inference_s"]) == {"base", "ours_lora"} and not case["merge_s"]
+    assert "ours_lora" in capsys.readouterr().out
+
+
 def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     latency = load_script("latency")
     # Every contender is first checked to compute the same function as the others.
@@ -32,7 +41,7 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     others = [name for name in latency.CONTENDERS if name != "lora_compiled"]
     latency.main(["--small", "--device", "cpu", "--shapes", "attn 4096x4096", "--tokens", "64", "--ranks", "4",
                   "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--contenders", *others,
-                  *(["--quantized"] if HAVE_BNB else [])])
+                  *(["--quantized", "--quantized-dtype", "bfloat16"] if HAVE_BNB else [])])
     table = capsys.readouterr().out
     assert "ours_merged" in table and "merge: ours" in table
     report = json.loads((tmp_path / "latency-cpu.json").read_text())
@@ -58,7 +67,7 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
         assert saved["peft_qlora"][1] >= n * d * 4
         # ours: U, the seed and the bf16 casts of the float32 A, M and B (r x d, r x r, d x r here)
         assert saved["ours_qlora"][1] - saved["qbase"][1] <= (n * r + 2 * r * d + r * r) * 2 + 8
-        assert "quantized base (nf4, bf16)" in table
+        assert "quantized base (nf4, bfloat16)" in table
 
 
 def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
