@@ -15,6 +15,7 @@ transformers checkpoints) in ``moslora_ext.checkpoints``.
 
 import contextlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 
 from .dispatch import adapter_class, check_adaptable, refusal_reason
@@ -52,7 +53,8 @@ def matching_names(model, target_modules):
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return [name for name, _ in candidates if pattern.fullmatch(name)]
-    targets = list(target_modules) if isinstance(target_modules, (list, tuple, set)) else None
+    iterable = isinstance(target_modules, Iterable) and not isinstance(target_modules, (Mapping, bytes))
+    targets = list(target_modules) if iterable else None
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
     return [name for name, _ in candidates if any(name == t or name.endswith("." + t) for t in targets)]
