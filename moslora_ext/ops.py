@@ -53,9 +53,17 @@ def add_moslora(base_out, x, lora_A, mixer, lora_B, scale, dropout_p=0.0):
     return _forward(x, None, None, lora_A, mixer, lora_B, scale, dropout_p, base_out)
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type):
+    # A constant for Dynamo: torch 2.11 cannot trace torch.amp.is_autocast_available
+    # ("Attempted to call function marked as skipped"), and is_autocast_enabled
+    # raises for device types without autocast (meta).
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _forward(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, base_out):
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, bias, lora_A, mixer, lora_B, base_out = (
             _autocast(t, dtype) for t in (x, weight, bias, lora_A, mixer, lora_B, base_out))
