@@ -422,24 +422,85 @@ def test_dropout_lora_A_gradient_accumulates_in_float32(device, dtype):
 BODY_CASES = [(1, 1, 1), (5, 7, 3), (37, 130, 17), (300, 64, 8), (700, 19, 33), (3, 1029, 64)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+BODY_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", BODY_DTYPES)
 @pytest.mark.parametrize("n, d, r", BODY_CASES)
 def test_cuda_kernel_bodies_on_host_match_reference(n, d, r, dtype):
-    """The CUDA dropout kernels' bodies, run on the host over the grids,
-    blocks, warps and lanes of their launches, against the reference."""
+    """The CUDA dropout kernels' bodies (the three products and the dropout
+    op's), run on the host over the grids, blocks, warps and lanes of their
+    launches, against the reference."""
     from moslora_ext._C import cuda_bodies_on_host as bodies
     g = torch.Generator().manual_seed(n * d + r)
     x, lora_A = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, d), (r, d)))
     du = torch.randn(n, r, generator=g, dtype=torch.float64)
     p, seed = 0.3, 77
-    dropped = x * ops.dropout_mask((n, d), p, torch.tensor([seed])) / (1 - p)
-    expected = {"down_project": dropped @ lora_A.t(), "grad_A": du.t() @ dropped,
-                "grad_x": (du @ lora_A) * ops.dropout_mask((n, d), p, torch.tensor([seed])) / (1 - p)}
+    keep = ops.dropout_mask((n, d), p, torch.tensor([seed])).double() / (1 - p)
+    expected = {"down_project": (x * keep) @ lora_A.t(), "grad_A": du.t() @ (x * keep),
+                "grad_x": (du @ lora_A) * keep, "dropout": x * keep}
     x, lora_A, du = x.to(dtype), lora_A.to(dtype), du.to(dtype)
     actual = {"down_project": bodies.down_project(x, lora_A, p, seed), "grad_A": bodies.grad_A(x, du, p, seed),
-              "grad_x": bodies.grad_x(du, lora_A, p, seed)}
+              "grad_x": bodies.grad_x(du, lora_A, p, seed), "dropout": bodies.dropout(x, p, seed)}
     for name, want in expected.items():
         assert_close_to_reference(actual[name], want, dtype)
+
+
+# (rows, r): one row chunk of the mixer backward, several, a partial last one.
+MIXER_CASES = [(1, 1), (5, 3), (64, 16), (300, 8), (700, 33)]
+
+
+@pytest.mark.parametrize("dtype", BODY_DTYPES)
+@pytest.mark.parametrize("n, r", MIXER_CASES)
+def test_cuda_mixer_bodies_on_host_match_reference(n, r, dtype):
+    """The CUDA mixer kernels' bodies over their launches: V = s U M^T, and
+    dU = s dV M with dM = s dV^T U reduced over the row chunks."""
+    from moslora_ext._C import cuda_bodies_on_host as bodies
+    g = torch.Generator().manual_seed(n * r)
+    u, dv, mixer = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, r), (n, r), (r, r)))
+    scale = 0.7
+    du, dmixer = bodies.mixer_backward(dv.to(dtype), u.to(dtype), mixer.to(dtype), scale)
+    assert_close_to_reference(bodies.mixer_forward(u.to(dtype), mixer.to(dtype), scale), scale * u @ mixer.t(), dtype)
+    assert_close_to_reference(du, scale * dv @ mixer, dtype)
+    assert_close_to_reference(dmixer, scale * dv.t() @ u, dtype)
+
+
+# (rows, in_features, r) up to 2^31 elements of x: one long row, one column,
+# LLaMA-sized layers, more rows than the grid's y (65535) and the
+# down-projection's 2^16 blocks hold, r up to 64.
+LAUNCH_SHAPES = [(1, 1, 1), (3, 1029, 64), (2**31, 1, 1), (1, 2**31, 16), (2**19, 4096, 16), (2**18 + 3, 8192, 64),
+                 (2**16 * 5 + 1, 7, 3), (8192, 4096, 8)]
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+@pytest.mark.parametrize("n, d, r", LAUNCH_SHAPES)
+def test_cuda_launches_fit_the_limits_and_cover_the_work(n, d, r):
+    """Every kernel's grid and block as its launcher computes them: within
+    CUDA's limits, and every column group, row, split and chunk owned by a
+    thread or block, with no block left without work."""
+    from moslora_ext._C import cuda_bodies_on_host as bodies
+    launches = bodies.launches(n, d, r)
+    splits, chunks = launches.pop("dA_splits"), launches.pop("mixer_chunks")
+    for name, (grid, block) in launches.items():
+        assert 1 <= block <= 1024 and block % 32 == 0, name
+        assert all(1 <= g <= limit for g, limit in zip(grid, MAX_GRID)), (name, grid)
+    groups = -(-d // 8)
+    for name in ("dropout_kernel", "dX_kernel"):  # x: column groups, y: grid-strided rows
+        (gx, gy, gz), block = launches[name]
+        assert (gx - 1) * block < groups <= gx * block and gy <= n and gz == 1
+    (gx, _, _), block = launches["down_project_kernel"]  # a warp per row, grid-strided
+    assert (gx - 1) * block // 32 < n
+    (gx, gy, gz), block = launches["dA_partial_kernel"]
+    count, rows = splits
+    assert (gx - 1) * block < groups <= gx * block and (gy - 1) * 8 < r <= gy * 8
+    assert gz == count <= 64 and (count - 1) * rows < n <= count * rows
+    assert count == 1 or count * r * d <= 2**24  # fp32 partials of at most 64 MiB
+    for name, work in (("dA_reduce_kernel", r * d), ("mixer_forward_kernel", n * r), ("reduce_partials_kernel", r * r)):
+        (gx, _, _), block = launches[name]  # grid-stride: no idle block
+        assert (gx - 1) * block < work
+    (gx, _, _), _ = launches["mixer_backward_kernel"]
+    count, rows = chunks
+    assert gx == count <= 1024 and (count - 1) * rows < n <= count * rows
 
 
 def test_cuda_graph_capture_is_checked_on_the_device_of_x():
