@@ -562,19 +562,24 @@ def main(argv=None):
           f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
     progress = tqdm(total=total, desc="latency", file=sys.stderr, leave=False) if tqdm else _NoProgress()
     results, quantized = [], []
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"latency-{args.device.type}")
+
+    def write_json():  # after every case, so that a run stopped early keeps what it measured
+        with open(stem + ".json", "w") as f:
+            json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
+                       "cases": results, "quantized": quantized}, f, indent=1)
+
     for shape_name, tokens, r, dtype in cases:
         results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
         progress.write(format_case(results[-1]))
+        write_json()
     for shape_name, tokens, r in dict.fromkeys((s, n, r) for s, n, r, _ in cases) if args.quantized else ():
         quantized.append(measure_quantized(shape_name, tokens, r, args.device, args, progress))
         progress.write(format_quantized(quantized[-1]))
+        write_json()
     progress.close()
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"latency-{args.device.type}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-                   "cases": results, "quantized": quantized}, f, indent=1)
+    write_json()
     print(f"\nwrote {stem}.json")
     try:
         if args.contenders != ["base"]:  # nothing to plot against the base alone

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +163,63 @@ def test_mann_whitney_matches_scipy(a, b):
     expected = stats.mannwhitneyu(a, b, alternative="two-sided", method="exact")
     assert u == pytest.approx(expected.statistic)
     assert p == pytest.approx(expected.pvalue)
+
+
+# benchmarks/gpu_check.sh, rehearsed without a GPU: its syntax, the preflight's
+# stops and records, the sanitizer's SKIP when the device refuses it, and that its
+# results fit what a device run may send back (at most 8 files, no subfolders).
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
+GPU_CHECK_FILES = {"env.txt", "summary.txt", "gpu_check.log", "tests.xml", "sanitizer.log", "latency-cuda.json",
+                   "latency-cuda.png"}
+
+
+def run_gpu_check(out, **env):
+    environment = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **env}
+    result = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=environment, timeout=120)
+    files = {p.name for p in out.iterdir()}
+    assert files <= GPU_CHECK_FILES and all(p.is_file() for p in out.iterdir())
+    return result, (out / "summary.txt").read_text()
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+
+
+def test_gpu_check_preflight_records_and_stops_without_a_device(tmp_path):
+    result, summary = run_gpu_check(tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert summary.splitlines() == [summary.splitlines()[0]]  # nothing ran after the preflight
+    assert summary.startswith("preflight  FAIL") and "torch sees no CUDA device: nothing else runs" in summary
+    env = (tmp_path / "env.txt").read_text()
+    assert f"torch: {torch.__version__}" in env and "compute-sanitizer:" in env and "nvcc:" in env
+    assert "gpu_check summary" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_gpu_check_preflight_stops_on_a_torch_that_does_not_import(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "torch.py").write_text("raise ImportError('planted')\n")
+    out = tmp_path / "out"
+    result, summary = run_gpu_check(out, PYTHONPATH=str(broken))
+    assert result.returncode == 2
+    assert "torch cannot be imported: ImportError('planted')" in summary
+
+
+def test_gpu_check_sanitizer_refused_by_the_device_is_a_skip(tmp_path):
+    """On a gVisor machine compute-sanitizer answers "Device not supported"
+    (error 999): that is SKIP, not a FAIL of the code nor a PASS."""
+    if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
+        pytest.skip("nvcc builds the sanitizer's probe program")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "compute-sanitizer").write_text("#!/bin/sh\necho '========= Error: Device not supported. (error 999)'\n"
+                                             "exit 1\n")
+    (fake / "compute-sanitizer").chmod(0o755)
+    out = tmp_path / "out"
+    result, summary = run_gpu_check(out, PATH=f"{fake}:{os.environ['PATH']}", GPU_CHECK_REHEARSE="1",
+                                    GPU_CHECK_STEPS="sanitizer")
+    assert result.returncode == 0, result.stdout
+    lines = summary.splitlines()
+    assert lines[0].startswith("preflight  PASS") and len(lines) == 2
+    assert lines[1].startswith("sanitizer  SKIP") and "refuses compute-sanitizer" in lines[1]
+    assert "Device not supported" in (out / "sanitizer.log").read_text()
