@@ -5,6 +5,7 @@
 // step, dropout kernels and GEMMs), so CPU and CUDA share this algorithm.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -80,6 +81,7 @@ std::tuple<Tensor, Tensor> experts_forward(const Tensor& base_out, const Tensor&
       std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
                                  const Tensor&, double, double, const OptTensor&, const OptTensor&)>();
   const c10::DeviceGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // the per-expert calls are this op's own work
   auto y = base_out.clone(at::MemoryFormat::Contiguous);
   auto u = at::zeros({rows, r}, x.options());
   for (size_t e = 0; e < experts.ends.size(); ++e) {
@@ -109,6 +111,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> experts_backward(
                                                  const Tensor&, const Tensor&, const Tensor&, double, double,
                                                  const OptTensor&, std::array<bool, 4>)>();
   const c10::DeviceGuard guard(x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto [need_dx, need_dA, need_dmixer, need_dB] = output_mask;
   // Experts without rows get zero gradients.
   Tensor dx = need_dx ? at::zeros_like(x, at::MemoryFormat::Contiguous) : Tensor();
