@@ -76,11 +76,12 @@ def merged_reference(model, adapted):
 # --- the operator ------------------------------------------------------------------------------
 
 
-def expert_case(dtype=torch.float64, counts=(3, 0, 4), r=2, d=5, k=6, seed=0):
+def expert_case(dtype=torch.float64, counts=(3, 0, 4), r=2, d=5, k=6, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     e, s = len(counts), sum(counts)
-    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()  # noqa: E731
-    return (make(s, k), make(s, d), torch.tensor(counts).cumsum(0), make(e, r, d), make(e, r, r), make(e, k, r))
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()  # noqa: E731
+    return (make(s, k), make(s, d), torch.tensor(counts, device=device).cumsum(0), make(e, r, d), make(e, r, r),
+            make(e, k, r))
 
 
 def reference_experts(base, x, offsets, A, M, B, scale):
@@ -92,8 +93,8 @@ def reference_experts(base, x, offsets, A, M, B, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_expert_op_matches_a_per_expert_reference_with_gradients(dtype):
-    case = expert_case(dtype)
+def test_expert_op_matches_a_per_expert_reference_with_gradients(dtype, device):
+    case = expert_case(dtype, device=device)
     y = expert_ops.add_experts_moslora(*case, scale=0.7)
     y_ref = reference_experts(*case, 0.7)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -107,8 +108,8 @@ def test_expert_op_matches_a_per_expert_reference_with_gradients(dtype):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_expert_op_gradcheck_and_opcheck(dropout_p):
-    base, x, offsets, A, M, B = expert_case()
+def test_expert_op_gradcheck_and_opcheck(dropout_p, device):
+    base, x, offsets, A, M, B = expert_case(device=device)
     seed = torch.tensor([11]) if dropout_p else None
     op = torch.ops.moslora_ext.experts_forward
     assert torch.autograd.gradcheck(lambda *t: op(t[0], t[1], offsets, *t[2:], 0.7, dropout_p, seed)[0],
@@ -335,3 +336,22 @@ def test_peft_router_adapters_are_refused_by_name(tmp_path):
     with pytest.raises(NotImplementedError, match=r"mlp\.gate\.weight.*MixtralTopKRouter.*routers"):
         moslora_ext.load_peft_adapter(model, tmp_path)
     assert not moslora_ext.adapted_layers(model)
+
+
+def test_peft_rank_and_alpha_patterns_apply_to_expert_parameters(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"gate_up_proj": 4}, alpha_pattern={"gate_up_proj": 3})
+    peft_model = peft.get_peft_model(tiny("qwen3_moe"), config)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    want = peft_model.eval()(ids()).logits
+    peft_model.save_pretrained(tmp_path)
+    ours = moslora_ext.load_peft_adapter(tiny("qwen3_moe"), tmp_path)
+    experts = ours.model.layers[0].mlp.experts
+    assert (experts.active["gate_up_proj"].config.r, experts.active["down_proj"].config.r) == (4, 2)
+    assert experts.active["gate_up_proj"].config.scale == 3 / 4
+    torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
