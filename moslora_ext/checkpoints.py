@@ -164,12 +164,8 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
             tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = (
                 B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
         for name, layer in experts.items():
-            adapted = peft_experts.adapted_in_order(layer, layer.adapters[adapter_name])
-            for parameter in adapted:
-                prefix = PEFT_PREFIX + peft_experts.nesting_prefix(name, parameter, adapted)
-                lora_A, lora_B = peft_experts.to_peft(adapters[f"{name}.{parameter}"])
-                tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = lora_A, lora_B
-                target_parameters.append(f"{name}.{parameter}")
+            tensors.update(peft_experts.peft_tensors(PEFT_PREFIX, name, layer.adapters[adapter_name], layer))
+            target_parameters += [f"{name}.{parameter}" for parameter in layer.adapters[adapter_name]]
     if target_parameters:
         shared["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout; it only shapes training
     tensors.update({PEFT_PREFIX + key: t for key, t in _module_state(saved_modules(model)).items()})

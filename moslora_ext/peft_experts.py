@@ -51,9 +51,14 @@ def nesting_prefix(name, parameter, adapted):
     return name + ".base_layer" * (len(adapted) - 1 - adapted.index(parameter))
 
 
-def adapted_in_order(module, parameters):
-    """The fused parameters of ``module`` among ``parameters``, in PEFT's nesting order."""
-    return [p for p in expert_parameters(module) if p in parameters]
+def peft_tensors(key_prefix, name, adapter, module):
+    """PEFT's keys and tensors of the ``ExpertsAdapter`` ``adapter`` of the experts layer ``module`` named ``name``."""
+    adapted = [p for p in expert_parameters(module) if p in adapter]  # PEFT's nesting order
+    tensors = {}
+    for parameter in adapted:
+        prefix = key_prefix + nesting_prefix(name, parameter, adapted)
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = to_peft(adapter[parameter])
+    return tensors
 
 
 def resolve_key_module(modules, name, target_parameters, source):
