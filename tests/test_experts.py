@@ -355,3 +355,15 @@ def test_peft_rank_and_alpha_patterns_apply_to_expert_parameters(tmp_path):
     assert (experts.active["gate_up_proj"].config.r, experts.active["down_proj"].config.r) == (4, 2)
     assert experts.active["gate_up_proj"].config.scale == 3 / 4
     torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_safe_merge_refuses_a_non_finite_expert_and_leaves_the_weights_bit_identical():
+    model = moslora_ext.add_adapters(tiny("gpt_oss"), target_parameters=["gate_up_proj", "down_proj"], r=2)
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.active["down_proj"].lora_B[1].fill_(float("inf"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="safe merge refused"):
+        moslora_ext.merge_adapters(model, safe=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(layer.merged for layer in moslora_ext.adapted_layers(model).values())
