@@ -48,7 +48,8 @@ def matching_names(model, target_modules):
     selects, as in PEFT, every linear layer (``nn.Linear`` and GPT-2's
     ``Conv1D``) that can take an adapter (see ``check_adaptable``) except the
     output head, the module that ``model.get_output_embeddings()`` returns
-    on a transformers model, and every fused expert parameter of
+    on a transformers model, the routers of mixture-of-experts models (their
+    weights, see ``moslora_ext.routers``) and every fused expert parameter of
     transformers' experts modules (``<experts>.gate_up_proj``, ``.down_proj``;
     see ``moslora_ext.experts``), as PEFT's "all-linear" targets them.
     """
@@ -101,9 +102,10 @@ def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.
     "mlp.experts.down_proj"]``) of fused 3-D expert parameters of
     transformers' mixture-of-experts models, which get per-expert adapters
     (``moslora_ext.experts``); other parameters are refused by name.
-    ``"all-linear"`` selects them too, and warns, naming them, about the
-    parameters PEFT's "all-linear" may adapt but this library leaves out
-    (router weights, whose forward returns routing scores).
+    ``"all-linear"`` selects them too, and the routers, and warns, naming
+    them, about the parameters PEFT's "all-linear" may adapt but this library
+    leaves out (routers that are ``nn.Linear`` subclasses with a forward of
+    their own).
 
     Returns ``model`` (changed in place). Raises ValueError, listing the
     model's adaptable layers, if nothing matches, and TypeError if a selected
@@ -125,8 +127,8 @@ def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.
         left_out = left_out_of_all_linear(model)
         if left_out:
             warnings.warn(f"all-linear leaves out {len(left_out)} parameters that cannot take a MoSLoRA adapter: "
-                          f"{left_out} (router weights: a router's forward returns routing scores, not a linear "
-                          "map; other 3-D parameters: not in a transformers experts module)", stacklevel=2)
+                          f"{left_out} (routers that are nn.Linear subclasses: their forward returns routing "
+                          "scores; 3-D parameters: not in a transformers experts module)", stacklevel=2)
     if target_modules and not names:
         modules = {name: m for name, m in model.named_modules() if name and refusal_reason(m) is None}
         available = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if adapter_class(m) is not Experts})

@@ -14,6 +14,7 @@ from dataclasses import fields
 
 import torch
 
+from . import peft_experts
 from .adapters import (
     CONFIG_RECORD,
     FORMAT,
@@ -22,15 +23,14 @@ from .adapters import (
     _layers_holding,
     _require_adapters,
     _wrap,
-    adapted_layers,
     list_adapters,
     matching_names,
     saved_modules,
 )
-from . import peft_experts
 from .dispatch import adapter_class, check_adaptable
 from .experts import Experts, adapter_targets, split_target
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
+from .routers import RouterWeight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -149,8 +149,9 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
         shared[setting] = values.pop()
     experts = {name: layer for name, layer in layers.items() if isinstance(layer, Experts)}
     linear = {name: layer for name, layer in layers.items() if name not in experts}
-    # Linear layers that PEFT would remap to routed experts go in as 2-D target_parameters (same tensors).
-    as_parameters = [name for name in linear if peft_experts.remapped_by_peft(model, name)]
+    # Routers, and linear layers that PEFT would remap to routed experts, go in as 2-D target_parameters.
+    as_parameters = [name for name, layer in linear.items()
+                     if isinstance(layer, RouterWeight) or peft_experts.remapped_by_peft(model, name)]
     target_parameters = [f"{name}.weight" for name in as_parameters]
     modules = {name: layer for name, layer in linear.items() if name not in as_parameters}
     last_names = sorted({name.rsplit(".", 1)[-1] for name in modules})
@@ -361,7 +362,8 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     ``<experts>.base_layer.lora_A.weight``, in either of PEFT's layouts, see
     ``moslora_ext.peft_experts``); ``rank_pattern`` and ``alpha_pattern``
     are applied as PEFT applies them. Router weights adapted through
-    ``target_parameters`` are refused by name. A LoRA adapter gets
+    ``target_parameters`` (``mlp.gate.weight``) go to router adapters
+    (``moslora_ext.routers``). A LoRA adapter gets
     an identity, frozen mixer, so the layer computes exactly what PEFT
     computes; a MoSLoRA adapter gets its trained mixer. Tensors of the
     config's ``modules_to_save`` (such as the ``classifier.*`` or

@@ -13,6 +13,7 @@ from .linear import (
     TransposedLinear,
 )
 from .quantized import QuantizedLinear
+from .routers import RouterWeight, is_router
 
 # Base module type -> adapter class, by qualified class name so that nothing needs importing.
 # A subclass goes to its nearest listed base class, whose adapter class may still refuse it.
@@ -40,6 +41,8 @@ def adapter_class(module):
         return type(module)
     if is_fused_experts(module):  # transformers' experts modules have no common base class
         return Experts
+    if is_router(module):  # nor do their routers
+        return RouterWeight
     names = qualified_class_names(getattr(module, "weight", None)) + qualified_class_names(module)
     return next((ADAPTER_CLASSES[name] for name in names if name in ADAPTER_CLASSES), None)
 

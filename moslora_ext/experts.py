@@ -33,6 +33,7 @@ from torch import nn
 from . import expert_ops
 from .layer import DEFAULT_ADAPTER, Adapter, AdapterLayer, refuse_non_finite
 from .linear import Linear
+from .routers import is_router
 
 # The fused parameters of transformers' experts modules that take adapters.
 FUSED_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
@@ -271,14 +272,14 @@ def parameter_targets(model, target_parameters):
 
 def left_out_of_all_linear(model):
     """The parameters that PEFT's "all-linear" may adapt but this library
-    does not: router weights (a router's forward returns routing scores,
-    not a linear map) and 3-D parameters outside a supported experts module."""
+    does not: the weights of routers that are ``nn.Linear`` subclasses with a
+    forward of their own (refused, see ``moslora_ext.linear.NOT_PLAIN_LINEAR``)
+    and 3-D parameters outside a supported experts module."""
     left_out = []
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer) or is_fused_experts(module):
             continue
-        weight = getattr(module, "weight", None)
-        if "Router" in type(module).__name__ and isinstance(weight, nn.Parameter) and weight.dim() == 2:
+        if "Router" in type(module).__name__ and isinstance(module, nn.Linear) and not is_router(module):
             left_out.append(f"{name}.weight")
         left_out += [f"{name}.{p}" for p, value in module.named_parameters(recurse=False) if value.dim() == 3]
     return left_out

@@ -62,9 +62,9 @@ def peft_tensors(key_prefix, name, adapter, module):
 
 
 def resolve_key_module(modules, name, target_parameters, source):
-    """Our target name for the module part ``name`` of a PEFT key: a module,
-    or ``<experts>.<parameter>`` for a nested ParamWrapper on an experts
-    module. Refuses, naming them, router weights and nestings on other modules."""
+    """Our target name for the module part ``name`` of a PEFT key: a module
+    (a router's, for its ``weight``), or ``<experts>.<parameter>`` for a
+    nested ParamWrapper on an experts module. Refuses nestings on other modules."""
     depth = 0
     while name.endswith(".base_layer"):
         name, depth = name.removesuffix(".base_layer"), depth + 1
@@ -75,10 +75,6 @@ def resolve_key_module(modules, name, target_parameters, source):
             raise ValueError(f"{source}: a key of {name}{'.base_layer' * depth} names the ParamWrapper at depth "
                              f"{depth}, but target_parameters select only {wrapped} of {name}")
         return f"{name}.{wrapped[len(wrapped) - 1 - depth]}"
-    if targeted(f"{name}.weight", target_parameters) and module is not None and not hasattr(module, "in_features"):
-        raise NotImplementedError(f"{source}: the adapter adapts {name}.weight, the weight of a "
-                                  f"{type(module).__name__}, through target_parameters; moslora_ext does not adapt "
-                                  "routers (a router's forward returns routing scores, not a linear map)")
     if depth:
         raise ValueError(f"{source}: {name}{'.base_layer' * depth} is a nested PEFT ParamWrapper on {name}, which is "
                          "not a transformers experts module with fused parameters")

@@ -10,6 +10,7 @@ import moslora_ext
 from moslora_ext import expert_ops
 from moslora_ext.experts import Experts
 from moslora_ext.peft_experts import PEFT_REMAPPED_LEAF_NAMES
+from moslora_ext.routers import RouterWeight
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,11 +123,12 @@ def test_expert_op_gradcheck_and_opcheck(dropout_p, device):
 
 
 def test_expert_dropout_masks_differ_between_experts():
-    # Two experts with identical rows and adapters: one shared seed, but each expert its own mask.
-    x = torch.ones(8, 64)
-    A = torch.eye(64)[:1].expand(2, 1, 64).contiguous()
-    y = expert_ops.add_experts_moslora(torch.zeros(8, 1), x, torch.tensor([4, 8]), A, torch.ones(2, 1, 1),
-                                       torch.ones(2, 1, 1), 1.0, dropout_p=0.5)
+    # Two experts with identical rows and identity factors, so y is the dropped x itself: one seed per
+    # call, but each expert draws its own mask (the dense op numbers each expert's rows from 0).
+    eye = torch.eye(64).expand(2, 64, 64).contiguous()
+    y = expert_ops.add_experts_moslora(torch.zeros(8, 64), torch.ones(8, 64), torch.tensor([4, 8]), eye, eye, eye,
+                                       1.0, dropout_p=0.5)
+    assert set(y.unique().tolist()) == {0.0, 2.0}
     assert not torch.equal(y[:4], y[4:])
 
 
@@ -140,7 +142,7 @@ def test_expert_op_refuses_bad_offsets():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_all_linear_adapts_the_experts_and_names_the_routers_it_leaves_out(kind):
+def test_all_linear_selects_what_peft_selects_with_the_experts_and_routers(kind):
     peft = pytest.importorskip("peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -150,17 +152,18 @@ def test_all_linear_adapts_the_experts_and_names_the_routers_it_leaves_out(kind)
     model = tiny(kind)
     routers = {n for n, m in model.named_modules() if "Router" in type(m).__name__}
     experts = {n for n, m in model.named_modules() if type(m).__name__.endswith("Experts")}
-    with pytest.warns(UserWarning, match="all-linear leaves out") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out on these models
         moslora_ext.add_adapters(model, "all-linear", r=2)
-    assert all(f"{router}.weight" in str(record[0].message) for router in routers)
     layers = moslora_ext.adapted_layers(model)
-    # PEFT's selection without its router adapters, with the experts (PEFT's all-linear skips GPT-OSS's),
-    # and with the linear layers PEFT's MoE conversion drops (DeepSeek-V3's dense MLP and shared experts).
+    # PEFT's selection, with GPT-OSS's experts and router (PEFT's all-linear skips them) and the linear
+    # layers PEFT's MoE conversion drops (DeepSeek-V3's dense MLP and shared experts).
     dropped = {n for n in layers if isinstance(layers[n], moslora_ext.Linear)
                and n.rsplit(".", 1)[-1] in PEFT_REMAPPED_LEAF_NAMES}
-    assert set(layers) == (peft_targets - routers) | experts | dropped
-    assert bool(dropped) == (kind == "deepseek_v3")
+    assert set(layers) == peft_targets | experts | routers | dropped
+    assert bool(dropped) == (kind == "deepseek_v3") and bool(experts - peft_targets) == (kind == "gpt_oss")
     assert all(set(layers[name].active) == {"gate_up_proj", "down_proj"} for name in experts)
+    assert all(isinstance(layers[name], RouterWeight) for name in routers)
 
 
 def test_target_parameters_selects_one_parameter_and_refuses_others_by_name():
@@ -177,15 +180,24 @@ def test_target_parameters_selects_one_parameter_and_refuses_others_by_name():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_no_match_error_lists_only_layers_that_take_adapters():
-    # Phimoe's router is an nn.Linear subclass that is refused: it must not be offered.
+def tiny_phimoe():
     torch.manual_seed(0)
-    config = transformers.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
-    model = transformers.PhimoeForCausalLM(config)
+    return transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**COMMON, num_local_experts=4,
+                                                                    num_experts_per_tok=2))
+
+
+def test_no_match_error_lists_only_layers_that_take_adapters():
+    # Phimoe's router is an nn.Linear subclass with a forward of its own, refused: it must not be offered.
     with pytest.raises(ValueError, match="matches no module") as error:
-        moslora_ext.add_adapters(model, ["nonexistent"])
+        moslora_ext.add_adapters(tiny_phimoe(), ["nonexistent"])
     message = str(error.value)
     assert "'router'" not in message and "'q_proj'" in message and "'gate_up_proj'" in message
+
+
+def test_all_linear_names_the_router_weights_it_cannot_adapt():
+    with pytest.warns(UserWarning, match=r"leaves out 2 parameters.*model\.layers\.0\.mlp\.router\.weight"):
+        model = moslora_ext.add_adapters(tiny_phimoe(), "all-linear", r=2)
+    assert not any("router" in name for name in moslora_ext.adapted_layers(model))
 
 
 # --- forward, training, merging -------------------------------------------------------------------
@@ -326,16 +338,24 @@ def test_peft_layout_before_0_19_1_is_read(tmp_path):
     torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_peft_router_adapters_are_refused_by_name(tmp_path):
+@pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3"])
+def test_peft_all_linear_adapters_load_with_peft_logits(kind, tmp_path):
+    # Router weights (gate.weight) and gate_up_proj at twice the rank (PEFT's rank_pattern for fused experts).
     peft = pytest.importorskip("peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft.get_peft_model(tiny("mixtral"), peft.LoraConfig(r=2, target_modules="all-linear")).save_pretrained(
-            tmp_path)
-    model = tiny("mixtral")
-    with pytest.raises(NotImplementedError, match=r"mlp\.gate\.weight.*MixtralTopKRouter.*routers"):
-        moslora_ext.load_peft_adapter(model, tmp_path)
-    assert not moslora_ext.adapted_layers(model)
+        peft_model = peft.get_peft_model(tiny(kind), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    want = peft_model.eval()(ids()).logits
+    peft_model.save_pretrained(tmp_path)
+    ours = moslora_ext.load_peft_adapter(tiny(kind), tmp_path)
+    layers = moslora_ext.adapted_layers(ours)
+    assert any(isinstance(layer, RouterWeight) for layer in layers.values())
+    torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_rank_and_alpha_patterns_apply_to_expert_parameters(tmp_path):
