@@ -107,7 +107,9 @@ def save_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
 
 
 # Settings that a PEFT LoRA adapter holds once for all its layers.
-PEFT_SHARED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+PEFT_SHARED_SETTINGS = ("lora_dropout", "use_rslora")
+# Settings that it holds once, with exceptions by name (rank_pattern, alpha_pattern).
+PEFT_PATTERN_SETTINGS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
 
 
 def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
@@ -134,9 +136,11 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
     LoRA: loading it back gives the same outputs with an identity, frozen
     mixer.
 
-    PEFT's LoRA has one r, lora_alpha, lora_dropout and use_rslora per
-    adapter: ValueError if the adapted layers differ in one of them. Refuses
-    a merged model.
+    PEFT's LoRA has one lora_dropout and use_rslora per adapter: ValueError
+    if the adapted layers differ in one of them. r and lora_alpha are written
+    as their most common value, with ``rank_pattern`` / ``alpha_pattern``
+    entries (escaped full names) for the targets that differ. Refuses a
+    merged model.
     """
     layers = _unmerged_adapters(model, "save_peft_adapter", adapter_name)
     adapters = _targets(model, adapter_name, layers)
@@ -176,8 +180,11 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
               "target_parameters": sorted(target_parameters) or None,
               "modules_to_save": list(saved_modules(model)) or None,
               "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-              "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
-              "alpha_pattern": {}}
+              "use_dora": False, "init_lora_weights": True, "inference_mode": True}
+    for setting, pattern in PEFT_PATTERN_SETTINGS.items():  # under PEFT's keys: <layer>.weight for a 2-D parameter
+        values = {(f"{t}.weight" if t in as_parameters else t): getattr(a.config, setting) for t, a in adapters.items()}
+        config[setting] = max(sorted(set(values.values())), key=list(values.values()).count)
+        config[pattern] = peft_experts.patterns(values, config[setting])
     _write(path, tensors, config)
 
 
@@ -407,8 +414,9 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     settings = {}
     for key_module, parts in by_layer.items():
         name = peft_experts.resolve_key_module(modules, key_module, target_parameters, str(path))
-        r = peft_experts.pattern_value(peft_config.get("rank_pattern"), name, peft_config["r"])
-        alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), name, peft_config["lora_alpha"])
+        keys = (name, f"{name}.weight")
+        r = peft_experts.pattern_value(peft_config.get("rank_pattern"), keys, peft_config["r"])
+        alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), keys, peft_config["lora_alpha"])
         has_mixer = "lora_mixer" in parts
         settings[name] = AdapterConfig(r=r, lora_alpha=alpha, lora_dropout=peft_config.get("lora_dropout", 0.0),
                                        mixer_init="kaiming" if has_mixer else "identity", train_mixer=has_mixer,

@@ -37,12 +37,18 @@ def targeted(name, target_parameters):
     return any(name == t or name.endswith("." + t) for t in target_parameters or ())
 
 
-def pattern_value(patterns, key, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+def pattern_value(patterns, keys, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key) for a
+    target that PEFT may know under any of ``keys`` (``<layer>`` or ``<layer>.weight``)."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
+        if any(re.match(rf"(.*\.)?({pattern})$", key) for key in keys):
             return value
     return default
+
+
+def patterns(values, default):
+    """PEFT's pattern dict {escaped PEFT key: value} for the targets {PEFT key: value} whose value is not ``default``."""
+    return {re.escape(key): value for key, value in values.items() if value != default}
 
 
 def nesting_prefix(name, parameter, adapted):

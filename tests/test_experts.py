@@ -356,6 +356,13 @@ def test_peft_all_linear_adapters_load_with_peft_logits(kind, tmp_path):
     layers = moslora_ext.adapted_layers(ours)
     assert any(isinstance(layer, RouterWeight) for layer in layers.values())
     torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
+    # and back to PEFT: gate_up_proj's rank 4 among rank-2 layers goes in rank_pattern
+    moslora_ext.save_peft_adapter(ours, tmp_path / "back")
+    assert set(json.loads((tmp_path / "back" / "adapter_config.json").read_text())["rank_pattern"].values()) == {4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(tiny(kind), tmp_path / "back").eval()
+    torch.testing.assert_close(again(ids()).logits, want, atol=1e-5, rtol=1e-5)
 
 
 def test_peft_rank_and_alpha_patterns_apply_to_expert_parameters(tmp_path):
