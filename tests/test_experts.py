@@ -59,6 +59,22 @@ def perturb_B(model, std=0.3, seed=3):
                     p.normal_(std=std)
 
 
+def saved_peft_adapter(kind, config, path, seed):
+    """PEFT's adapter with ``config`` on the tiny ``kind``, every lora_B drawn at random, saved to
+    ``path``; its logits."""
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(tiny(kind), config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    peft_model.save_pretrained(path)
+    return peft_model.eval()(ids()).logits
+
+
 def merged_reference(model, adapted):
     """``model`` (a fresh copy of the base) with each adapter's ΔW added in plain PyTorch."""
     with torch.no_grad():
@@ -277,15 +293,7 @@ def test_peft_target_parameters_adapters_load_with_peft_logits(kind, tmp_path):
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"],
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    peft_model = peft.get_peft_model(tiny(kind), config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.3)
-    peft_model.eval()
-    want = peft_model(ids()).logits
-    peft_model.save_pretrained(tmp_path)
+    want = saved_peft_adapter(kind, config, tmp_path, seed=2)
     ours = moslora_ext.load_peft_adapter(tiny(kind), tmp_path)
     torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(want, tiny(kind)(ids()).logits, atol=1e-3)
@@ -326,7 +334,7 @@ def test_peft_layout_before_0_19_1_is_read(tmp_path):
     peft_model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     old = {}
-    for key, t in tensors.items():  # the same ΔW_e = B_e A_e = (A_eᵀ B_eᵀ)ᵀ in the old layout
+    for key in tensors:  # the same ΔW_e = B_e A_e = (A_eᵀ B_eᵀ)ᵀ in the old layout
         prefix, kind = key.rsplit(".lora_", 1)
         e, r = 4, 2
         A = tensors[prefix + ".lora_A.weight"].reshape(e, r, -1)
@@ -342,16 +350,7 @@ def test_peft_layout_before_0_19_1_is_read(tmp_path):
 def test_peft_all_linear_adapters_load_with_peft_logits(kind, tmp_path):
     # Router weights (gate.weight) and gate_up_proj at twice the rank (PEFT's rank_pattern for fused experts).
     peft = pytest.importorskip("peft")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_model = peft.get_peft_model(tiny(kind), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
-    torch.manual_seed(6)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.3)
-    want = peft_model.eval()(ids()).logits
-    peft_model.save_pretrained(tmp_path)
+    want = saved_peft_adapter(kind, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), tmp_path, seed=6)
     ours = moslora_ext.load_peft_adapter(tiny(kind), tmp_path)
     layers = moslora_ext.adapted_layers(ours)
     assert any(isinstance(layer, RouterWeight) for layer in layers.values())
@@ -369,14 +368,7 @@ def test_peft_rank_and_alpha_patterns_apply_to_expert_parameters(tmp_path):
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
                              rank_pattern={"gate_up_proj": 4}, alpha_pattern={"gate_up_proj": 3})
-    peft_model = peft.get_peft_model(tiny("qwen3_moe"), config)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.3)
-    want = peft_model.eval()(ids()).logits
-    peft_model.save_pretrained(tmp_path)
+    want = saved_peft_adapter("qwen3_moe", config, tmp_path, seed=4)
     ours = moslora_ext.load_peft_adapter(tiny("qwen3_moe"), tmp_path)
     experts = ours.model.layers[0].mlp.experts
     assert (experts.active["gate_up_proj"].config.r, experts.active["down_proj"].config.r) == (4, 2)
