@@ -31,6 +31,7 @@ forward and in one backward, at N/4 and at N tokens.
     python benchmarks/latency.py                    # all shapes, ranks and token counts
     python benchmarks/latency.py --device cuda      # bf16 and fp16 on the GPU
     python benchmarks/latency.py --quick --quantized  # adds a quantized-base (QLoRA) row per case
+    python benchmarks/latency.py --quick --moe        # adds a mixture-of-experts row (benchmarks/moe.py)
 
 Quantized-base row (--quantized, needs bitsandbytes): one bitsandbytes nf4
 Linear4bit (compute and input in --quantized-dtype) alone (qbase), under
@@ -528,6 +529,8 @@ def parse_args(argv):
                         help="also a quantized-base row per case: bitsandbytes nf4, ours against PEFT's QLoRA")
     parser.add_argument("--quantized-dtype", choices=["bfloat16", "float32"],
                         help="compute and input dtype of the quantized row (default: see above)")
+    parser.add_argument("--moe", action="store_true",
+                        help="also an MoE block row per (N, r): our expert adapters against PEFT's target_parameters")
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # smoke test: tiny shapes
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -555,20 +558,20 @@ def main(argv=None):
     except ImportError:  # the progress bar is a nicety
         tqdm = None
     cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
-    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0))
+    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0) + (args.reps if args.moe else 0))
     # The banner before the bar exists (else it lands inside the bar's line); the bar leaves no
     # final copy behind, the table rows written through it stay.
     print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({processor_name()}, "
           f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
     progress = tqdm(total=total, desc="latency", file=sys.stderr, leave=False) if tqdm else _NoProgress()
-    results, quantized = [], []
+    results, quantized, moe = [], [], []
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"latency-{args.device.type}")
 
     def write_json():  # after every case, so that a run stopped early keeps what it measured
         with open(stem + ".json", "w") as f:
             json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-                       "cases": results, "quantized": quantized}, f, indent=1)
+                       "cases": results, "quantized": quantized, "moe": moe}, f, indent=1)
 
     for shape_name, tokens, r, dtype in cases:
         results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
@@ -577,6 +580,12 @@ def main(argv=None):
     for shape_name, tokens, r in dict.fromkeys((s, n, r) for s, n, r, _ in cases) if args.quantized else ():
         quantized.append(measure_quantized(shape_name, tokens, r, args.device, args, progress))
         progress.write(format_quantized(quantized[-1]))
+        write_json()
+    for tokens, r in dict.fromkeys((n, r) for _, n, r, _ in cases) if args.moe else ():
+        from moe import format_moe, measure_moe
+
+        moe.append(measure_moe(tokens, r, args.device, args, progress))
+        progress.write(format_moe(moe[-1]))
         write_json()
     progress.close()
     write_json()
