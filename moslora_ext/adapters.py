@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from .dispatch import adapter_class, check_adaptable, refusal_reason
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
+from .mixed_batch import take_adapter_names
 
 FORMAT = "moslora_ext"
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
@@ -148,6 +149,7 @@ def _wrap(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):
         module = model.get_submodule(name)
         setattr(module, MODULE_TO_SAVE, True)
         module.requires_grad_(True)
+    take_adapter_names(model)
     _record(model)
 
 
