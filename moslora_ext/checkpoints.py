@@ -27,6 +27,7 @@ from .adapters import (
     matching_names,
     saved_modules,
 )
+from . import engines
 from .dispatch import adapter_class, check_adaptable
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
 
@@ -100,7 +101,7 @@ def save_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
 PEFT_SHARED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
 
 
-def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
+def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     """Save the adapter ``adapter_name`` of ``model`` as a standard PEFT LoRA
     adapter in the folder ``path``, for PEFT's ``PeftModel.from_pretrained``
     and for serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI,
@@ -122,6 +123,11 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
     PEFT's LoRA has one r, lora_alpha, lora_dropout and use_rslora per
     adapter: ValueError if the adapted layers differ in one of them. Refuses
     a merged model.
+
+    ``engine="vllm"`` also refuses (ValueError, naming each setting, nothing
+    written) an adapter that vLLM would not load: see ``moslora_ext.engines``.
+    Serve it with ``max_lora_rank`` at least r, one of 1, 8, 16, 32, ...
+    (``moslora_ext.engines.vllm_max_lora_rank(r)``).
     """
     layers = _unmerged_adapters(model, "save_peft_adapter", adapter_name)
     adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
@@ -150,6 +156,10 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
               "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
               "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
               "alpha_pattern": {}}
+    if engine is not None:
+        reasons = engines.refusals(engine, config, layers)
+        if reasons:
+            raise ValueError(f"{engine} would not load this adapter: {'; '.join(reasons)}")
     _write(path, tensors, config)
 
 
