@@ -9,12 +9,14 @@ What it does:
   2. builds a tiny Llama (hidden 128, 4 heads of 32: vLLM's CPU attention needs head_dim in {32, 64, ...})
      and saves it with ``save_pretrained``;
   3. trains two MoSLoRA adapters on it (Kaiming-initialised mixers, trained: not identity), with different
-     ranks, targets and scales, and exports each with ``save_peft_adapter(..., engine="vllm")``;
+     ranks, targets (the first on every projection and both embeddings) and scales, and exports each with ``save_peft_adapter(..., engine="vllm")``;
   4. serves both adapters and the base model in one batch with vLLM (``enable_lora``, one ``LoRARequest``
      per prompt, greedy, prompts as token ids, no tokenizer) in that environment (tools/vllm_generate.py);
   5. compares vLLM's generated tokens (exactly) and their log-probabilities (within LOGPROB_TOLERANCE) with
      this library's own generation for the same rows: unmerged adapters in one mixed-adapter batch
-     (``adapter_names``), and each adapter merged into the weights.
+     (``adapter_names``), and each adapter merged into the weights;
+  6. checks that vLLM refuses what save_peft_adapter(engine="vllm") refuses (modules_to_save beyond a
+     classification head), and a rank above its max_lora_rank.
 
 Exits 0 when everything matches, 1 with the differences otherwise. It needs this library built, with
 transformers, in the running interpreter; vLLM's environment needs the package index (or a local torch
@@ -46,8 +48,8 @@ MAX_TOKENS = 8
 # One batch row per prompt: each adapter twice and the base model (None), interleaved.
 ROWS = ["a", "b", None, "b", "a", None]
 ADAPTERS = {
-    "a": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-          "r": 8, "lora_alpha": 16},
+    "a": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                             "embed_tokens", "lm_head"], "r": 8, "lora_alpha": 16},
     "b": {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4, "lora_alpha": 8, "use_rslora": True},
 }
 MAX_LORA_RANK = 8  # vLLM takes 1, 8, 16, 32, ...; ranks below it (adapter "b") are padded
@@ -136,9 +138,31 @@ def our_generation(model, prompts, merged):
         return tokens, logprobs
 
 
-def vllm_generation(python, workdir, prompts):
+def write_probes(workdir):
+    """Adapters that save_peft_adapter(engine="vllm") refuses, written without the check, by what it
+    names: {folder: the words of our refusal}. vLLM should refuse each too."""
+    import moslora_ext
+
+    probes = {}
+    for settings, refusal in [({"r": 4, "modules_to_save": ["lm_head"]}, "modules_to_save"),
+                              ({"r": 2 * MAX_LORA_RANK}, f"a rank above the server's max_lora_rank {MAX_LORA_RANK}")]:
+        model = moslora_ext.add_adapters(tiny_llama(), ["q_proj"], **settings)
+        folder = os.path.join(workdir, f"probe-{len(probes)}")
+        if "modules_to_save" in settings:
+            try:
+                moslora_ext.save_peft_adapter(model, folder, engine="vllm")
+                sys.exit("save_peft_adapter(engine='vllm') wrote an adapter with modules_to_save=['lm_head']")
+            except ValueError as error:
+                refusal = str(error)
+        moslora_ext.save_peft_adapter(model, folder)
+        probes[folder] = refusal
+    return probes
+
+
+def vllm_generation(python, workdir, prompts, probes):
     request = {"model": os.path.join(workdir, "base"), "max_lora_rank": MAX_LORA_RANK, "max_tokens": MAX_TOKENS,
-               "prompts": prompts, "adapters": [os.path.join(workdir, name) if name else None for name in ROWS]}
+               "prompts": prompts, "adapters": [os.path.join(workdir, name) if name else None for name in ROWS],
+               "probes": list(probes)}
     request_file, result_file = os.path.join(workdir, "request.json"), os.path.join(workdir, "vllm.json")
     with open(request_file, "w") as f:
         json.dump(request, f)
@@ -151,7 +175,7 @@ def vllm_generation(python, workdir, prompts):
         sys.exit(f"vLLM failed (exit {done.returncode}); its log: {os.path.join(workdir, 'vllm.log')}")
     with open(result_file) as f:
         result = json.load(f)
-    return torch.tensor(result["tokens"]), torch.tensor(result["logprobs"])
+    return torch.tensor(result["tokens"]), torch.tensor(result["logprobs"]), result["refusals"]
 
 
 def compare(label, ours, theirs):
@@ -195,10 +219,15 @@ def main():
     effect = (unmerged[1][adapted, 0] - base[adapted].gather(-1, first)[:, 0]).abs().max().item()
     print(f"adapter effect: the adapters move our log-probabilities by up to {effect:.3f}")
     served_start = time.time()
-    served = vllm_generation(python, workdir, prompts)
+    probes = write_probes(workdir)
+    *served, refusals = vllm_generation(python, workdir, prompts, probes)
     print(f"vLLM served {len(ROWS)} rows x {MAX_TOKENS} tokens in {time.time() - served_start:.0f} s "
           f"(start-up included)")
     problems = compare("unmerged, mixed batch", unmerged, served) + compare("merged", merged, served)
+    for folder, ours in probes.items():
+        print(f"refused here: {ours}\n  by vLLM: {refusals[folder]}")
+        if refusals[folder] is None:
+            problems.append(f"vLLM served {folder}, which should be refused ({ours})")
     print(f"serving check: {'FAILED' if problems else 'passed'} in {time.time() - start:.0f} s ({workdir})")
     for line in problems:
         print("  " + line)

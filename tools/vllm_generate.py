@@ -3,10 +3,12 @@
     python tools/vllm_generate.py REQUEST.json RESULT.json
 
 REQUEST.json: {"model": folder, "max_lora_rank": int, "max_tokens": int, "prompts": [token ids...],
-"adapters": [adapter folder or null per prompt], "spare_lora_slot": bool (default true)}. Serves every prompt in one batch with vLLM's
+"adapters": [adapter folder or null per prompt], "spare_lora_slot": bool (default true),
+"probes": [adapter folders vLLM should refuse]}. Serves every prompt in one batch with vLLM's
 offline engine (greedy, no tokenizer: prompts and outputs are token ids), each with its
 LoRARequest, and writes {"tokens": [[id...]...], "logprobs": [[float...]...]}: each prompt's
-generated tokens and the log-probability vLLM gives each of them.
+generated tokens and the log-probability vLLM gives each of them, and "refusals": {probe: vLLM's
+error, or null if it served the probe}.
 """
 
 import json
@@ -39,8 +41,17 @@ def main(request_file, result_file):
         completion = output.outputs[0]
         tokens.append(list(completion.token_ids))
         logprobs.append([step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)])
+    # Adapters that vLLM should refuse: the error of serving one prompt with each (None: it served it).
+    refusals = {}
+    for folder in request.get("probes", []):
+        try:
+            llm.generate([{"prompt_token_ids": request["prompts"][0]}], params,
+                         lora_request=LoRARequest("probe", len(folders) + 1, folder))
+            refusals[folder] = None
+        except Exception as error:  # noqa: BLE001 - the engine's own words are the result
+            refusals[folder] = f"{type(error).__name__}: {error}"
     with open(result_file, "w") as f:
-        json.dump({"tokens": tokens, "logprobs": logprobs}, f)
+        json.dump({"tokens": tokens, "logprobs": logprobs, "refusals": refusals}, f)
 
 
 if __name__ == "__main__":
