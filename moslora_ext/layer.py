@@ -315,10 +315,10 @@ class AdapterLayer(nn.Module):
         return self._add_outputs_by_rows(self.base_forward(x), x, groups)
 
     def _add_outputs_by_rows(self, out, x, groups):
-        # In place: out is a fresh tensor, and no op saves its output for backward.
+        # In place: out is a fresh tensor, and no op saves its output for backward. Indexing
+        # (index, index_put_) rather than index_select / index_copy_: several times faster on CPU.
         for adapter, rows in groups:
-            out.index_copy_(0, rows, self.add_adapter_output(out.index_select(0, rows), x.index_select(0, rows),
-                                                             adapter))
+            out[rows] = self.add_adapter_output(out[rows], x[rows], adapter)
         return out
 
     # --- merging -----------------------------------------------------------------------------

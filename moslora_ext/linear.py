@@ -166,9 +166,11 @@ class Linear(AdapterLayer):
             out = torch.zeros(out_shape, dtype=dtype, device=x.device)
         else:
             out = self.bias.to(dtype).expand(out_shape).contiguous()
-        out = self._add_outputs_by_rows(out, x, groups)
-        flat = torch.addmm(out.view(-1, self.out_features), x.reshape(-1, self.in_features), weight.t())
-        return flat.view(out_shape)
+        flat = self._add_outputs_by_rows(out, x, groups).view(-1, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        if dtype != x.dtype:  # under autocast: out of place, which autocast casts
+            return torch.addmm(flat, x2, weight.t()).view(out_shape)
+        return flat.addmm_(x2, weight.t()).view(out_shape)
 
     def _empty_base(self):
         # A plain nn.Linear, also in place of a subclass such as Falcon's FalconLinear.
