@@ -299,7 +299,8 @@ class AdapterLayer(nn.Module):
         first dimension) gets the adapter ``adapter_names[i]``, or the base
         alone for "__base__". The base runs once on the whole batch and each
         adapter once on its rows (gathered by index), so row i is what this
-        layer computes for it alone with that adapter active. Refused for
+        layer computes for it alone with that adapter active (up to float32
+        rounding, which depends on the number of rows in GEMMs). Refused for
         unknown names, a names list that does not match x's rows, a merged
         layer, and in training mode for adapters with dropout (whose masks
         would depend on the batch). Disabled adapters (``disable_adapters``)

@@ -13,7 +13,6 @@ for the rows that beam search or ``num_return_sequences`` make of its row.
 """
 
 import functools
-import types
 
 import torch
 
@@ -67,8 +66,8 @@ def take_adapter_names(model):
     model.register_forward_pre_hook(_before_forward, with_kwargs=True)
     model.register_forward_hook(_after_forward, always_call=True)
     if callable(getattr(type(model), "generate", None)):
-        # On the instance, so that it follows the model through deepcopy (which rebinds it).
-        model.generate = types.MethodType(_generate, model)
+        # An object on the instance that holds the model: deepcopy and pickle carry it along.
+        model.generate = _Generate(model)
     setattr(model, HOOKED, True)
 
 
@@ -114,13 +113,19 @@ def _after_forward(model, args, output):
     setattr(model, LAYER_HOOKS, [])
 
 
-def _generate(model, *args, adapter_names=None, **kwargs):
+class _Generate:
     """The model's own ``generate``, with each batch row's adapter named in ``adapter_names``."""
-    if adapter_names is None:
-        return type(model).generate(model, *args, **kwargs)
-    handles = _hand_to_layers(model, adapter_names, expand_rows=True)
-    try:
-        return type(model).generate(model, *args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        model = self.model
+        if adapter_names is None:
+            return type(model).generate(model, *args, **kwargs)
+        handles = _hand_to_layers(model, adapter_names, expand_rows=True)
+        try:
+            return type(model).generate(model, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,5 +1,7 @@
 """Mixed-adapter batches (``adapter_names=``, one adapter per batch row), against each row run alone and PEFT."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -179,6 +181,18 @@ def test_llama_generate_with_adapter_names_gives_each_rows_tokens(search):
 
     with torch.no_grad():
         assert torch.equal(generate(model, input_ids, adapter_names=ROWS), rows_alone(model, input_ids, ROWS, generate))
+
+
+def test_copies_and_pickled_models_generate_with_adapter_names(tmp_path):
+    model, input_ids = llama_with_adapters(), ids(3, seed=4)
+    torch.save(model, tmp_path / "model.pt")
+    copies = [copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)]
+    with torch.no_grad():
+        expected = model.generate(input_ids, max_new_tokens=3, do_sample=False, adapter_names=ROWS[:3])
+        for other in copies:
+            assert other.generate.model is other
+            assert torch.equal(other.generate(input_ids, max_new_tokens=3, do_sample=False,
+                                              adapter_names=ROWS[:3]), expected)
 
 
 def test_a_layer_without_one_of_the_adapters_gives_those_rows_its_base():
