@@ -14,6 +14,7 @@ from dataclasses import fields
 
 import torch
 
+from . import engines
 from .adapters import (
     CONFIG_RECORD,
     FORMAT,
@@ -27,7 +28,6 @@ from .adapters import (
     matching_names,
     saved_modules,
 )
-from . import engines
 from .dispatch import adapter_class, check_adaptable
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer
 

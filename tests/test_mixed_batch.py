@@ -231,7 +231,7 @@ PEFT_ROWS = ["x", "__base__", "y", "x"]
 
 
 def peft_with_two_adapters(peft, make_model, targets, fan_in_fan_out=False):
-    config = dict(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=fan_in_fan_out)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": targets, "fan_in_fan_out": fan_in_fan_out}
     peft_model = peft.get_peft_model(make_model(), peft.LoraConfig(**config), adapter_name="x")
     peft_model.add_adapter("y", peft.LoraConfig(**config))
     with torch.no_grad():
