@@ -33,7 +33,15 @@ def gpt2_conv1d():
     return Conv1D(24, 16)
 
 
+def bnb_nf4():
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")  # CPU: out % 32 == 0
+    layer.load_state_dict(nn.Linear(64, 32).state_dict())
+    return layer.to("cpu")  # bitsandbytes quantizes on the move to the device
+
+
 LAYERS = {
+    "quantized_nf4": (bnb_nf4, (6, 5, 64)),
     "linear": (lambda: nn.Linear(16, 24), (6, 5, 16)),
     "linear_no_bias": (lambda: nn.Linear(16, 24, bias=False), (6, 5, 16)),
     "conv1d_gpt2": (gpt2_conv1d, (6, 5, 16)),
