@@ -32,6 +32,7 @@ forward and in one backward, at N/4 and at N tokens.
     python benchmarks/latency.py --device cuda      # bf16 and fp16 on the GPU
     python benchmarks/latency.py --quick --quantized  # adds a quantized-base (QLoRA) row per case
     python benchmarks/latency.py --quick --moe        # adds a mixture-of-experts row (benchmarks/moe.py)
+    python benchmarks/latency.py --quick --mixed      # adds a mixed-adapter batch row per case
 
 Quantized-base row (--quantized, needs bitsandbytes): one bitsandbytes nf4
 Linear4bit (compute and input in --quantized-dtype) alone (qbase), under
@@ -41,6 +42,11 @@ bytes saved for backward, with dropout off and on. The dtype defaults to
 bfloat16 on GPUs and on CPUs with native bf16 matmuls (AVX-512-BF16 or AMX),
 and to float32 on other CPUs, where a bf16 matmul runs about 40 times slower
 than a float32 one (0.8 against 33 GFLOP/s measured on a 2-core AVX2 machine).
+
+Mixed-batch row (--mixed): one layer holding four adapters serves a batch of
+8 rows, two per adapter (N/4 tokens each), as one mixed batch (ours_mixed:
+``adapter_names``), as four passes with one adapter active each
+(ours_4_passes), and as PEFT's mixed batch (peft_mixed); inference time.
 
 Writes a table to stdout, every measurement to <out>/latency-<device>.json and
 a plot of the ratios to <out>/latency-<device>.png.
@@ -510,6 +516,56 @@ def format_quantized(row):
     return "\n".join(lines)
 
 
+MIXED_ADAPTERS = ("default", "b", "c", "d")  # "default": the one each layer is made with
+MIXED_ROWS = 8  # batch rows, two per adapter: N/4 tokens for each of the four adapters
+
+
+def mixed_contenders(base, r):
+    """One layer holding four adapters, ours and PEFT's (if installed): a mixed batch, and four
+    passes of N/4 tokens each with one adapter active. Inference only (what mixed batches are for)."""
+    layer = ours(base, r, 0.0)
+    for name in MIXED_ADAPTERS[1:]:
+        layer.add_adapter(name, moslora_ext.AdapterConfig(r=r, lora_alpha=LORA_ALPHA))
+    with torch.no_grad():
+        for p in layer.adapters.parameters():
+            p.normal_(std=0.02)
+    names = [name for name in MIXED_ADAPTERS for _ in range(MIXED_ROWS // len(MIXED_ADAPTERS))]
+    rows = {name: [i for i, row in enumerate(names) if row == name] for name in MIXED_ADAPTERS}
+
+    def four_passes(x):
+        for name, indices in rows.items():
+            layer.set_adapter(name)
+            layer(x[indices])
+
+    contenders = {"base": base, "ours_mixed": lambda x: layer(x, adapter_names=names), "ours_4_passes": four_passes}
+    peft_layer = peft_lora(base, r, 0.0)
+    if peft_layer is not None:
+        from peft import LoraConfig
+
+        for name in MIXED_ADAPTERS[1:]:
+            peft_layer.update_layer(name, r=r, lora_alpha=LORA_ALPHA, config=LoraConfig(r=r, lora_alpha=LORA_ALPHA))
+        contenders["peft_mixed"] = lambda x: peft_layer(x, adapter_names=names)
+    return contenders
+
+
+def measure_mixed(shape_name, tokens, r, dtype, device, args, progress):
+    """The mixed-batch row of one case (see the module docstring)."""
+    d, k = (size // args.shrink for size in SHAPES[shape_name])
+    base = nn.Linear(d, k, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(MIXED_ROWS, tokens // MIXED_ROWS, d, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    times = time_round_robin({n: inference_step(m, x) for n, m in mixed_contenders(base, r).items()}, args.reps,
+                             args.warmup, device, progress)
+    return {"shape": shape_name, "tokens": tokens, "r": r, "dtype": str(dtype), "inference_s": times}
+
+
+def format_mixed(row):
+    times = row["inference_s"]
+    base = times["base"][0]
+    return (f"mixed batch ({len(MIXED_ADAPTERS)} adapters x N/{len(MIXED_ADAPTERS)} rows) {row['shape']} "
+            f"N={row['tokens']} r={row['r']} {row['dtype']}, inference: " + "  ".join(
+                f"{n} {t * 1e3:.1f} ms ({t / base:.2f}x base)" for n, (t, _) in times.items()))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -531,6 +587,8 @@ def parse_args(argv):
                         help="compute and input dtype of the quantized row (default: see above)")
     parser.add_argument("--moe", action="store_true",
                         help="also an MoE block row per (N, r): our expert adapters against PEFT's target_parameters")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also a mixed-batch row per case: 4 adapters x N/4 rows, against 4 passes and PEFT's")
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # smoke test: tiny shapes
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
@@ -558,24 +616,28 @@ def main(argv=None):
     except ImportError:  # the progress bar is a nicety
         tqdm = None
     cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
-    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0) + (args.reps if args.moe else 0))
+    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0)
+                          + (args.reps if args.moe else 0) + (args.reps if args.mixed else 0))
     # The banner before the bar exists (else it lands inside the bar's line); the bar leaves no
     # final copy behind, the table rows written through it stay.
     print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({processor_name()}, "
           f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
     progress = tqdm(total=total, desc="latency", file=sys.stderr, leave=False) if tqdm else _NoProgress()
-    results, quantized, moe = [], [], []
+    results, quantized, moe, mixed = [], [], [], []
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"latency-{args.device.type}")
 
     def write_json():  # after every case, so that a run stopped early keeps what it measured
         with open(stem + ".json", "w") as f:
             json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-                       "cases": results, "quantized": quantized, "moe": moe}, f, indent=1)
+                       "cases": results, "quantized": quantized, "moe": moe, "mixed": mixed}, f, indent=1)
 
     for shape_name, tokens, r, dtype in cases:
         results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
         progress.write(format_case(results[-1]))
+        if args.mixed:
+            mixed.append(measure_mixed(shape_name, tokens, r, dtype, args.device, args, progress))
+            progress.write(format_mixed(mixed[-1]))
         write_json()
     for shape_name, tokens, r in dict.fromkeys((s, n, r) for s, n, r, _ in cases) if args.quantized else ():
         quantized.append(measure_quantized(shape_name, tokens, r, args.device, args, progress))

@@ -29,6 +29,7 @@ from .experts import (
     parameter_targets,
 )
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
+from .mixed_batch import take_adapter_names
 
 FORMAT = "moslora_ext"
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
@@ -222,6 +223,7 @@ def _wrap(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):
         module = model.get_submodule(name)
         setattr(module, MODULE_TO_SAVE, True)
         module.requires_grad_(True)
+    take_adapter_names(model)
     _record(model)
 
 

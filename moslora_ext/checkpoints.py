@@ -17,7 +17,7 @@ import uuid
 
 import torch
 
-from . import peft_experts
+from . import engines, peft_experts
 from .adapters import (
     CONFIG_RECORD,
     FORMAT,
@@ -170,7 +170,7 @@ PEFT_SHARED_SETTINGS = ("lora_dropout", "use_rslora")
 PEFT_PATTERN_SETTINGS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
 
 
-def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
+def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     """Save the adapter ``adapter_name`` of ``model`` as a standard PEFT LoRA
     adapter in the folder ``path``, for PEFT's ``PeftModel.from_pretrained``
     and for serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI,
@@ -199,6 +199,11 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
     as their most common value, with ``rank_pattern`` / ``alpha_pattern``
     entries (escaped full names) for the targets that differ. Refuses a
     merged model.
+
+    ``engine="vllm"`` also refuses (ValueError, naming each setting, nothing
+    written) an adapter that vLLM would not load: see ``moslora_ext.engines``.
+    Serve it with ``max_lora_rank`` at least r, one of 1, 8, 16, 32, ...
+    (``moslora_ext.engines.vllm_max_lora_rank(r)``).
     """
     layers = _unmerged_adapters(model, "save_peft_adapter", adapter_name)
     adapters = _targets(model, adapter_name, layers)
@@ -243,6 +248,10 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
         values = {(f"{t}.weight" if t in as_parameters else t): getattr(a.config, setting) for t, a in adapters.items()}
         config[setting] = max(sorted(set(values.values())), key=list(values.values()).count)
         config[pattern] = peft_experts.patterns(values, config[setting])
+    if engine is not None:
+        reasons = engines.refusals(engine, config, layers)
+        if reasons:
+            raise ValueError(f"{engine} would not load this adapter: {'; '.join(reasons)}")
     _write(path, tensors, config)
 
 

@@ -66,14 +66,14 @@ class Conv(AdapterLayer):
     def base_forward(self, x):
         return self._conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
-    def adapter_forward(self, x, adapter):
+    def add_adapter_output(self, base_out, x, adapter):
         config = adapter.config
         # fp32 adapters on a half-precision base compute in x's dtype, as the fused linear ops do.
         lora_A, mixer, lora_B = (t.to(x.dtype) for t in (adapter.lora_A, adapter.lora_mixer, adapter.lora_B))
         u = self._conv(F.dropout(x, config.lora_dropout, self.training), lora_A, None, self.stride, self.padding,
                        self.dilation)
         mixed_B = (config.scale * (lora_B.flatten(1) @ mixer)).view_as(lora_B)
-        return self.base_forward(x) + self._conv(u, mixed_B)
+        return base_out + self._conv(u, mixed_B)
 
     def _empty_base(self):
         return CONV_MODULES[len(self.kernel_size)](self.in_channels, self.out_channels, self.kernel_size, self.stride,

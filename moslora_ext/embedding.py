@@ -53,11 +53,10 @@ class Embedding(AdapterLayer):
     def base_forward(self, ids):
         return F.embedding(ids, self.weight, **self.lookup_settings)
 
-    def adapter_forward(self, ids, adapter):
-        base = self.base_forward(ids)
+    def add_adapter_output(self, base_out, ids, adapter):
         after_A = F.embedding(ids, adapter.lora_A.t(), **self.lookup_settings)
         mixed_B = adapter.config.scale * (adapter.lora_B @ adapter.lora_mixer)
-        return base + (after_A @ mixed_B.t()).to(base.dtype)
+        return base_out + (after_A @ mixed_B.t()).to(base_out.dtype)
 
     def _empty_base(self):
         return nn.Embedding(self.num_embeddings, self.embedding_dim, **self.lookup_settings)

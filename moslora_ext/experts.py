@@ -76,6 +76,7 @@ class Experts(AdapterLayer):
     back."""
 
     is_linear = False  # "all-linear" selects its parameters, not the module
+    takes_mixed_batches = False
 
     @classmethod
     def refusal_reason(cls, module):

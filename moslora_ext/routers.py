@@ -34,6 +34,7 @@ class RouterWeight(AdapterLayer):
     gives the router back."""
 
     is_linear = True  # "all-linear" selects routers, as PEFT's does (as target_parameters "<router>.weight")
+    takes_mixed_batches = False
 
     @classmethod
     def refusal_reason(cls, module):

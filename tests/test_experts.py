@@ -386,3 +386,10 @@ def test_safe_merge_refuses_a_non_finite_expert_and_leaves_the_weights_bit_ident
         moslora_ext.merge_adapters(model, safe=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(layer.merged for layer in moslora_ext.adapted_layers(model).values())
+
+
+def test_mixed_adapter_batches_are_refused_on_expert_layers():
+    model = add_all_linear(tiny("mixtral"))
+    with pytest.raises(NotImplementedError, match=r"mixed-adapter batches\) is not supported on \['Experts', "
+                                                  r"'RouterWeight'\] layers"):
+        model(ids(), adapter_names=["default", "__base__"])

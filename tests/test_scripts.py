@@ -43,7 +43,7 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     others = [name for name in latency.CONTENDERS if name != "lora_compiled"]
     latency.main(["--small", "--device", "cpu", "--shapes", "attn 4096x4096", "--tokens", "64", "--ranks", "4",
                   "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--contenders", *others,
-                  *(["--quantized", "--quantized-dtype", "bfloat16"] if HAVE_BNB else [])])
+                  "--mixed", *(["--quantized", "--quantized-dtype", "bfloat16"] if HAVE_BNB else [])])
     table = capsys.readouterr().out
     assert "ours_merged" in table and "merge: ours" in table
     report = json.loads((tmp_path / "latency-cpu.json").read_text())
@@ -60,6 +60,10 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert launches["tokens"] == [16, 64]
     at_quarter, at_n = launches["ours"]
     assert at_quarter == at_n and min(at_n) > 0
+    (mixed,) = report["mixed"]
+    peft = {"peft_mixed"} if importlib.util.find_spec("peft") else set()
+    assert set(mixed["inference_s"]) == {"base", "ours_mixed", "ours_4_passes", *peft}
+    assert "mixed batch (4 adapters x N/4 rows)" in table
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "latency-cpu.png").stat().st_size > 0
     if HAVE_BNB:  # the quantized row: PEFT's QLoRA layer keeps a dropped (float32) copy of x, ours does not
