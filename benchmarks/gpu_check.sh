@@ -53,14 +53,15 @@ verdict_of() {  # verdict_of EXIT_STATUS LIMIT: "PASS" or "FAIL <why>"
     esac
 }
 run_step() {  # run_step NAME LIMIT COMMAND...
-    local name=$1 limit=$2 start=$SECONDS rc verdict
+    local name=$1 limit=$2 start=$SECONDS rc verdict note
     shift 2
     echo
     echo "=== $name (limit ${limit}s): $*"
     limited "$limit" "$@"
     rc=$?
     verdict=$(verdict_of $rc "$limit")
-    record "$name" "${verdict%% *}" $((SECONDS - start)) "${verdict#FAIL }"
+    [ "$verdict" = PASS ] && note="" || note=${verdict#FAIL }
+    record "$name" "${verdict%% *}" $((SECONDS - start)) "$note"
     return $rc
 }
 finish() {  # finish [EXIT_STATUS]: the summary; exit 1 if a step failed
