@@ -56,8 +56,13 @@ class Embedding(AdapterLayer):
     def adapter_forward(self, ids, adapter):
         base = self.base_forward(ids)
         after_A = F.embedding(ids, adapter.lora_A.t(), **self.lookup_settings)
-        mixed_B = adapter.config.scale * (adapter.lora_B @ adapter.lora_mixer)
-        return base + (after_A @ mixed_B.t()).to(base.dtype)
+        return base + self.update_of_rows(after_A, adapter.lora_mixer, adapter.lora_B, adapter.config.scale)
+
+    @staticmethod
+    def update_of_rows(after_A, lora_mixer, lora_B, scale):
+        """``s * after_A M^T B^T``: the adapter's output from the looked-up rows
+        ``after_A`` of ``A^T`` (also the PEFT route's embeddings)."""
+        return after_A @ (scale * (lora_B @ lora_mixer)).t()
 
     def _empty_base(self):
         return nn.Embedding(self.num_embeddings, self.embedding_dim, **self.lookup_settings)
