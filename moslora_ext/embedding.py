@@ -56,7 +56,8 @@ class Embedding(AdapterLayer):
     def adapter_forward(self, ids, adapter):
         base = self.base_forward(ids)
         after_A = F.embedding(ids, adapter.lora_A.t(), **self.lookup_settings)
-        return base + self.update_of_rows(after_A, adapter.lora_mixer, adapter.lora_B, adapter.config.scale)
+        update = self.update_of_rows(after_A, adapter.lora_mixer, adapter.lora_B, adapter.config.scale)
+        return base + update.to(base.dtype)
 
     @staticmethod
     def update_of_rows(after_A, lora_mixer, lora_B, scale):

@@ -101,13 +101,13 @@ class MoSLoRAConfig(LoraConfig):
 
     def check(self):
         """Raise ValueError, naming the field and why, for a setting MoSLoRA does not support."""
+        if self.init_lora_weights not in INIT_LORA_WEIGHTS:
+            raise ValueError(f"MoSLoRAConfig: init_lora_weights={self.init_lora_weights!r} is not supported: it is "
+                             f"{_INIT}; use one of {INIT_LORA_WEIGHTS}")
         defaults = LoraConfig()
         for name, reason in REFUSED_FIELDS.items():
             if getattr(self, name) != getattr(defaults, name):
                 raise ValueError(f"MoSLoRAConfig: {name}={getattr(self, name)!r} is not supported: {reason}")
-        if self.init_lora_weights not in INIT_LORA_WEIGHTS:
-            raise ValueError(f"MoSLoRAConfig: init_lora_weights={self.init_lora_weights!r} is not supported: it is "
-                             f"{_INIT}; use one of {INIT_LORA_WEIGHTS}")
         if self.mixer_init not in MIXER_INITS:
             raise ValueError(f"MoSLoRAConfig: mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
         if not isinstance(self.train_mixer, bool):
