@@ -18,9 +18,10 @@ from moslora_ext.peft_method import REFUSED_FIELDS, MoSLoRAEmbedding, MoSLoRALin
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, hidden_size=32):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                      num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(config)
 
