@@ -38,7 +38,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
 ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
 # PEFT's tensor names (and the released MoSLoRA code's lora_AB, the mixer) -> ours.
-FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer", "lora_mixer": "lora_mixer",
+FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer",
+                   "lora_mixer": "lora_mixer",  # moslora_ext.MoSLoRAConfig's folders
                    "lora_B": "lora_B", "lora_embedding_B": "lora_B"}
 # The settings that decide what an adapter's tensors compute. The others (lora_dropout,
 # mixer_init, train_mixer, autocast_adapter_dtype) only shape training: loading over an

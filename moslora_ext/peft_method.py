@@ -33,7 +33,11 @@ if not _PEFT_RANGE[0] <= Version(Version(peft.__version__).base_version) < _PEFT
 
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
+from peft.mapping import (  # noqa: E402
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
 from peft.tuners import lora  # noqa: E402
 from peft.tuners.lora import layer as lora_layer  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer, LoraVariant  # noqa: E402
@@ -118,9 +122,9 @@ class MoSLoRAConfig(LoraConfig):
                              "(r and rank_pattern)")
 
 
-unknown = {f.name for f in dataclasses.fields(LoraConfig)} - KEPT_FIELDS - REFUSED_FIELDS.keys()
-if unknown:  # a LoraConfig field this module does not know could change what the layers compute
-    raise ImportError(f"moslora_ext does not know the LoraConfig fields {sorted(unknown)} of peft "
+_unknown = {f.name for f in dataclasses.fields(LoraConfig)} - KEPT_FIELDS - REFUSED_FIELDS.keys()
+if _unknown:  # a LoraConfig field this module does not know could change what the layers compute
+    raise ImportError(f"moslora_ext does not know the LoraConfig fields {sorted(_unknown)} of peft "
                       f"{peft.__version__}; it supports peft {SUPPORTED_PEFT}")
 
 
@@ -321,45 +325,37 @@ def layer_factories():
     return factories
 
 
-_BNB = {}  # the bitsandbytes layer classes, made on first use (PEFT imports bitsandbytes lazily too)
+_BNB = {}  # the bitsandbytes layer factories, made on first use (PEFT imports bitsandbytes lazily too)
+
+
+def _quantized_factory(peft_class, base_settings):
+    """The factory of a MoSLoRA layer class over PEFT's bitsandbytes LoRA
+    class ``peft_class``; ``base_settings(base)`` are the keyword arguments
+    that PEFT's own dispatcher reads from the base layer."""
+    layer_class = type(f"MoSLoRA{peft_class.__name__}", (MoSLoRALayer, peft_class), {
+        "__doc__": f"PEFT's LoRA ``{peft_class.__name__}`` with MoSLoRA adapters, on the fused adapter op.",
+        "__module__": __name__,
+        "_delta_shape": lambda self: (self.out_features, self.in_features),  # the weight is stored packed
+    })
+
+    def create(target, adapter_name, config, **kwargs):
+        return layer_class(target, adapter_name, config=config, **kwargs | base_settings(_base_of(target)))
+    return create
 
 
 def _bnb_factories():
     from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 
-    if not is_bnb_available():
-        return {}
-    if not _BNB:
+    if is_bnb_available() and not _BNB:
         import bitsandbytes as bnb
         from peft.tuners.lora import bnb as peft_bnb
 
-        class MoSLoRALinear8bitLt(MoSLoRALayer, peft_bnb.Linear8bitLt):
-            """PEFT's LoRA ``Linear8bitLt`` with MoSLoRA adapters, on the fused adapter op."""
-
-            def _delta_shape(self):
-                return (self.out_features, self.in_features)
-
-        def linear_8bit(target, adapter_name, config, **kwargs):
-            base = _base_of(target)
-            return MoSLoRALinear8bitLt(target, adapter_name, config=config, **kwargs | {
-                "has_fp16_weights": base.state.has_fp16_weights, "threshold": base.state.threshold,
-                "index": base.index})
-
-        _BNB[bnb.nn.Linear8bitLt] = linear_8bit
+        _BNB[bnb.nn.Linear8bitLt] = _quantized_factory(peft_bnb.Linear8bitLt, lambda base: {
+            "has_fp16_weights": base.state.has_fp16_weights, "threshold": base.state.threshold, "index": base.index})
         if is_bnb_4bit_available():
-            class MoSLoRALinear4bit(MoSLoRALayer, peft_bnb.Linear4bit):
-                """PEFT's LoRA ``Linear4bit`` (QLoRA) with MoSLoRA adapters, on the fused adapter op."""
-
-                def _delta_shape(self):
-                    return (self.out_features, self.in_features)
-
-            def linear_4bit(target, adapter_name, config, **kwargs):
-                base = _base_of(target)
-                return MoSLoRALinear4bit(target, adapter_name, config=config, **kwargs | {
-                    "compute_dtype": base.compute_dtype, "compress_statistics": base.weight.compress_statistics,
-                    "quant_type": base.weight.quant_type})
-
-            _BNB[bnb.nn.Linear4bit] = linear_4bit
+            _BNB[bnb.nn.Linear4bit] = _quantized_factory(peft_bnb.Linear4bit, lambda base: {
+                "compute_dtype": base.compute_dtype, "compress_statistics": base.weight.compress_statistics,
+                "quant_type": base.weight.quant_type})
     return dict(_BNB)
 
 

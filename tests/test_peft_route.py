@@ -326,7 +326,9 @@ def test_rank_and_alpha_patterns_load_through_both_routes(tmp_path, config_class
     expected = logits(model, ids)
     functional = moslora_ext.load_peft_adapter(tiny_llama(), tmp_path).eval()
     layers = moslora_ext.adapted_layers(functional)
-    assert layers["model.layers.0.self_attn.q_proj"].r == 2 and layers["model.layers.1.self_attn.v_proj"].lora_alpha == 5
+    assert layers["model.layers.0.self_attn.q_proj"].r == 2
+    assert layers["model.layers.1.self_attn.v_proj"].lora_alpha == 5
+    assert layers["model.layers.0.self_attn.v_proj"].lora_alpha == 8
     torch.testing.assert_close(logits(functional, ids), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), ids), expected,
                                rtol=0, atol=0)
