@@ -180,6 +180,44 @@ def test_dropout_does_not_save_a_dropped_copy_of_the_input():
 # --- point 2: the PEFT model API ----------------------------------------------------------------
 
 
+def test_half_precision_base_gets_float32_adapters_as_peft_does():
+    model = moslora(tiny_llama().to(torch.bfloat16), target_modules=["q_proj", "v_proj"])
+    theirs = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {
+        p.dtype for n, p in theirs.named_parameters() if "lora_" in n} == {torch.float32}
+    ids = batch()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_trainable_token_indices_keep_their_peft_meaning(tmp_path):
+    model = moslora(tiny_llama(), target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    token_grads = [p.grad for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert len(token_grads) == 1 and token_grads[0].shape == (2, 32)
+    trained_looking(model)
+    with torch.no_grad():  # trained-looking token rows too
+        next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n).normal_()
+    model.eval().save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_generate_with_mixed_adapters_gives_each_rows_own_generation():
+    model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"]), seed=1).eval()
+    model.add_adapter("other", moslora_ext.MoSLoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    trained_looking(model, seed=2)
+    ids = batch(rows=2)
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    mixed = model.generate(input_ids=ids, adapter_names=["other", "default"], **settings)
+    for row, name in enumerate(["other", "default"]):
+        model.set_adapter(name)
+        torch.testing.assert_close(mixed[row], model.generate(input_ids=ids[row:row + 1], **settings)[0])
+
+
 def test_merge_unmerge_and_unload_keep_the_outputs():
     model = trained_looking(moslora(tiny_llama(), mixer_init="orthogonal")).eval()
     ids = batch()
