@@ -146,8 +146,9 @@ class MixerVariant(LoraVariant):
     def init(module, adapter_name, config, **kwargs):
         lora_A, _, _ = MixerVariant.factors(module, adapter_name, with_mixer=False)
         r = module.r[adapter_name]
-        mixer = nn.Linear(r, r, bias=False, device=lora_A.device, dtype=lora_A.dtype)
-        init_mixer_(mixer.weight, config.mixer_init)
+        mixer = nn.Linear(r, r, bias=False, device="meta")  # no default draw: init_mixer_ alone uses the RNG
+        mixer.weight = nn.Parameter(init_mixer_(torch.empty(r, r, device=lora_A.device, dtype=lora_A.dtype),
+                                                config.mixer_init))
         module.lora_mixer[adapter_name] = mixer
         module.train_mixer[adapter_name] = config.train_mixer
 
