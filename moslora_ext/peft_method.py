@@ -192,6 +192,25 @@ class MixerVariant(LoraVariant):
                                cls.dropout_p(module, active_adapter))
 
 
+class QuantizedVariant(MixerVariant):
+    """On bitsandbytes bases PEFT quantizes again what ``merge_safe`` and
+    ``unmerge`` return: the update is added in the adapter's precision
+    (float32), as PEFT's LoRA adds its float32 update to the dequantized weight."""
+
+    @classmethod
+    def _added(cls, module, adapter_name, weight, sign):
+        dtype = torch.promote_types(weight.dtype, cls.factors(module, adapter_name)[0].dtype)
+        return cls._add(module, adapter_name, weight.detach().to(dtype, copy=True), sign)
+
+    @classmethod
+    def merge_safe(cls, module, active_adapter, orig_weight):
+        return cls._added(module, active_adapter, orig_weight, 1)
+
+    @classmethod
+    def unmerge(cls, module, active_adapter, orig_weight):
+        return cls._added(module, active_adapter, orig_weight, -1)
+
+
 class EmbeddingVariant(MixerVariant):
     layer_class = Embedding
 
@@ -337,6 +356,7 @@ def _quantized_factory(peft_class, base_settings):
         "__doc__": f"PEFT's LoRA ``{peft_class.__name__}`` with MoSLoRA adapters, on the fused adapter op.",
         "__module__": __name__,
         "_delta_shape": lambda self: (self.out_features, self.in_features),  # the weight is stored packed
+        "variant_class": QuantizedVariant,
     })
 
     def create(target, adapter_name, config, **kwargs):

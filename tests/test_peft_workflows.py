@@ -152,3 +152,21 @@ def test_qlora_recipe_trains_with_prepare_model_for_kbit_training(llama_folder, 
     base = peft.prepare_model_for_kbit_training(load_quantized(llama_folder, 4))  # fp32 norms and head, as trained
     reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merging_into_bitsandbytes_bases_requantizes_as_peft_does(llama_folder, bits):
+    """PEFT dequantizes, adds the update (ours through the variant, in float32 as PEFT's
+    LoRA) and quantizes again: with an identity mixer, the merged model is PEFT's."""
+    targets = ["q_proj", "v_proj"]
+    theirs = trained_looking(get_peft_model(load_quantized(llama_folder, bits),
+                                            LoraConfig(r=4, lora_alpha=8, target_modules=targets))).eval()
+    ours = moslora(load_quantized(llama_folder, bits), mixer_init="identity", target_modules=targets).eval()
+    copy_lora_factors(theirs, ours)
+    ids = batch()
+    # Both run a forward first: bitsandbytes' CPU path repacks a 4-bit weight on its first call.
+    adapted = logits(ours, ids).float()
+    logits(theirs, ids)
+    merged, theirs_merged = (logits(m.merge_and_unload(), ids).float() for m in (ours, theirs))
+    torch.testing.assert_close(merged, theirs_merged, rtol=0, atol=0)
+    assert not torch.equal(merged, adapted)  # it did requantize (and round)
