@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from test_peft_route import batch, copy_lora_factors, logits, moslora, tiny_llama, trained_looking  # noqa: E402
+from test_transformers import train  # noqa: E402
 
 TRAINING = {"max_steps": 4, "save_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
             "report_to": [], "use_cpu": True, "disable_tqdm": True}
@@ -135,16 +136,8 @@ def test_qlora_recipe_trains_with_prepare_model_for_kbit_training(llama_folder, 
     model = peft.prepare_model_for_kbit_training(load_quantized(llama_folder, 4))
     model = moslora(model, target_modules="all-linear", lora_dropout=0.1)
     before = mixers(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = batch()
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model.train(), ids, steps=5)
     assert losses[-1] < losses[0] - 0.1
     assert all(not torch.equal(p, before[n]) for n, p in mixers(model).items())
     model.eval()
