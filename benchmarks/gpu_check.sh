@@ -1,77 +1,165 @@
 #!/usr/bin/env bash
 # The one check to run on a machine with a CUDA GPU, from the repository root:
-#   bash benchmarks/gpu_check.sh
-# 1. builds and installs the extension against the installed torch (offline),
-#    for the GPU that is here,
-# 2. runs every CUDA test case (the CUDA-parametrised tests, the CUDA-only
-#    tests and the property tests, which draw CUDA cases),
-# 3. runs a small CUDA forward+backward+merge under compute-sanitizer memcheck,
-#    then racecheck and initcheck on a smaller case, all with the caching
-#    allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that an access past a
-#    tensor's end is not hidden inside a cached block,
-# 4. runs the latency benchmark on the GPU (one shape, N = 2048 and 8192).
-# Prints everything and a pass/fail line per step at the end; the benchmark's
-# JSON and PNG and a log go to $OUT (or ./benchmark-results). Each step has its
-# own time limit, together under 8 minutes on one H100/H200.
+#   OUT=/some/folder bash benchmarks/gpu_check.sh
+# in one command of at most 6 minutes (steps and limits below; 16 cores, one H200):
+#   preflight  20 s  records GPU, driver, torch, nvcc, compute-sanitizer into env.txt;
+#                    stops (exit 2) where torch cannot be imported, is not a CUDA
+#                    build, is older than 2.6 or sees no GPU
+#   build     120 s  the extension in place, for the visible GPU only, all cores
+#   tests     100 s  every CUDA test case and the property tests -> tests.xml (junit)
+#   sanitizer  70 s  compute-sanitizer memcheck and initcheck of a CUDA smoke run,
+#                    this project's kernels only -> sanitizer.log; SKIP when the
+#                    sanitizer is missing or the device refuses it (probed first on
+#                    a tiny program); racecheck is left out: no kernel here uses
+#                    shared memory
+#   latency    45 s  a short latency table (no torch.compile contender) ->
+#                    latency-cuda.json, rewritten after every case
+# Limits add up to 355 s; a step past its limit is stopped and recorded as such.
+# Every step appends its verdict (PASS, FAIL, SKIP) to summary.txt as it ends;
+# gpu_check.log is the whole console. At most 7 files under $OUT (env.txt,
+# summary.txt, gpu_check.log, tests.xml, sanitizer.log, latency-cuda.json,
+# latency-cuda.png), none in subfolders.
+# GPU_CHECK_STEPS picks steps to rerun (e.g. "tests latency"; build is
+# incremental); GPU_CHECK_REHEARSE=1 lets the preflight go on without a GPU, to
+# rehearse the steps that need none (the sanitizer's probe and SKIP logic).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$REPO/benchmark-results}
+OUT=${OUT:-$REPO/gpu-check-results}
 PYTHON=${PYTHON:-python3}
+STEPS=${GPU_CHECK_STEPS:-build tests sanitizer latency}
 mkdir -p "$OUT"
+cd "$REPO"
+: > "$OUT/summary.txt"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
 
-# Build only for the GPU that is here (compute capability from nvidia-smi).
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)
-fi
-export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-$(nproc)} MOSLORA_BUILD_CUDA=1 PYTHONUNBUFFERED=1
-
-failed=()
-summary=()
-step() {  # step NAME SECONDS COMMAND...: run, time and record a step
-    local name=$1 limit=$2
+record() {  # record STEP VERDICT SECONDS [NOTE]: one line of summary.txt, written now
+    local line
+    line=$(printf '%-10s %-5s %4ss  %s' "$1" "$2" "$3" "${4:-}")
+    echo "$line" >> "$OUT/summary.txt"
+    echo "=== $line"
+}
+limited() {  # limited SECONDS COMMAND...: SIGINT at the limit (pytest still writes its XML), KILL 10 s later
+    local limit=$1
+    shift
+    timeout -s INT -k 10 "$limit" "$@"
+}
+verdict_of() {  # verdict_of EXIT_STATUS LIMIT: "PASS" or "FAIL <why>"
+    case $1 in
+        0) echo PASS ;;
+        124 | 130 | 137) echo "FAIL stopped at its ${2}s limit" ;;
+        *) echo "FAIL exit status $1" ;;
+    esac
+}
+run_step() {  # run_step NAME LIMIT COMMAND...
+    local name=$1 limit=$2 start=$SECONDS rc verdict
     shift 2
     echo
-    echo "=== $name (limit ${limit}s) ==="
-    local start=$SECONDS
-    timeout "$limit" "$@"
-    local rc=$?
-    local verdict=PASS
-    if [ $rc -ne 0 ]; then
-        verdict="FAIL (exit $rc)"
-        [ $rc -eq 124 ] && verdict="FAIL (timed out)"
-        failed+=("$name")
-    fi
-    summary+=("$(printf '%-10s %-18s %4ss' "$name" "$verdict" $((SECONDS - start)))")
-    echo "=== $name: $verdict after $((SECONDS - start))s ==="
+    echo "=== $name (limit ${limit}s): $*"
+    limited "$limit" "$@"
+    rc=$?
+    verdict=$(verdict_of $rc "$limit")
+    record "$name" "${verdict%% *}" $((SECONDS - start)) "${verdict#FAIL }"
     return $rc
 }
-print_summary() {
+finish() {  # finish [EXIT_STATUS]: the summary; exit 1 if a step failed
     echo
-    echo "=== gpu_check summary ==="
-    printf '%s\n' "${summary[@]}"
+    echo "=== gpu_check summary ($OUT/summary.txt)"
+    cat "$OUT/summary.txt"
+    if [ -n "${1:-}" ]; then exit "$1"; fi
+    if grep -q '^\S* *FAIL ' "$OUT/summary.txt"; then exit 1; fi
+    exit 0
+}
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+
+cuda_home() {  # as setup.py: $CUDA_HOME, else the toolkit of nvcc on PATH (which may be a wrapper script)
+    local nvcc home
+    if [ -n "${CUDA_HOME:-}" ]; then echo "$CUDA_HOME"; return; fi
+    nvcc=$(command -v nvcc) || { echo /usr/local/cuda; return; }
+    home=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
+    [ -e "$home/include/cuda_runtime.h" ] || home=$("$nvcc" --dryrun -x cu -c /dev/null -o /dev/null 2>&1 \
+        | sed -n 's/^#\$ TOP=//p' | head -1)
+    echo "${home:-/usr/local/cuda}"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-"$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+# --- preflight -------------------------------------------------------------
+start=$SECONDS
+CUDA_HOME=$(cuda_home)
+{
+    echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cores: $(nproc)"
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1 \
+            | sed 's/^/gpu: /'
+    else
+        echo "gpu: nvidia-smi not found"
+    fi
+    echo "nvcc: $("$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -1) ($CUDA_HOME)"
+} > "$OUT/env.txt"
+PREFLIGHT=$(cat <<'EOF'
+import sys
+try:
+    import torch
+except Exception as e:
+    sys.exit(f"STOP torch cannot be imported: {e!r}")
+print(f"python: {sys.version.split()[0]}  torch: {torch.__version__}  torch cuda: {torch.version.cuda}")
+major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+if major_minor < (2, 6):
+    sys.exit(f"STOP torch {torch.__version__} is older than 2.6, the oldest this package supports")
+if torch.version.cuda is None:
+    sys.exit(f"STOP torch {torch.__version__} is a CPU-only build")
+if not torch.cuda.is_available():
+    print("ARCH=")
+    sys.exit("STOP torch sees no CUDA device")
+major, minor = torch.cuda.get_device_capability(0)
+print(f"device: {torch.cuda.get_device_name(0)}  capability: {major}.{minor}  count: {torch.cuda.device_count()}")
+print(f"ARCH={major}.{minor}")
+EOF
+)
+info=$(limited 20 "$PYTHON" -c "$PREFLIGHT" 2>&1)
+rc=$?
+grep -v '^ARCH=' <<< "$info" | grep -v '^STOP ' >> "$OUT/env.txt"
+ARCH=$(sed -n 's/^ARCH=//p' <<< "$info")
+stop=$(sed -n 's/^STOP //p' <<< "$info")
+[ $rc -ne 0 ] && [ -z "$stop" ] && stop="the preflight failed (exit status $rc): $(tail -1 <<< "$info")"
+# compute-sanitizer: PATH first, then the CUDA directories.
+SANITIZER=$(command -v compute-sanitizer || true)
+for candidate in "$CUDA_HOME"/compute-sanitizer/compute-sanitizer "$CUDA_HOME"/bin/compute-sanitizer \
+        /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer/compute-sanitizer; do
+    [ -z "$SANITIZER" ] && [ -x "$candidate" ] && SANITIZER=$candidate
+done
+echo "compute-sanitizer: ${SANITIZER:-not found}" >> "$OUT/env.txt"
+cat "$OUT/env.txt"
+if [ -n "$stop" ] && ! { [ "${GPU_CHECK_REHEARSE:-0}" = 1 ] && [ "$stop" = "torch sees no CUDA device" ]; }; then
+    record preflight FAIL $((SECONDS - start)) "$stop: nothing else runs"
+    finish 2
+fi
+record preflight PASS $((SECONDS - start)) "${stop:+rehearsal: $stop}"
+ARCH=${ARCH:-9.0}  # a rehearsal builds its probe for sm_90
 
-step build 150 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index --force-reinstall "$REPO" \
-    || { print_summary; echo "build failed: nothing else to run"; exit 1; }
-cd /tmp  # import the installed package, not the source tree
-"$PYTHON" -c "import moslora_ext; print(moslora_ext.build_info())"
+# --- build -----------------------------------------------------------------
+if wants build; then
+    # Only the visible GPU's architecture, with PTX for newer ones; all cores.
+    TORCH_CUDA_ARCH_LIST="$ARCH+PTX" MAX_JOBS=$(nproc) MOSLORA_BUILD_CUDA=1 \
+        run_step build 120 "$PYTHON" setup.py -q build_ext --inplace || finish 1
+    "$PYTHON" -c "import moslora_ext; print('build_info:', moslora_ext.build_info())" \
+        || { record import FAIL 0 "the built extension does not import: nothing else runs"; finish 1; }
+fi
 
-# Every test id with "cuda" in it (the device-parametrised cases and the
-# CUDA-only tests) and the property tests; the CPU-only rest runs in CI.
-step tests 120 "$PYTHON" -m pytest "$REPO/tests" -q -rs -p no:cacheprovider -k "cuda or test_properties"
+# --- tests -----------------------------------------------------------------
+if wants tests; then
+    # Test ids with "cuda" in them (the device-parametrised cases, the CUDA-only
+    # tests) and the property tests, which draw CUDA cases; the rest runs in CI.
+    run_step tests 100 "$PYTHON" -m pytest tests -q -rs -p no:cacheprovider -k "cuda or test_properties" \
+        --junitxml="$OUT/tests.xml"
+fi
 
-# SMOKE_SIZES picks the cases: racecheck and initcheck, which track every
-# access, get the two smaller ones.
+# --- sanitizer -------------------------------------------------------------
 SMOKE=$(cat <<'EOF'
 import os, torch, moslora_ext
 torch.manual_seed(0)
 sizes = ((1, 7, 5, 1), (37, 130, 70, 8), (300, 256, 512, 64))[:int(os.environ.get("SMOKE_SIZES", "3"))]
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     for n, d, k, r in sizes:
         layer = moslora_ext.Linear(d, k, r=r, lora_dropout=0.1, device="cuda", dtype=dtype)
         torch.nn.init.normal_(layer.lora_B)
@@ -86,23 +174,67 @@ torch.cuda.synchronize()
 print("cuda smoke: ok")
 EOF
 )
-if command -v compute-sanitizer > /dev/null; then
-    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-    step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -c "$SMOKE"
-    SMOKE_SIZES=2 step racecheck 45 compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" -c "$SMOKE"
-    SMOKE_SIZES=2 step initcheck 45 compute-sanitizer --tool initcheck --error-exitcode 1 "$PYTHON" -c "$SMOKE"
-    unset PYTORCH_NO_CUDA_MEMORY_CACHING
-else
-    echo "compute-sanitizer not found: running the smoke test without it"
-    step smoke 60 "$PYTHON" -c "$SMOKE"
+PROBE=$(cat <<'EOF'
+#include <cstdio>
+__global__ void probe(int* p) { *p = 1; }
+int main() {
+    int* p;
+    if (cudaMalloc(&p, sizeof(int)) != cudaSuccess) return 2;
+    probe<<<1, 1>>>(p);
+    return cudaDeviceSynchronize() == cudaSuccess ? 0 : 3;
+}
+EOF
+)
+sanitize() {  # sanitize TOOL LIMIT: the smoke run under TOOL, this project's kernels only, into sanitizer.log
+    # kns=moslora: our kernels' names hold the namespace; torch's and cuBLAS's own
+    # kernels are neither instrumented nor reported, nor are CUDA API return codes.
+    echo "--- $1" >> "$OUT/sanitizer.log"
+    limited "$2" "$SANITIZER" --tool "$1" --kernel-name kns=moslora --report-api-errors no --error-exitcode 1 \
+        "$PYTHON" -c "$SMOKE" >> "$OUT/sanitizer.log" 2>&1
+}
+if wants sanitizer; then
+    start=$SECONDS
+    : > "$OUT/sanitizer.log"
+    probe_dir=$(mktemp -d)
+    if [ -z "$SANITIZER" ]; then
+        record sanitizer SKIP 0 "compute-sanitizer not found on PATH nor under $CUDA_HOME"
+    elif ! echo "$PROBE" > "$probe_dir/probe.cu" \
+            || ! "$CUDA_HOME/bin/nvcc" -arch=sm_${ARCH/./} -o "$probe_dir/probe" "$probe_dir/probe.cu" \
+                >> "$OUT/sanitizer.log" 2>&1; then
+        record sanitizer FAIL $((SECONDS - start)) "the probe program does not compile (see sanitizer.log)"
+    else
+        echo "--- probe: $SANITIZER on a one-thread kernel" >> "$OUT/sanitizer.log"
+        limited 20 "$SANITIZER" --tool memcheck --error-exitcode 1 "$probe_dir/probe" >> "$OUT/sanitizer.log" 2>&1
+        rc=$?
+        if grep -qiE "device not supported|error 999|unknown error" "$OUT/sanitizer.log"; then
+            record sanitizer SKIP $((SECONDS - start)) "the device refuses compute-sanitizer (see sanitizer.log)"
+        elif [ $rc -ne 0 ]; then
+            record sanitizer SKIP $((SECONDS - start)) "compute-sanitizer fails on the probe (exit $rc): not our code"
+        else
+            export PYTORCH_NO_CUDA_MEMORY_CACHING=1  # an access past a tensor's end is not hidden in a cached block
+            sanitize memcheck 45
+            memcheck=$?
+            SMOKE_SIZES=2 sanitize initcheck 25  # initcheck tracks every byte: the two smaller cases
+            initcheck=$?
+            unset PYTORCH_NO_CUDA_MEMORY_CACHING
+            tail -n 30 "$OUT/sanitizer.log"
+            if [ $memcheck -eq 0 ] && [ $initcheck -eq 0 ]; then
+                record sanitizer PASS $((SECONDS - start)) "memcheck and initcheck: no report on moslora kernels"
+            else
+                record sanitizer FAIL $((SECONDS - start)) "memcheck $(verdict_of $memcheck 45), initcheck \
+$(verdict_of $initcheck 25) (see sanitizer.log)"
+            fi
+        fi
+    fi
+    rm -rf "$probe_dir"
 fi
 
-step latency 120 "$PYTHON" "$REPO/benchmarks/latency.py" --device cuda --quick --tokens 2048 8192 --out "$OUT"
-
-print_summary
-if [ ${#failed[@]} -eq 0 ]; then
-    echo "gpu_check: all steps passed"
-else
-    echo "gpu_check: FAILED steps: ${failed[*]}"
-    exit 1
+# --- latency ---------------------------------------------------------------
+if wants latency; then
+    # No lora_compiled: its cold torch.compile runs would take most of the step.
+    PYTHONPATH="$REPO" run_step latency 45 "$PYTHON" benchmarks/latency.py --device cuda --quick \
+        --tokens 2048 8192 --reps 20 --contenders base lora_torch moslora_torch peft_lora ours ours_merged \
+        --out "$OUT"
 fi
+
+finish

@@ -34,12 +34,22 @@ forward and in one backward, at N/4 and at N tokens.
     python benchmarks/latency.py                    # all shapes, ranks and token counts
     python benchmarks/latency.py --device cuda      # bf16 and fp16 on the GPU
     python benchmarks/latency.py --quick --quantized  # adds a quantized-base (QLoRA) row per case
+    python benchmarks/latency.py --quick --moe        # adds a mixture-of-experts row (benchmarks/moe.py)
+    python benchmarks/latency.py --quick --mixed      # adds a mixed-adapter batch row per case
 
 Quantized-base row (--quantized, needs bitsandbytes): one bitsandbytes nf4
-Linear4bit (bf16 compute, bf16 input) alone (qbase), under PEFT's QLoRA layer
-(peft_qlora) and under moslora_ext.QuantizedLinear (ours_qlora, float32
-adapter parameters as PEFT's): training-step time and bytes saved for
-backward, with dropout off and on.
+Linear4bit (compute and input in --quantized-dtype) alone (qbase), under
+PEFT's QLoRA layer (peft_qlora) and under moslora_ext.QuantizedLinear
+(ours_qlora, float32 adapter parameters as PEFT's): training-step time and
+bytes saved for backward, with dropout off and on. The dtype defaults to
+bfloat16 on GPUs and on CPUs with native bf16 matmuls (AVX-512-BF16 or AMX),
+and to float32 on other CPUs, where a bf16 matmul runs about 40 times slower
+than a float32 one (0.8 against 33 GFLOP/s measured on a 2-core AVX2 machine).
+
+Mixed-batch row (--mixed): one layer holding four adapters serves a batch of
+8 rows, two per adapter (N/4 tokens each), as one mixed batch (ours_mixed:
+``adapter_names``), as four passes with one adapter active each
+(ours_4_passes), and as PEFT's mixed batch (peft_mixed); inference time.
 
 Writes a table to stdout, every measurement to <out>/latency-<device>.json and
 a plot of the ratios to <out>/latency-<device>.png.
@@ -358,10 +368,10 @@ def measure_case(shape_name, tokens, r, dtype, device, args, progress):
         n: [launches(m, x_grad[:quarter].detach().requires_grad_(True), grad_y[:quarter], device),
             launches(m, x_grad, grad_y, device)] for n, m in dropped.items()}}
 
-    layer = contenders["ours"]
-    merges = {"ours": (layer.merge, layer.unmerge),
-              "plain_torch": (lambda: plain_merge(layer), lambda: plain_merge(layer, -1.0))}
     case["merge_s"] = {}
+    layer = contenders.get("ours")
+    merges = {} if layer is None else {"ours": (layer.merge, layer.unmerge),
+                                       "plain_torch": (lambda: plain_merge(layer), lambda: plain_merge(layer, -1.0))}
     for name, (merge, unmerge) in merges.items():
         times = []
         for _ in range(args.reps):
@@ -417,8 +427,9 @@ def format_case(case):
         lines.append(f"PEFT route / ours: training {cell(costs[0], '.3f')}, with dropout {cell(costs[1], '.3f')}; "
                      f"saved bytes {saved[0]:.3f}, with dropout {saved[1]:.3f}")
     merge = case["merge_s"]
-    lines.append(f"merge: ours {merge['ours'][0] * 1e3:.2f} ms, plain PyTorch {merge['plain_torch'][0] * 1e3:.2f} ms "
-                 f"(ratio {merge['ours'][0] / merge['plain_torch'][0]:.3f})")
+    if merge:
+        lines.append(f"merge: ours {merge['ours'][0] * 1e3:.2f} ms, plain PyTorch "
+                     f"{merge['plain_torch'][0] * 1e3:.2f} ms (ratio {merge['ours'][0] / merge['plain_torch'][0]:.3f})")
     counts = case["launches_dropout"]
     unit = "CUDA kernels" if case.get("device") == "cuda" else "profiled operators"
     lines.append(f"{unit} with dropout, forward/backward at N={counts['tokens'][0]} | N={counts['tokens'][1]}: " + ", ".join(
@@ -486,18 +497,32 @@ def quantized_contenders(base, r, lora_dropout):
     return contenders
 
 
+def has_native_bf16(device):
+    """Whether bf16 matmuls run at full speed: any CUDA GPU torch supports, or a CPU with AVX-512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def measure_quantized(shape_name, tokens, r, device, args, progress):
     """The quantized-base row of one case (see the module docstring)."""
     import bitsandbytes
 
     d, k = (size // args.shrink for size in SHAPES[shape_name])
+    dtype = args.quantized_dtype
     generator = torch.Generator().manual_seed(0)
-    base = bitsandbytes.nn.Linear4bit(d, k, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base = bitsandbytes.nn.Linear4bit(d, k, bias=False, compute_dtype=dtype, quant_type="nf4")
     base.load_state_dict(nn.Linear(d, k, bias=False).state_dict())
     base = base.to(device).requires_grad_(False)  # bitsandbytes quantizes on the move to the device
-    x = torch.randn(tokens, d, generator=generator).to(device=device, dtype=torch.bfloat16).requires_grad_(True)
-    grad_y = torch.randn(tokens, k, generator=generator).to(device=device, dtype=torch.bfloat16)
-    row = {"shape": shape_name, "tokens": tokens, "r": r, "lora_dropout": args.dropout}
+    x = torch.randn(tokens, d, generator=generator).to(device=device, dtype=dtype).requires_grad_(True)
+    grad_y = torch.randn(tokens, k, generator=generator).to(device=device, dtype=dtype)
+    row = {"shape": shape_name, "tokens": tokens, "r": r, "lora_dropout": args.dropout,
+           "dtype": str(dtype).removeprefix("torch.")}
     for suffix, p in (("", 0.0), ("_dropout", args.dropout)):
         contenders = quantized_contenders(base, r, p)
         row["training" + suffix + "_s"] = time_round_robin(
@@ -508,13 +533,63 @@ def measure_quantized(shape_name, tokens, r, device, args, progress):
 
 
 def format_quantized(row):
-    lines = [f"quantized base (nf4, bf16) {row['shape']} N={row['tokens']} r={row['r']}: training step, "
+    lines = [f"quantized base (nf4, {row['dtype']}) {row['shape']} N={row['tokens']} r={row['r']}: training step, "
              "bytes saved for backward beyond x"]
     for suffix, label in (("", "dropout 0"), ("_dropout", f"dropout {row['lora_dropout']}")):
         times, saved = row["training" + suffix + "_s"], row["saved_bytes" + suffix]
         lines.append(f"  {label:12s} " + "  ".join(
             f"{n} {times[n][0] * 1e3:.1f} ms / {saved[n][1] / 2**20:.1f} MiB" for n in times))
     return "\n".join(lines)
+
+
+MIXED_ADAPTERS = ("default", "b", "c", "d")  # "default": the one each layer is made with
+MIXED_ROWS = 8  # batch rows, two per adapter: N/4 tokens for each of the four adapters
+
+
+def mixed_contenders(base, r):
+    """One layer holding four adapters, ours and PEFT's (if installed): a mixed batch, and four
+    passes of N/4 tokens each with one adapter active. Inference only (what mixed batches are for)."""
+    layer = ours(base, r, 0.0)
+    for name in MIXED_ADAPTERS[1:]:
+        layer.add_adapter(name, moslora_ext.AdapterConfig(r=r, lora_alpha=LORA_ALPHA))
+    with torch.no_grad():
+        for p in layer.adapters.parameters():
+            p.normal_(std=0.02)
+    names = [name for name in MIXED_ADAPTERS for _ in range(MIXED_ROWS // len(MIXED_ADAPTERS))]
+    rows = {name: [i for i, row in enumerate(names) if row == name] for name in MIXED_ADAPTERS}
+
+    def four_passes(x):
+        for name, indices in rows.items():
+            layer.set_adapter(name)
+            layer(x[indices])
+
+    contenders = {"base": base, "ours_mixed": lambda x: layer(x, adapter_names=names), "ours_4_passes": four_passes}
+    peft_layer = peft_lora(base, r, 0.0)
+    if peft_layer is not None:
+        from peft import LoraConfig
+
+        for name in MIXED_ADAPTERS[1:]:
+            peft_layer.update_layer(name, r=r, lora_alpha=LORA_ALPHA, config=LoraConfig(r=r, lora_alpha=LORA_ALPHA))
+        contenders["peft_mixed"] = lambda x: peft_layer(x, adapter_names=names)
+    return contenders
+
+
+def measure_mixed(shape_name, tokens, r, dtype, device, args, progress):
+    """The mixed-batch row of one case (see the module docstring)."""
+    d, k = (size // args.shrink for size in SHAPES[shape_name])
+    base = nn.Linear(d, k, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(MIXED_ROWS, tokens // MIXED_ROWS, d, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    times = time_round_robin({n: inference_step(m, x) for n, m in mixed_contenders(base, r).items()}, args.reps,
+                             args.warmup, device, progress)
+    return {"shape": shape_name, "tokens": tokens, "r": r, "dtype": str(dtype), "inference_s": times}
+
+
+def format_mixed(row):
+    times = row["inference_s"]
+    base = times["base"][0]
+    return (f"mixed batch ({len(MIXED_ADAPTERS)} adapters x N/{len(MIXED_ADAPTERS)} rows) {row['shape']} "
+            f"N={row['tokens']} r={row['r']} {row['dtype']}, inference: " + "  ".join(
+                f"{n} {t * 1e3:.1f} ms ({t / base:.2f}x base)" for n, (t, _) in times.items()))
 
 
 def parse_args(argv):
@@ -527,17 +602,25 @@ def parse_args(argv):
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 16, 64])
     parser.add_argument("--dtypes", nargs="+", help="default: float32 on CPU, bfloat16 float16 on CUDA")
     parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS),
-                        help="default: all (base, lora_torch and ours are always measured)")
+                        help="default: all (base, the floor of the ratios, is always measured)")
     parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the dropout columns")
     parser.add_argument("--reps", type=int, help="repetitions per contender (default 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmark-results", help="folder for the JSON and PNG")
     parser.add_argument("--quantized", action="store_true",
                         help="also a quantized-base row per case: bitsandbytes nf4, ours against PEFT's QLoRA")
+    parser.add_argument("--quantized-dtype", choices=["bfloat16", "float32"],
+                        help="compute and input dtype of the quantized row (default: see above)")
+    parser.add_argument("--moe", action="store_true",
+                        help="also an MoE block row per (N, r): our expert adapters against PEFT's target_parameters")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also a mixed-batch row per case: 4 adapters x N/4 rows, against 4 passes and PEFT's")
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # smoke test: tiny shapes
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
-    args.contenders = [n for n in CONTENDERS if n in {"base", "lora_torch", "ours", *args.contenders}]
+    args.contenders = [n for n in CONTENDERS if n in {"base", *args.contenders}]
+    args.quantized_dtype = getattr(torch, args.quantized_dtype or (
+        "bfloat16" if has_native_bf16(args.device) else "float32"))
     on_cuda = args.device.type == "cuda"
     if args.quick:
         args.shapes = args.shapes or ["attn 4096x4096"]
@@ -559,30 +642,46 @@ def main(argv=None):
     except ImportError:  # the progress bar is a nicety
         tqdm = None
     cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
-    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0))
+    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0)
+                          + (args.reps if args.moe else 0) + (args.reps if args.mixed else 0))
     # The banner before the bar exists (else it lands inside the bar's line); the bar leaves no
     # final copy behind, the table rows written through it stay.
     print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({processor_name()}, "
           f"{os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} threads)", flush=True)
     progress = tqdm(total=total, desc="latency", file=sys.stderr, leave=False) if tqdm else _NoProgress()
-    results, quantized = [], []
+    results, quantized, moe, mixed = [], [], [], []
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"latency-{args.device.type}")
+
+    def write_json():  # after every case, so that a run stopped early keeps what it measured
+        with open(stem + ".json", "w") as f:
+            json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
+                       "cases": results, "quantized": quantized, "moe": moe, "mixed": mixed}, f, indent=1)
+
     for shape_name, tokens, r, dtype in cases:
         results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
         progress.write(format_case(results[-1]))
+        if args.mixed:
+            mixed.append(measure_mixed(shape_name, tokens, r, dtype, args.device, args, progress))
+            progress.write(format_mixed(mixed[-1]))
+        write_json()
     for shape_name, tokens, r in dict.fromkeys((s, n, r) for s, n, r, _ in cases) if args.quantized else ():
         quantized.append(measure_quantized(shape_name, tokens, r, args.device, args, progress))
         progress.write(format_quantized(quantized[-1]))
-    progress.close()
+        write_json()
+    for tokens, r in dict.fromkeys((n, r) for _, n, r, _ in cases) if args.moe else ():
+        from moe import format_moe, measure_moe
 
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"latency-{args.device.type}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-                   "cases": results, "quantized": quantized}, f, indent=1)
+        moe.append(measure_moe(tokens, r, args.device, args, progress))
+        progress.write(format_moe(moe[-1]))
+        write_json()
+    progress.close()
+    write_json()
     print(f"\nwrote {stem}.json")
     try:
-        plot(results, stem + ".png")
-        print(f"wrote {stem}.png")
+        if args.contenders != ["base"]:  # nothing to plot against the base alone
+            plot(results, stem + ".png")
+            print(f"wrote {stem}.png")
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
     return results

@@ -15,6 +15,7 @@
 #pragma once
 
 #include "kernel_math.h"
+#include "launch.h"
 
 #include <algorithm>
 
@@ -41,11 +42,6 @@ MOSLORA_HOST_DEVICE Rows<const T> as_const(const Rows<T>& m) {
   return Rows<const T>{m.data, m.cols, m.stride, m.vec};
 }
 
-// The launch grids, shared by the CUDA launchers and the host test.
-struct Grid3 {
-  int64_t x, y, z;
-};
-
 // Column groups (one Philox call each) of a row of `cols` columns.
 MOSLORA_HOST_DEVICE int64_t column_groups(int64_t cols) {
   return (cols + kDropoutColsPerCall - 1) / kDropoutColsPerCall;
@@ -56,14 +52,17 @@ inline int64_t group_blocks(int64_t cols) {
   return (column_groups(cols) + kGroupThreads - 1) / kGroupThreads;
 }
 
-// Blocks of kGroupThreads column groups in x, rows grid-strided in y.
-inline Grid3 row_group_grid(int64_t rows, int64_t cols) {
-  return Grid3{group_blocks(cols), std::min<int64_t>(rows, 65535), 1};
+// dropout_kernel and dX_kernel: blocks of kGroupThreads column groups in x,
+// rows grid-strided in y.
+inline Launch row_group_launch(int64_t rows, int64_t cols) {
+  return Launch{Grid3{group_blocks(cols), std::min<int64_t>(rows, 65535), 1}, kGroupThreads};
 }
 
-// Blocks of kDownWarps rows, rows grid-strided beyond 2^16 blocks.
-inline Grid3 down_project_grid(int64_t rows) {
-  return Grid3{std::min<int64_t>((rows + kDownWarps - 1) / kDownWarps, int64_t(1) << 16), 1, 1};
+// down_project_kernel: blocks of kDownWarps warps, one row each, rows
+// grid-strided beyond 2^16 blocks.
+inline Launch down_project_launch(int64_t rows) {
+  return Launch{Grid3{std::min<int64_t>((rows + kDownWarps - 1) / kDownWarps, int64_t(1) << 16), 1, 1},
+                kDownWarps * kWarpLanes};
 }
 
 template <typename scalar_t>
@@ -152,9 +151,10 @@ MOSLORA_HOST_DEVICE DASplits dA_splits(int64_t n, int64_t r, int64_t d) {
   return DASplits{(n + rows - 1) / rows > 1 ? (n + rows - 1) / rows : 1, rows};
 }
 
-// Blocks of kGroupThreads column groups in x, 8 rows of dA in y, splits in z.
-inline Grid3 dA_partial_grid(const DASplits& splits, int64_t r, int64_t d) {
-  return Grid3{group_blocks(d), (r + kDARChunk - 1) / kDARChunk, splits.count};
+// dA_partial_kernel: blocks of kGroupThreads column groups in x, 8 rows of
+// dA in y, splits in z.
+inline Launch dA_partial_launch(const DASplits& splits, int64_t r, int64_t d) {
+  return Launch{Grid3{group_blocks(d), (r + kDARChunk - 1) / kDARChunk, splits.count}, kGroupThreads};
 }
 
 template <typename acc_t, typename scalar_t>

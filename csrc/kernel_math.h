@@ -127,7 +127,13 @@ MOSLORA_HOST_DEVICE void store_group(scalar_t* row, int64_t group, int64_t cols,
       ColumnGroup<scalar_t> g;
       MOSLORA_UNROLL
       for (int j = 0; j < kDropoutColsPerCall; ++j) g.v[j] = static_cast<scalar_t>(v[j]);
-      *reinterpret_cast<ColumnGroup<scalar_t>*>(row + first) = g;
+      // Stored as uint4 words: a store of the group itself is merged with the
+      // scalar branch below into 2- and 4-byte stores (sm_90 SASS); tools/check_sass.py
+      // checks that the 16-byte stores stay.
+      const uint4* words = reinterpret_cast<const uint4*>(&g);
+      uint4* dst = reinterpret_cast<uint4*>(row + first);
+      MOSLORA_UNROLL
+      for (int w = 0; w < static_cast<int>(sizeof(g) / sizeof(uint4)); ++w) __stwb(dst + w, words[w]);
       return;
     }
 #endif

@@ -5,6 +5,7 @@
 #include "kernels.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/DispatchKeySet.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -12,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGraphsC10Utils.h>
@@ -83,10 +85,8 @@ void check_input(const Tensor& x, const Tensor& lora_A) {
                     "), got x of shape ", x.sizes());
 }
 
-// The mask of a dropout op on x: refused under CUDA-graph capture, where the
-// seed, read on the host now, would be baked into the graph and every replay
-// would apply this one mask.
-DropoutSpec dropout_spec(const Tensor& x, double p, const std::optional<Tensor>& seed) {
+// The mask of a dropout op on x.
+DropoutSpec dropout_spec(double p, const std::optional<Tensor>& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "moslora_ext: dropout probability must be in [0, 1), got ", p);
   if (p == 0.0) return DropoutSpec{0, 0, 1.0};
   TORCH_CHECK_VALUE(seed.has_value() && seed->defined(),
@@ -94,18 +94,34 @@ DropoutSpec dropout_spec(const Tensor& x, double p, const std::optional<Tensor>&
   TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
                     "moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got dtype ",
                     seed->scalar_type(), ", shape ", seed->sizes(), " on ", seed->device());
+  return DropoutSpec{static_cast<uint64_t>(seed->item<int64_t>()), dropout_threshold(p), 1.0 / (1.0 - p)};
+}
+
+// Dropout is refused under CUDA-graph capture, where the seed, read on the
+// host, would be baked into the graph and every replay would apply one mask.
+// Called under the op's DeviceGuard, so that the stream asked about is the
+// current stream of x's device, not of whichever device was current.
+void refuse_capture(const Tensor& x, double p) {
 #ifdef WITH_CUDA
-  TORCH_CHECK(!x.is_cuda() || c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+  TORCH_CHECK(p == 0.0 || !x.is_cuda() ||
+                  c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
               "moslora_ext: dropout (p = ", p, ") cannot be captured in a CUDA graph: its mask seed is read "
               "on the host, so every replay would apply the same mask. Capture with lora_dropout = 0 (or "
               "the layer in eval mode), or run without CUDA graphs (torch.compile without "
               "mode=\"reduce-overhead\")");
+#else
+  (void)x, (void)p;
 #endif
-  return DropoutSpec{static_cast<uint64_t>(seed->item<int64_t>()), dropout_threshold(p), 1.0 / (1.0 - p)};
 }
 
-void check_scale(double scale) {
+// `compute` is the dtype the op multiplies by scale in: scale must be finite there
+// too (1e40 overflows fp32 to inf, or makes ATen refuse alpha = 1e40 in addmm_).
+void check_scale(double scale, at::ScalarType compute) {
   TORCH_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
+  const double max = compute == at::kDouble ? std::numeric_limits<double>::max()
+                                            : std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(std::abs(scale) <= max, "moslora_ext: scale = ", scale, " overflows ", compute,
+                    ", the dtype this op computes in");
 }
 
 // The checks forward and backward share; returns their dropout mask spec.
@@ -114,8 +130,8 @@ DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor
                              const std::optional<Tensor>& dropout_seed) {
   check_adapter(x, "x", weight, lora_A, mixer, lora_B);
   check_input(x, lora_A);
-  check_scale(scale);
-  return dropout_spec(x, dropout_p, dropout_seed);
+  check_scale(scale, at::toOpMathType(x.scalar_type()));
+  return dropout_spec(dropout_p, dropout_seed);
 }
 
 // The operators compute in their operands' dtypes: autocast is applied by the
@@ -182,6 +198,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>&
   }
   const NoAutocast no_autocast;
   const c10::DeviceGuard guard(x.device());
+  refuse_capture(x, dropout_p);
   const auto x2 = x.reshape({n, d});
   const bool cuda = x.is_cuda();
   auto u = dropout_p == 0.0 ? at::mm(x2, lora_A.t())
@@ -225,6 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
   const auto [need_dx, need_dA, need_dmixer, need_dB] = output_mask;
   const NoAutocast no_autocast;
   const c10::DeviceGuard guard(x.device());
+  refuse_capture(x, dropout_p);
   // Contiguous once here rather than once per GEMM (an expanded grad, e.g. of
   // y.sum(), would otherwise be copied by each of them).
   const auto g = grad_out.reshape({n, k}).contiguous();
@@ -261,11 +279,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
 // or fp32 for a half-precision weight.
 void merge_(Tensor weight, const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B, double scale) {
   check_adapter(weight, "weight", weight, lora_A, mixer, lora_B, /*adapter_dtype_free=*/true);
-  check_scale(scale);
-  const NoAutocast no_autocast;
-  const c10::DeviceGuard guard(weight.device());
   const bool reduced = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
   const auto acc_type = reduced ? at::kFloat : weight.scalar_type();
+  check_scale(scale, acc_type);
+  const NoAutocast no_autocast;
+  const c10::DeviceGuard guard(weight.device());
   const auto b_mixer = at::mm(lora_B.to(acc_type), mixer.to(acc_type));
   const auto a = lora_A.to(acc_type);
   if (!reduced) {
@@ -288,9 +306,10 @@ Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "moslora_ext: dropout needs a floating point x, got ",
                    x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "moslora_ext: dropout needs x with at least one dimension");
-  const DropoutSpec spec = dropout_spec(x, p, seed);
+  const DropoutSpec spec = dropout_spec(p, seed);
   if (p == 0.0) return x.clone();
   const c10::DeviceGuard guard(x.device());
+  refuse_capture(x, p);
   const int64_t rows = leading_rows(x), cols = x.size(-1);
   auto out = at::empty(x.sizes(), x.options());  // not a view, as forward's y
   ON_DEVICE(x.is_cuda(), dropout_rows, unit_column_rows(x.reshape({rows, cols})), out.view({rows, cols}), spec, 0);

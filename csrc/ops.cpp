@@ -48,4 +48,18 @@ TORCH_LIBRARY(moslora_ext, m) {
   // The dropout applied to the adapter input: rows of x (flattened to 2-D)
   // masked by the counter-based mask of (seed, row, col), kept ones scaled.
   m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor", tags);
+  // MoSLoRA adapters on a fused expert parameter (csrc/experts.cpp): x (S, d)
+  // holds the routed rows sorted by expert, offsets (E,) the cumulative row
+  // counts; expert e adds scale * dropout(x_e) A_e^T M_e^T B_e^T to its rows of
+  // base_out. u = dropout(x_e) A_e^T per row, which backward needs.
+  m.def(
+      "experts_forward(Tensor base_out, Tensor x, Tensor offsets, Tensor lora_A, Tensor mixer, Tensor lora_B, "
+      "float scale, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)",
+      tags);
+  // Gradients of experts_forward for x (the adapter's part), lora_A, mixer, lora_B.
+  m.def(
+      "experts_backward(Tensor grad_out, Tensor x, Tensor offsets, Tensor lora_A, Tensor mixer, Tensor lora_B, "
+      "Tensor u, float scale, float dropout_p, Tensor? dropout_seed, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
+      tags);
 }

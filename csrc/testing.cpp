@@ -1,8 +1,10 @@
-// For the tests only: the CUDA kernels' bodies (dropout_kernels.h) run on the
-// host, over the same grids, blocks, warps and lanes as their launchers in
-// cuda/dropout.cu, so a machine without a GPU checks their index arithmetic
-// against the reference. Exposed as moslora_ext._C.cuda_bodies_on_host.
+// For the tests only: the CUDA kernels' bodies (dropout_kernels.h,
+// mixer_kernels.h) run on the host, over the same launches (launch.h) as their
+// launchers in cuda/, so a machine without a GPU checks their index arithmetic
+// against the reference; and the launches themselves, for any shape.
+// Exposed as moslora_ext._C.cuda_bodies_on_host.
 #include "kernels.h"
+#include "mixer_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,6 +19,22 @@ DropoutSpec host_mask(double p, int64_t seed) {
   return DropoutSpec{static_cast<uint64_t>(seed), dropout_threshold(p), 1.0 / (1.0 - p)};
 }
 
+// A tensor filled with NaN, so that an element no thread writes shows up.
+at::Tensor poisoned(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+}
+
+// Every thread of a grid-stride kernel's launch over `work` items: fn(item).
+template <typename Fn>
+void for_grid_stride(const Launch& launch, int64_t work, const Fn& fn) {
+  const int64_t stride = launch.grid.x * launch.block;
+  for (int64_t block = 0; block < launch.grid.x; ++block) {
+    for (int64_t t = 0; t < launch.block; ++t) {
+      for (int64_t i = block * launch.block + t; i < work; i += stride) fn(i);
+    }
+  }
+}
+
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 2 && t.stride(1) == 1 && t.device().is_cpu(), "cuda_bodies_on_host: ", name,
                     " must be a 2-D CPU tensor with unit column stride");
@@ -28,13 +46,13 @@ at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double p,
   check_rows(x, "x");
   check_rows(lora_A, "lora_A");
   const int64_t n = x.size(0), r = lora_A.size(0);
-  auto u = at::empty({n, r}, x.options());
+  auto u = poisoned({n, r}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "down_project", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto xr = rows_of<const scalar_t>(x), ar = rows_of<const scalar_t>(lora_A);
     const auto mask = mask_of<acc_t>(host_mask(p, seed));
     scalar_t* out = u.mutable_data_ptr<scalar_t>();
-    const Grid3 grid = down_project_grid(n);
+    const Grid3 grid = down_project_launch(n).grid;
     for (int64_t block = 0; block < grid.x; ++block) {
       for (int warp = 0; warp < kDownWarps; ++warp) {
         for (int64_t row = block * kDownWarps + warp; row < n; row += grid.x * kDownWarps) {
@@ -62,29 +80,46 @@ at::Tensor grad_A(const at::Tensor& x, const at::Tensor& du, double p, int64_t s
   check_rows(x, "x");
   TORCH_CHECK_VALUE(du.is_contiguous() && du.dim() == 2 && du.size(0) == x.size(0), "cuda_bodies_on_host: du");
   const int64_t n = x.size(0), d = x.size(1), r = du.size(1);
-  auto dA = at::empty({r, d}, x.options());
+  auto dA = poisoned({r, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_A", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const DASplits splits = dA_splits(n, r, d);
     // Poisoned, so that an element no thread writes shows up as NaN.
     std::vector<acc_t> partials(splits.count * r * d, std::numeric_limits<acc_t>::quiet_NaN());
     const auto mask = mask_of<acc_t>(host_mask(p, seed));
-    const Grid3 grid = dA_partial_grid(splits, r, d);
+    const Launch launch = dA_partial_launch(splits, r, d);
+    const Grid3 grid = launch.grid;
     for (int64_t bx = 0; bx < grid.x; ++bx) {
       for (int64_t by = 0; by < grid.y; ++by) {
         for (int64_t bz = 0; bz < grid.z; ++bz) {
-          for (int t = 0; t < kGroupThreads; ++t) {
+          for (int64_t t = 0; t < launch.block; ++t) {
             dA_partial_thread(rows_of<const scalar_t>(x), du.const_data_ptr<scalar_t>(), r, mask, n, splits,
-                              bx * kGroupThreads + t, by * kDARChunk, bz, partials.data());
+                              bx * launch.block + t, by * kDARChunk, bz, partials.data());
           }
         }
       }
     }
-    for (int64_t e = 0; e < r * d; ++e) {
+    for_grid_stride(grid_stride_launch(r * d), r * d, [&](int64_t e) {
       dA_reduce_element(partials.data(), splits.count, r * d, e, dA.mutable_data_ptr<scalar_t>());
-    }
+    });
   });
   return dA;
+}
+
+// Every thread of a row_group_launch (dX_kernel, dropout_kernel): fn(row, group)
+// for the groups inside the row and the rows of its grid-stride loop.
+template <typename Fn>
+void for_row_groups(int64_t n, int64_t cols, const Fn& fn) {
+  const Launch launch = row_group_launch(n, cols);
+  for (int64_t bx = 0; bx < launch.grid.x; ++bx) {
+    for (int64_t by = 0; by < launch.grid.y; ++by) {
+      for (int64_t t = 0; t < launch.block; ++t) {
+        const int64_t group = bx * launch.block + t;
+        if (group >= column_groups(cols)) continue;
+        for (int64_t row = by; row < n; row += launch.grid.y) fn(row, group);
+      }
+    }
+  }
 }
 
 // Every thread of dX_kernel's grid.
@@ -93,25 +128,99 @@ at::Tensor grad_x(const at::Tensor& du, const at::Tensor& lora_A, double p, int6
   TORCH_CHECK_VALUE(du.is_contiguous() && du.dim() == 2 && du.size(1) == lora_A.size(0),
                     "cuda_bodies_on_host: du");
   const int64_t n = du.size(0), r = du.size(1);
-  auto dx = at::full({n, lora_A.size(1)}, std::numeric_limits<double>::quiet_NaN(), du.options());
+  auto dx = poisoned({n, lora_A.size(1)}, du.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, du.scalar_type(), "grad_x", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto out = rows_of<scalar_t>(dx);
     const auto mask = mask_of<acc_t>(host_mask(p, seed));
-    const Grid3 grid = row_group_grid(n, out.cols);
-    for (int64_t bx = 0; bx < grid.x; ++bx) {
-      for (int64_t by = 0; by < grid.y; ++by) {
-        for (int t = 0; t < kGroupThreads; ++t) {
-          const int64_t group = bx * kGroupThreads + t;
-          if (group >= column_groups(out)) continue;
-          for (int64_t row = by; row < n; row += grid.y) {
-            dX_group(du.const_data_ptr<scalar_t>(), rows_of<const scalar_t>(lora_A), r, mask, out, row, group);
-          }
-        }
-      }
-    }
+    for_row_groups(n, out.cols, [&](int64_t row, int64_t group) {
+      dX_group(du.const_data_ptr<scalar_t>(), rows_of<const scalar_t>(lora_A), r, mask, out, row, group);
+    });
   });
   return dx;
+}
+
+// Every thread of dropout_kernel's grid (the dropout op), mask rows from 0.
+at::Tensor dropout_op(const at::Tensor& x, double p, int64_t seed) {
+  check_rows(x, "x");
+  auto out = poisoned(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = rows_of<const scalar_t>(x);
+    const auto res = rows_of<scalar_t>(out);
+    const auto mask = mask_of<acc_t>(host_mask(p, seed));
+    for_row_groups(x.size(0), in.cols, [&](int64_t row, int64_t group) {
+      dropout_group(in, res, mask, int64_t(0), row, group);
+    });
+  });
+  return out;
+}
+
+// Every thread of mixer_forward_kernel's grid: v = scale * u mixer^T.
+at::Tensor mixer_v(const at::Tensor& u, const at::Tensor& mixer, double scale) {
+  TORCH_CHECK_VALUE(u.is_contiguous() && mixer.is_contiguous(), "cuda_bodies_on_host: contiguous u and mixer");
+  const int64_t n = u.size(0), r = u.size(1);
+  auto v = poisoned(u.sizes(), u.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "mixer_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    for_grid_stride(grid_stride_launch(n * r), n * r, [&](int64_t idx) {
+      mixer_forward_element(u.const_data_ptr<scalar_t>(), mixer.const_data_ptr<scalar_t>(),
+                            v.mutable_data_ptr<scalar_t>(), r, static_cast<acc_t>(scale), idx);
+    });
+  });
+  return v;
+}
+
+// Every thread of mixer_backward_kernel's grid, then of reduce_partials_kernel's:
+// (du, dmixer) = (scale * dv mixer, scale * dv^T u).
+std::tuple<at::Tensor, at::Tensor> mixer_grads(const at::Tensor& dv, const at::Tensor& u,
+                                                  const at::Tensor& mixer, double scale) {
+  TORCH_CHECK_VALUE(dv.is_contiguous() && u.is_contiguous() && mixer.is_contiguous(),
+                    "cuda_bodies_on_host: contiguous dv, u and mixer");
+  const int64_t n = dv.size(0), r = dv.size(1);
+  auto du = poisoned(dv.sizes(), dv.options());
+  auto dmixer = poisoned({r, r}, dv.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dv.scalar_type(), "mixer_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const RowChunks chunks = mixer_row_chunks(n);
+    std::vector<acc_t> partials(chunks.count * r * r, std::numeric_limits<acc_t>::quiet_NaN());
+    const Launch launch = mixer_backward_launch(chunks);
+    for (int64_t block = 0; block < launch.grid.x; ++block) {
+      for (int64_t t = 0; t < launch.block; ++t) {
+        mixer_backward_thread(dv.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
+                              mixer.const_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(), partials.data(),
+                              n, r, chunks.rows, static_cast<acc_t>(scale), block, t, launch.block);
+      }
+    }
+    for_grid_stride(grid_stride_launch(r * r), r * r, [&](int64_t idx) {
+      reduce_partials_element(partials.data(), dmixer.mutable_data_ptr<scalar_t>(), chunks.count, r * r,
+                              static_cast<acc_t>(scale), idx);
+    });
+  });
+  return {du, dmixer};
+}
+
+// The launch of every kernel for x (n, d) and rank r, as its launcher computes
+// it: name -> ((grid x, y, z), block), plus the row splits of dA and the row
+// chunks of the mixer backward as (count, rows).
+pybind11::dict launches(int64_t n, int64_t d, int64_t r) {
+  auto as_tuple = [](const Launch& l) {
+    return pybind11::make_tuple(pybind11::make_tuple(l.grid.x, l.grid.y, l.grid.z), l.block);
+  };
+  const DASplits splits = dA_splits(n, r, d);
+  const RowChunks chunks = mixer_row_chunks(n);
+  pybind11::dict out;
+  out["dropout_kernel"] = as_tuple(row_group_launch(n, d));
+  out["dX_kernel"] = as_tuple(row_group_launch(n, d));
+  out["down_project_kernel"] = as_tuple(down_project_launch(n));
+  out["dA_partial_kernel"] = as_tuple(dA_partial_launch(splits, r, d));
+  out["dA_reduce_kernel"] = as_tuple(grid_stride_launch(r * d));
+  out["mixer_forward_kernel"] = as_tuple(grid_stride_launch(n * r));
+  out["mixer_backward_kernel"] = as_tuple(mixer_backward_launch(chunks));
+  out["reduce_partials_kernel"] = as_tuple(grid_stride_launch(r * r));
+  out["dA_splits"] = pybind11::make_tuple(splits.count, splits.rows);
+  out["mixer_chunks"] = pybind11::make_tuple(chunks.count, chunks.rows);
+  return out;
 }
 
 }  // namespace
@@ -123,6 +232,10 @@ void add_testing_functions(PyObject* module) {
   sub.def("down_project", &down_project, "U = dropout(x) lora_A^T");
   sub.def("grad_A", &grad_A, "dA = du^T dropout(x)");
   sub.def("grad_x", &grad_x, "dX = dropout(du lora_A)");
+  sub.def("dropout", &dropout_op, "out = dropout(x)");
+  sub.def("mixer_forward", &mixer_v, "v = scale * u mixer^T");
+  sub.def("mixer_backward", &mixer_grads, "(scale * dv mixer, scale * dv^T u)");
+  sub.def("launches", &launches, "every kernel's ((grid x, y, z), block) for x (n, d) and rank r");
 }
 
 }  // namespace moslora

@@ -3,7 +3,8 @@
     y = W0 x + b + s * B M A dropout(x)
 
 ``moslora_ext.Linear`` is the layer (on the fused ops; ``TransposedLinear`` for
-GPT-2's Conv1D, ``Conv`` and ``Embedding`` in plain PyTorch, all ``AdapterLayer``s
+GPT-2's Conv1D, ``Conv`` and ``Embedding`` in plain PyTorch, ``Experts`` for the
+fused experts of mixture-of-experts models, all ``AdapterLayer``s
 holding named adapters); ``moslora_ext.ops`` has the functional ops;
 ``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.adapters``),
 ``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``,
@@ -77,6 +78,7 @@ from .checkpoints import load_adapter, load_peft_adapter, save_adapter, save_pef
 from .conv import Conv  # noqa: E402
 from .dispatch import check_adaptable  # noqa: E402
 from .embedding import Embedding  # noqa: E402
+from .experts import Experts  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
@@ -116,7 +118,7 @@ def build_info():
 
 
 __all__ = [
-    "Linear", "TransposedLinear", "QuantizedLinear", "Conv", "Embedding", "AdapterLayer", "AdapterConfig",
+    "Linear", "TransposedLinear", "QuantizedLinear", "Conv", "Embedding", "Experts", "AdapterLayer", "AdapterConfig",
     "check_adaptable", "ops",
     "build_info", "__version__",
     "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",

@@ -15,10 +15,21 @@ transformers checkpoints) in ``moslora_ext.checkpoints``.
 
 import contextlib
 import re
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 
 from .dispatch import adapter_class, check_adaptable, refusal_reason
+from .experts import (
+    Experts,
+    adapter_targets,
+    expert_parameters,
+    group_targets,
+    left_out_of_all_linear,
+    parameter_targets,
+)
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
+from .mixed_batch import take_adapter_names
 
 FORMAT = "moslora_ext"
 ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
@@ -39,20 +50,29 @@ def matching_names(model, target_modules):
     selects, as in PEFT, every linear layer (``nn.Linear`` and GPT-2's
     ``Conv1D``) that can take an adapter (see ``check_adaptable``) except the
     output head, the module that ``model.get_output_embeddings()`` returns
-    on a transformers model. Never the model itself, nor a module inside an
-    adapted layer (its base module, its adapters).
+    on a transformers model, the routers of mixture-of-experts models (their
+    weights, see ``moslora_ext.routers``) and every fused expert parameter of
+    transformers' experts modules (``<experts>.gate_up_proj``, ``.down_proj``;
+    see ``moslora_ext.experts``), as PEFT's "all-linear" targets them. Never
+    the model itself, nor a module inside an adapted layer (its base module,
+    its adapters).
     """
     candidates = _candidates(model)
     if _is_all_linear(target_modules):
         get_head = getattr(model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
-        return [name for name, module in candidates
-                if module is not head and getattr(adapter_class(module), "is_linear", False)
-                and refusal_reason(module) is None]
+        linear = [name for name, module in candidates
+                  if module is not head and getattr(adapter_class(module), "is_linear", False)
+                  and refusal_reason(module) is None]
+        experts = [f"{name}.{parameter}" for name, module in candidates
+                   if adapter_class(module) is Experts and refusal_reason(module) is None
+                   for parameter in expert_parameters(module)]
+        return linear + experts
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return [name for name, _ in candidates if pattern.fullmatch(name)]
-    targets = list(target_modules) if isinstance(target_modules, (list, tuple, set)) else None
+    iterable = isinstance(target_modules, Iterable) and not isinstance(target_modules, (Mapping, bytes))
+    targets = list(target_modules) if iterable else None
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
     return [name for name, _ in candidates if any(name == t or name.endswith("." + t) for t in targets)]
@@ -74,9 +94,9 @@ def _is_all_linear(target_modules):
     return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
 
 
-def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
+def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
                  train_mixer=True, use_rslora=False, modules_to_save=None, autocast_adapter_dtype=True,
-                 adapter_name=DEFAULT_ADAPTER):
+                 adapter_name=DEFAULT_ADAPTER, target_parameters=None):
     """Put a MoSLoRA adapter named ``adapter_name`` on every module of
     ``model`` that ``target_modules`` selects (see ``matching_names``) and
     freeze every other parameter. Linear layers, GPT-2's ``Conv1D``,
@@ -94,6 +114,16 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
     ``autocast_adapter_dtype`` (default True, as PEFT) keeps adapters on
     float16/bfloat16 layers in float32 (see ``moslora_ext.Linear``).
 
+    ``target_parameters``, as in PEFT, is a list of parameter names (matched
+    as a ``target_modules`` list, e.g. ``["mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj"]``) of fused 3-D expert parameters of
+    transformers' mixture-of-experts models, which get per-expert adapters
+    (``moslora_ext.experts``); other parameters are refused by name.
+    ``"all-linear"`` selects them too, and the routers, and warns, naming
+    them, about the parameters PEFT's "all-linear" may adapt but this library
+    leaves out (routers that are ``nn.Linear`` subclasses with a forward of
+    their own).
+
     Returns ``model`` (changed in place). Raises ValueError, listing the
     model's adaptable layers, if nothing matches, and TypeError if a selected
     module cannot take an adapter (an unsupported type, one refused by
@@ -108,17 +138,29 @@ def add_adapters(model, target_modules, r=8, lora_alpha=16, lora_dropout=0.0, mi
         to_save = matching_names(model, modules_to_save)
         if not to_save:
             raise ValueError(f"modules_to_save {modules_to_save!r} matches no module of the model")
-    names = matching_names(model, target_modules)
+    if not target_modules and not target_parameters:
+        raise ValueError("add_adapters needs target_modules or target_parameters")
+    names = matching_names(model, target_modules) if target_modules else []
     if _is_all_linear(target_modules):
         names = [name for name in names if not _inside_any(name, to_save)]
-    if not names:
-        available = sorted({name.rsplit(".", 1)[-1] for name, m in _candidates(model) if refusal_reason(m) is None})
+        left_out = left_out_of_all_linear(model)
+        if left_out:
+            warnings.warn(f"all-linear leaves out {len(left_out)} parameters that cannot take a MoSLoRA adapter: "
+                          f"{left_out} (routers that are nn.Linear subclasses: their forward returns routing "
+                          "scores; 3-D parameters: not in a transformers experts module)", stacklevel=2)
+    if target_modules and not names:
+        modules = {name: m for name, m in _candidates(model) if refusal_reason(m) is None}
+        available = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if adapter_class(m) is not Experts})
+        parameters = sorted({p for m in modules.values() if adapter_class(m) is Experts for p in expert_parameters(m)})
         how = ""
         if isinstance(target_modules, str) and not _is_all_linear(target_modules):
             how = (" (a single string is a regular expression that must match a module's full name, such as "
                    f"{_example_name(model)!r}; pass a list, [{target_modules!r}], to match names by their end)")
-        raise ValueError(f"target_modules {target_modules!r} matches no module of the model{how}; "
-                         f"the layers that can take adapters are named {available}")
+        raise ValueError(f"target_modules {target_modules!r} matches no module of the model{how}; the layers that "
+                         f"can take adapters are named {available}"
+                         + (f", and the fused expert parameters (target_parameters) {parameters}" if parameters else ""))
+    if target_parameters:
+        names += [name for name in parameter_targets(model, target_parameters) if name not in names]
     _wrap(model, {name: config for name in names}, adapter_name, to_save)
     return model
 
@@ -136,12 +178,15 @@ def _inside_any(name, module_names):
 def _wrap(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):
     """Give the named modules an adapter ``adapter_name`` (adapted layers
     replace the others), mark ``modules_to_save`` and freeze everything but
-    the active adapters and the modules to save. Every adapter is built
-    before anything changes, so a failure leaves the model as it was."""
+    the active adapters and the modules to save. Names of fused expert
+    parameters (``<experts>.<parameter>``) give their experts module an
+    adapter on those parameters. Every adapter is built before anything
+    changes, so a failure leaves the model as it was."""
     check_adapter_name(adapter_name)
     if "" in configs:
         raise ValueError("the model itself cannot take an adapter; target its layers")
     to_save = [*saved_modules(model), *modules_to_save]
+    configs = group_targets(dict(model.named_modules()), configs)
     modules = {name: model.get_submodule(name) for name in configs}
     adapted = list(adapted_layers(model))
     for name, module in modules.items():
@@ -159,8 +204,7 @@ def _wrap(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):
     for name in modules_to_save:
         if any(_inside_any(layer, [name]) for layer in adapted_layers(model)):
             raise ValueError(f"module to save {name} holds adapted layers; it cannot be trained in full")
-    built = {name: adapter_class(module).build_adapter(module.weight, configs[name])
-             for name, module in modules.items()}
+    built = {name: _build_adapter(module, configs[name]) for name, module in modules.items()}
     active = active_adapter(model) or adapter_name
     for name, module in modules.items():
         if isinstance(module, AdapterLayer):
@@ -179,13 +223,21 @@ def _wrap(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):
         module = model.get_submodule(name)
         setattr(module, MODULE_TO_SAVE, True)
         module.requires_grad_(True)
+    take_adapter_names(model)
     _record(model)
 
 
+def _build_adapter(module, config):
+    # An experts module's adapter is built on the module (its fused parameters), the others' on the weight.
+    cls = adapter_class(module)
+    return cls.build_adapter(module if cls is Experts else module.weight, config)
+
+
 def _layer_settings(model, adapter_name):
-    """{layer name: settings} of the layers holding ``adapter_name``."""
-    return {name: asdict(layer.adapters[adapter_name].config)
-            for name, layer in _layers_holding(model, adapter_name).items()}
+    """{target name: settings} of the layers holding ``adapter_name`` (a
+    layer, or each adapted parameter of an experts layer)."""
+    return {target: asdict(adapter.config) for name, layer in _layers_holding(model, adapter_name).items()
+            for target, adapter in adapter_targets(name, layer, adapter_name).items()}
 
 
 def _record(model):

@@ -17,6 +17,7 @@ import uuid
 
 import torch
 
+from . import engines, peft_experts
 from .adapters import (
     CONFIG_RECORD,
     FORMAT,
@@ -25,13 +26,14 @@ from .adapters import (
     _layers_holding,
     _require_adapters,
     _wrap,
-    adapted_layers,
     list_adapters,
     matching_names,
     saved_modules,
 )
 from .dispatch import adapter_class, check_adaptable
+from .experts import Experts, adapter_targets, split_target
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
+from .routers import RouterWeight
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,11 +63,19 @@ def _adapter_config(model, adapter_name):
 def adapter_state_dict(model, adapter_name=DEFAULT_ADAPTER):
     """The tensors ``save_adapter`` saves: those of each layer's adapter
     ``adapter_name``, keyed ``"<layer>.lora_A"``, ``"<layer>.lora_mixer"``,
-    ``"<layer>.lora_B"``, and the state of every module to save, keyed as in
-    ``model.state_dict()``."""
-    tensors = {f"{name}.{t}": getattr(layer.adapters[adapter_name], t)
-               for name, layer in _layers_holding(model, adapter_name).items() for t in ADAPTER_TENSORS}
+    ``"<layer>.lora_B"`` (``<layer>`` is ``<experts>.<parameter>`` for a
+    fused expert parameter, whose tensors are stacked per expert), and the
+    state of every module to save, keyed as in ``model.state_dict()``."""
+    tensors = {f"{target}.{t}": getattr(adapter, t) for target, adapter in _targets(model, adapter_name).items()
+               for t in ADAPTER_TENSORS}
     return tensors | _module_state(saved_modules(model))
+
+
+def _targets(model, adapter_name, layers=None):
+    """{target name: Adapter} of the adapter ``adapter_name`` (see ``moslora_ext.experts.adapter_targets``)."""
+    layers = _layers_holding(model, adapter_name) if layers is None else layers
+    return {target: adapter for name, layer in layers.items()
+            for target, adapter in adapter_targets(name, layer, adapter_name).items()}
 
 
 def _module_state(modules):
@@ -157,10 +167,12 @@ def save_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
 
 
 # Settings that a PEFT LoRA adapter holds once for all its layers.
-PEFT_SHARED_SETTINGS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
+PEFT_SHARED_SETTINGS = ("lora_dropout", "use_rslora")
+# Settings that it holds once, with exceptions by name (rank_pattern, alpha_pattern).
+PEFT_PATTERN_SETTINGS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
 
 
-def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
+def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     """Save the adapter ``adapter_name`` of ``model`` as a standard PEFT LoRA
     adapter in the folder ``path``, for PEFT's ``PeftModel.from_pretrained``
     and for serving engines that load PEFT LoRA adapters (vLLM, SGLang, TGI,
@@ -174,17 +186,29 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
     ``adapter_config.json`` has ``peft_type`` "LORA", r, lora_alpha,
     lora_dropout, use_rslora, target_modules (the layers' last names where
     these select exactly the adapted layers, else their full names),
-    modules_to_save, and ``fan_in_fan_out`` true when it adapts GPT-2
+    target_parameters (adapted fused expert parameters, written in PEFT's
+    ``ParamWrapper`` layout, see ``moslora_ext.peft_experts``; and linear
+    layers that PEFT's transformers-v5 MoE conversion would otherwise remap
+    to routed experts, such as DeepSeek-V3's dense MLP and shared experts,
+    as ``<layer>.weight``; lora_dropout is then written as 0, which PEFT
+    requires there), modules_to_save, and ``fan_in_fan_out`` true when it adapts GPT-2
     ``Conv1D`` layers. The mixer is folded in, so the saved adapter is plain
     LoRA: loading it back gives the same outputs with an identity, frozen
     mixer.
 
-    PEFT's LoRA has one r, lora_alpha, lora_dropout and use_rslora per
-    adapter: ValueError if the adapted layers differ in one of them. Refuses
-    a merged model.
+    PEFT's LoRA has one lora_dropout and use_rslora per adapter: ValueError
+    if the adapted layers differ in one of them. r and lora_alpha are written
+    as their most common value, with ``rank_pattern`` / ``alpha_pattern``
+    entries (escaped full names) for the targets that differ. Refuses a
+    merged model.
+
+    ``engine="vllm"`` also refuses (ValueError, naming each setting, nothing
+    written) an adapter that vLLM would not load: see ``moslora_ext.engines``.
+    Serve it with ``max_lora_rank`` at least r, one of 1, 8, 16, 32, ...
+    (``moslora_ext.engines.vllm_max_lora_rank(r)``).
     """
     layers = _unmerged_adapters(model, "save_peft_adapter", adapter_name)
-    adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
+    adapters = _targets(model, adapter_name, layers)
     shared = {}
     for setting in PEFT_SHARED_SETTINGS:
         values = {getattr(adapter.config, setting) for adapter in adapters.values()}
@@ -192,24 +216,44 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER):
             raise ValueError(f"a PEFT LoRA adapter has one {setting} for all layers, but the adapted layers "
                              f"have {sorted(values)}")
         shared[setting] = values.pop()
-    last_names = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    exact = set(matching_names(model, last_names)) == set(layers)
+    experts = {name: layer for name, layer in layers.items() if isinstance(layer, Experts)}
+    linear = {name: layer for name, layer in layers.items() if name not in experts}
+    # Routers, and linear layers that PEFT would remap to routed experts, go in as 2-D target_parameters.
+    as_parameters = [name for name, layer in linear.items()
+                     if isinstance(layer, RouterWeight) or peft_experts.remapped_by_peft(model, name)]
+    target_parameters = [f"{name}.weight" for name in as_parameters]
+    modules = {name: layer for name, layer in linear.items() if name not in as_parameters}
+    last_names = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    exact = set(matching_names(model, last_names)) == set(modules)
     tensors = {}
     with torch.no_grad():
-        for name, adapter in adapters.items():
-            peft_names = layers[name].peft_names
+        for name, layer in linear.items():
+            adapter, peft_names = adapters[name], layer.peft_names
             B = adapter.lora_B
             tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}"] = adapter.lora_A
             tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = (
                 B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
+        for name, layer in experts.items():
+            tensors.update(peft_experts.peft_tensors(PEFT_PREFIX, name, layer.adapters[adapter_name], layer))
+            target_parameters += [f"{name}.{parameter}" for parameter in layer.adapters[adapter_name]]
+    if target_parameters:
+        shared["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout; it only shapes training
     tensors.update({PEFT_PREFIX + key: t for key, t in _module_state(saved_modules(model)).items()})
     base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
-              "target_modules": last_names if exact else sorted(layers),
+              "target_modules": (last_names if exact else sorted(modules)) or None,
+              "target_parameters": sorted(target_parameters) or None,
               "modules_to_save": list(saved_modules(model)) or None,
               "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-              "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
-              "alpha_pattern": {}}
+              "use_dora": False, "init_lora_weights": True, "inference_mode": True}
+    for setting, pattern in PEFT_PATTERN_SETTINGS.items():  # under PEFT's keys: <layer>.weight for a 2-D parameter
+        values = {(f"{t}.weight" if t in as_parameters else t): getattr(a.config, setting) for t, a in adapters.items()}
+        config[setting] = max(sorted(set(values.values())), key=list(values.values()).count)
+        config[pattern] = peft_experts.patterns(values, config[setting])
+    if engine is not None:
+        reasons = engines.refusals(engine, config, layers)
+        if reasons:
+            raise ValueError(f"{engine} would not load this adapter: {'; '.join(reasons)}")
     _write(path, tensors, config)
 
 
@@ -347,7 +391,13 @@ def _read_transformers_checkpoint(path, adapter_name):
                          f"{list(record['adapters'])}")
     layers = record["adapters"][adapter_name]
     # The model's state-dict key of each tensor (AdapterLayer holds its adapters in `adapters`) -> ours.
-    wanted = {f"{name}.adapters.{adapter_name}.{t}": f"{name}.{t}" for name in layers for t in ADAPTER_TENSORS}
+    # A fused expert parameter's target <experts>.<parameter> is held at <experts>.adapters.<name>.<parameter>.
+    wanted = {}
+    for name in layers:
+        module_name, _, parameter = name.rpartition(".")
+        for t in ADAPTER_TENSORS:
+            wanted[f"{name}.adapters.{adapter_name}.{t}"] = wanted[
+                f"{module_name}.adapters.{adapter_name}.{parameter}.{t}"] = f"{name}.{t}"
     wanted |= {key: key for key in files if _inside_any(key, record["modules_to_save"])}
     tensors = {}
     for file in sorted({files[key] for key in wanted if key in files}):
@@ -384,7 +434,9 @@ def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEF
     ``base_weights``, {layer: its saved base weight}, into those layers)."""
     base_weights = base_weights or {}
     modules = dict(model.named_modules())
-    missing_layers = [name for name in [*settings, *modules_to_save] if name not in modules]
+    # Each target is a module, or a fused expert parameter <experts>.<parameter> (parameter not None).
+    targets = {name: split_target(modules, name) for name in settings}
+    missing_layers = [name for name in [*settings, *modules_to_save] if targets.get(name, (name,))[0] not in modules]
     if missing_layers:
         raise ValueError(f"{source}: the model has no module named {missing_layers}")
     if adapter_name in list_adapters(model) and not replace:
@@ -397,9 +449,14 @@ def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEF
         raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
     to_add = {}
     for name, config in settings.items():
-        module = modules[name]
+        module_name, parameter = targets[name]
+        module = modules[module_name]
         if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
-            existing = module.adapters[adapter_name].config
+            existing = module.adapters[adapter_name]
+            if parameter is not None and parameter not in existing:
+                raise ValueError(f"{source}: layer {module_name} has an adapter {adapter_name!r} without "
+                                 f"{parameter}; load the checkpoint as another adapter_name")
+            existing = (existing[parameter] if parameter is not None else existing).config
             differing = [s for s in WEIGHT_SETTINGS if getattr(existing, s) != getattr(config, s)]
             if differing:
                 raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
@@ -409,44 +466,41 @@ def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEF
         else:
             check_adaptable(module, f"{source}: layer {name}")
             to_add[name] = config
-        for t, shape in adapter_class(module).factor_shapes(module.weight, config.r).items():
+        for t, shape in _factor_shapes(module, parameter, config.r).items():
             got = tuple(tensors[f"{name}.{t}"].shape)
             if got != shape:
+                weight = getattr(module, parameter or "weight")
                 raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
-                                 f"(weight {tuple(module.weight.shape)}, r={config.r}) needs {shape}")
+                                 f"(weight {tuple(weight.shape)}, r={config.r}) needs {shape}")
     for key, t in saved_state.items():
         if tensors[key].shape != t.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
                              f"but the model's has {tuple(t.shape)}")
     for name, weight in base_weights.items():
-        if name not in settings:
+        if name not in settings or name not in modules:
             raise ValueError(f"{source}: {name}{BASE_WEIGHT} is the base weight of a layer without adapter tensors")
         if weight.shape != modules[name].weight.shape:
             raise ValueError(f"{source}: {name}{BASE_WEIGHT} has shape {tuple(weight.shape)}, but layer {name}'s "
                              f"weight has shape {tuple(modules[name].weight.shape)}")
     if to_add or modules_to_save:
         _wrap(model, to_add, adapter_name, modules_to_save)
-    layers = adapted_layers(model)
+    adapters = _targets(model, adapter_name)
     with torch.no_grad():
         for name in settings:
-            adapter = layers[name].adapters[adapter_name]
+            adapter = adapters[name]
             for t in ADAPTER_TENSORS:
                 getattr(adapter, t).copy_(tensors[f"{name}.{t}"])
         for key, t in saved_state.items():
             t.copy_(tensors[key])
         for name, weight in base_weights.items():
-            layers[name].weight.copy_(weight)
+            model.get_submodule(name).weight.copy_(weight)
 
 
-
-
-def _pattern_value(patterns, name, default):
-    """The value of the first of ``patterns`` (PEFT's rank_pattern/alpha_pattern) that matches
-    the end of the module name ``name``, as PEFT's ``get_pattern_key`` matches, else ``default``."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
+def _factor_shapes(module, parameter, r):
+    """The shapes of A, M and B of a rank-r adapter on ``module`` or on its fused expert ``parameter``."""
+    if parameter is not None:
+        return Experts.factor_shapes_of(module, parameter, r)
+    return adapter_class(module).factor_shapes(module.weight, r)
 
 
 def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, autocast_adapter_dtype=True):
@@ -459,7 +513,14 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     ``lora_AB.weight``, the mixer, for MoSLoRA; ``lora_embedding_A`` /
     ``lora_embedding_B`` for embeddings) are mapped onto ``<layer>`` of
     ``model``: linear layers, GPT-2's ``Conv1D`` (PEFT's
-    ``fan_in_fan_out``), convolutions and embeddings. A LoRA adapter gets
+    ``fan_in_fan_out``), convolutions, embeddings, and the fused expert
+    parameters of a ``target_parameters`` adapter (PEFT's nested
+    ``ParamWrapper`` keys ``<experts>.lora_A.weight``,
+    ``<experts>.base_layer.lora_A.weight``, in either of PEFT's layouts, see
+    ``moslora_ext.peft_experts``); ``rank_pattern`` and ``alpha_pattern``
+    are applied as PEFT applies them. Router weights adapted through
+    ``target_parameters`` (``mlp.gate.weight``) go to router adapters
+    (``moslora_ext.routers``). A LoRA adapter gets
     an identity, frozen mixer, so the layer computes exactly what PEFT
     computes; a MoSLoRA adapter gets its trained mixer. Tensors of the
     config's ``modules_to_save`` (such as the ``classifier.*`` or
@@ -471,9 +532,7 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     ``add_adapters`` (and PEFT's ``from_pretrained``): float32 adapters on
     float16/bfloat16 layers.
 
-    Also read: ``rank_pattern`` / ``alpha_pattern`` (each layer's r and
-    lora_alpha, matched as PEFT matches them); the ``<layer>.base_layer.weight``
-    that PEFT's ``save_embedding_layers`` ("auto" when embeddings are
+    Also read: the ``<layer>.base_layer.weight`` that PEFT's ``save_embedding_layers`` ("auto" when embeddings are
     targeted) writes, restored into that layer's base weight as PEFT
     restores it; and folders of ``moslora_ext.MoSLoRAConfig`` (peft_type
     "MOSLORA", ``lora_mixer`` tensors), whose mixer_init and train_mixer are kept.
@@ -515,14 +574,29 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
         else:
             raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor "
                              f"nor one of a module of modules_to_save {modules_to_save})")
+    modules = dict(model.named_modules())
+    target_parameters = peft_config.get("target_parameters")
     settings = {}
-    for name, parts in by_layer.items():
+    for key_module, parts in by_layer.items():
+        name = peft_experts.resolve_key_module(modules, key_module, target_parameters, str(path))
+        keys = (name, f"{name}.weight")
+        r = peft_experts.pattern_value(peft_config.get("rank_pattern"), keys, shared.r)
+        alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), keys, shared.lora_alpha)
         has_mixer = "lora_mixer" in parts
+        # A trained mixer: a MoSLoRAConfig folder says how it started and whether it trains.
         mixer = ({"mixer_init": peft_config.get("mixer_init", "kaiming"), "train_mixer": peft_config.get("train_mixer",
                  True)} if has_mixer else {"mixer_init": "identity", "train_mixer": False})
-        r = _pattern_value(peft_config.get("rank_pattern"), name, shared.r)
-        alpha = _pattern_value(peft_config.get("alpha_pattern"), name, shared.lora_alpha)
-        settings[name] = dataclasses.replace(shared, r=r, lora_alpha=alpha, **mixer)
+        settings[name] = _settings(path, f"layer {name}", **{
+            **dataclasses.asdict(shared), "r": r, "lora_alpha": alpha,
+            **mixer})
+        r = settings[name].r
+        module_name, parameter = split_target(modules, name)
+        if parameter is not None and "lora_A" in parts and "lora_B" in parts:  # PEFT's ParamWrapper layout
+            shapes = _factor_shapes(modules[module_name], parameter, r)
+            parts["lora_A"], parts["lora_B"] = peft_experts.from_peft(
+                parts["lora_A"], parts["lora_B"], shapes, modules[module_name].is_transposed,
+                peft_config.get("peft_version"), str(path), name)
+            parts.setdefault("lora_mixer", torch.eye(r).expand(shapes["lora_mixer"]))
         parts.setdefault("lora_mixer", torch.eye(r))
         tensors.update({f"{name}.{t}": tensor for t, tensor in parts.items()})
     if not settings:

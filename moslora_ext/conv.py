@@ -66,11 +66,11 @@ class Conv(AdapterLayer):
     def base_forward(self, x):
         return self._conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
-    def adapter_forward(self, x, adapter):
+    def add_adapter_output(self, base_out, x, adapter):
         config = adapter.config
         dropout_p = config.lora_dropout if self.training else 0.0
-        return self.base_forward(x) + self.update(self._conv, x, adapter.lora_A, adapter.lora_mixer, adapter.lora_B,
-                                                  config.scale, dropout_p, self.stride, self.padding, self.dilation)
+        return base_out + self.update(self._conv, x, adapter.lora_A, adapter.lora_mixer, adapter.lora_B, config.scale,
+                                      dropout_p, self.stride, self.padding, self.dilation)
 
     @staticmethod
     def update(conv, x, lora_A, mixer, lora_B, scale, dropout_p, stride, padding, dilation):

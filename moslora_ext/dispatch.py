@@ -2,9 +2,11 @@
 
 from .conv import Conv
 from .embedding import Embedding
+from .experts import Experts, is_fused_experts
 from .layer import AdapterLayer, class_path, qualified_class_names
 from .linear import BNB_4BIT, BNB_8BIT, GPT2_CONV1D, TORCHAO_TENSOR, Linear, TransposedLinear
 from .quantized import QuantizedLinear
+from .routers import RouterWeight, is_router
 
 # Base module type -> adapter class, by qualified class name so that nothing needs importing.
 # A subclass goes to its nearest listed base class, whose adapter class may still refuse it.
@@ -30,6 +32,10 @@ def adapter_class(module):
     """The adapter class for ``module`` (its own class for an adapted layer), or None."""
     if isinstance(module, AdapterLayer):
         return type(module)
+    if is_fused_experts(module):  # transformers' experts modules have no common base class
+        return Experts
+    if is_router(module):  # nor do their routers
+        return RouterWeight
     names = qualified_class_names(getattr(module, "weight", None)) + qualified_class_names(module)
     return next((ADAPTER_CLASSES[name] for name in names if name in ADAPTER_CLASSES), None)
 

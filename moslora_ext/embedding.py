@@ -53,11 +53,10 @@ class Embedding(AdapterLayer):
     def base_forward(self, ids):
         return F.embedding(ids, self.weight, **self.lookup_settings)
 
-    def adapter_forward(self, ids, adapter):
-        base = self.base_forward(ids)
+    def add_adapter_output(self, base_out, ids, adapter):
         after_A = F.embedding(ids, adapter.lora_A.t(), **self.lookup_settings)
         update = self.update_of_rows(after_A, adapter.lora_mixer, adapter.lora_B, adapter.config.scale)
-        return base + update.to(base.dtype)
+        return base_out + update.to(base_out.dtype)
 
     @staticmethod
     def update_of_rows(after_A, lora_mixer, lora_B, scale):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .mixed_batch import row_groups
 
 MIXER_INITS = ("kaiming", "orthogonal", "identity", "braid")
 DEFAULT_ADAPTER = "default"  # the adapter name when none is given, as in PEFT
@@ -184,7 +185,9 @@ class AdapterLayer(nn.Module):
     """A frozen base module with named MoSLoRA adapters (see the module docstring).
 
     Subclasses define ``base_forward(x)`` (the base module's forward, exactly),
-    ``adapter_forward(x, adapter)``, ``refusal_reason(module)``,
+    ``add_adapter_output(base_out, x, adapter)`` (``base_out`` plus the
+    adapter's output; ``adapter_forward`` where a fused op does both),
+    ``refusal_reason(module)``,
     ``_as_matrix(weight)`` (the weight as an (out, in) matrix view, for merging),
     ``_keep_base_settings(module)`` and ``_empty_base()`` (the base module
     type, for ``unload``); ``factor_shapes`` and ``init_factors_`` where the
@@ -193,6 +196,8 @@ class AdapterLayer(nn.Module):
 
     # Whether PEFT's "all-linear" selects this type.
     is_linear = False
+    # Whether forward takes adapter_names (mixed-adapter batches, see moslora_ext.mixed_batch).
+    takes_mixed_batches = True
     # Whether the base weight is stored (in, out), PEFT's fan_in_fan_out.
     fan_in_fan_out = False
     # The names PEFT gives A and B in its checkpoints.
@@ -339,7 +344,12 @@ class AdapterLayer(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------
 
-    def forward(self, x):
+    def forward(self, x, adapter_names=None):
+        """The base output plus the active adapter's; with ``adapter_names``
+        (one adapter name per row of x's first dimension), each row's own
+        adapter's (see ``mixed_batch_forward``)."""
+        if adapter_names is not None:
+            return self.mixed_batch_forward(x, adapter_names)
         if self.merged and self.training and torch.is_grad_enabled() and self.active.lora_A.requires_grad:
             warnings.warn(f"adapter {self.active_adapter!r} is merged into this {type(self).__name__}'s weight, so "
                           "training gives its parameters no gradient (and a loss with nothing to train raises "
@@ -347,6 +357,38 @@ class AdapterLayer(nn.Module):
         if self.merged or self.disabled or self.active_adapter not in self.adapters:
             return self.base_forward(x)
         return self.adapter_forward(x, self.adapters[self.active_adapter])
+
+    def adapter_forward(self, x, adapter):
+        """The base output plus ``adapter``'s."""
+        return self.add_adapter_output(self.base_forward(x), x, adapter)
+
+    def mixed_batch_forward(self, x, adapter_names):
+        """A mixed-adapter batch, as PEFT's ``adapter_names``: row i of x (its
+        first dimension) gets the adapter ``adapter_names[i]``, or the base
+        alone for "__base__". The base runs once on the whole batch and each
+        adapter once on its rows (gathered by index), so row i is what this
+        layer computes for it alone with that adapter active (up to float32
+        rounding, which depends on the number of rows in GEMMs). Refused for
+        unknown names, a names list that does not match x's rows, a merged
+        layer, and in training mode for adapters with dropout (whose masks
+        would depend on the batch). Disabled adapters (``disable_adapters``)
+        give the base output."""
+        groups = row_groups(self, x, adapter_names)
+        if self.disabled or not groups:
+            return self.base_forward(x)
+        return self.grouped_forward(x, groups)
+
+    def grouped_forward(self, x, groups):
+        """The base output of the whole batch, then each adapter's added on
+        its rows: [(adapter, row indices)] from ``mixed_batch.row_groups``."""
+        return self._add_outputs_by_rows(self.base_forward(x), x, groups)
+
+    def _add_outputs_by_rows(self, out, x, groups):
+        # In place: out is a fresh tensor, and no op saves its output for backward. Indexing
+        # (index, index_put_) rather than index_select / index_copy_: several times faster on CPU.
+        for adapter, rows in groups:
+            out[rows] = self.add_adapter_output(out[rows], x[rows], adapter)
+        return out
 
     # --- merging -----------------------------------------------------------------------------
 

@@ -38,6 +38,14 @@ NOT_PLAIN_LINEAR = {
 }
 
 
+def _compute_dtype(x):
+    """The dtype a linear layer computes in on x: autocast's where it applies, else x's."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def quantized_kind(module):
     """"4bit" or "8bit" for a bitsandbytes layer, "torchao" for an nn.Linear with a
     torchao-quantized weight (the bases of ``QuantizedLinear``), else None."""
@@ -137,11 +145,32 @@ class Linear(AdapterLayer):
     def base_forward(self, x):
         return nn.functional.linear(x, self.weight, self.bias)
 
+    def _dropout_p(self, adapter):
+        return adapter.config.lora_dropout if self.training else 0.0
+
     def adapter_forward(self, x, adapter):
-        config = adapter.config
-        dropout_p = config.lora_dropout if self.training else 0.0
         return ops.moslora_linear(x, self._as_matrix(self.weight), self.bias, adapter.lora_A, adapter.lora_mixer,
-                                  adapter.lora_B, config.scale, dropout_p)
+                                  adapter.lora_B, adapter.config.scale, self._dropout_p(adapter))
+
+    def add_adapter_output(self, base_out, x, adapter):
+        return ops.add_moslora(base_out, x, adapter.lora_A, adapter.lora_mixer, adapter.lora_B, adapter.config.scale,
+                               self._dropout_p(adapter))
+
+    def grouped_forward(self, x, groups):
+        # In the fused op's order, so that each row is bit for bit what it is alone: each adapter's
+        # rows start from the bias plus their adapter output, then one base GEMM adds x W^T to all.
+        weight = self._as_matrix(self.weight)
+        dtype = _compute_dtype(x)
+        out_shape = (*x.shape[:-1], self.out_features)
+        if self.bias is None:
+            out = torch.zeros(out_shape, dtype=dtype, device=x.device)
+        else:
+            out = self.bias.to(dtype).expand(out_shape).contiguous()
+        flat = self._add_outputs_by_rows(out, x, groups).view(-1, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        if dtype != x.dtype:  # under autocast: out of place, which autocast casts
+            return torch.addmm(flat, x2, weight.t()).view(out_shape)
+        return flat.addmm_(x2, weight.t()).view(out_shape)
 
     def _empty_base(self):
         # A plain nn.Linear, also in place of a subclass such as Falcon's FalconLinear.

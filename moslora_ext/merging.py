@@ -61,9 +61,10 @@ def _untie(model, layers):
     for name, parameter in model.named_parameters(remove_duplicate=False):
         holders.setdefault(id(parameter), []).append(name)
     for name, layer in layers.items():
-        if isinstance(layer, QuantizedLinear):
+        weight = getattr(layer, "weight", None)  # expert layers hold fused parameters, never tied
+        if weight is None or isinstance(layer, QuantizedLinear):
             continue
-        others = [n for n in holders.get(id(layer.weight), []) if not n.startswith(name + ".")]
+        others = [n for n in holders.get(id(weight), []) if not n.startswith(name + ".")]
         if not others:
             continue
         warnings.warn(f"{name}.weight is tied to {others}: merging into it would change them too, so {name} gets "

@@ -53,9 +53,19 @@ def add_moslora(base_out, x, lora_A, mixer, lora_B, scale, dropout_p=0.0):
     return _forward(x, None, None, lora_A, mixer, lora_B, scale, dropout_p, base_out)
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type):
+    # A constant for Dynamo: torch 2.11 cannot trace torch.amp.is_autocast_available
+    # ("Attempted to call function marked as skipped"), and is_autocast_enabled
+    # raises for device types without autocast (meta).
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _forward(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, base_out):
+    if not torch.compiler.is_compiling():
+        _refuse_grad_transforms(x, weight, bias, lora_A, mixer, lora_B, base_out)
     device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, bias, lora_A, mixer, lora_B, base_out = (
             _autocast(t, dtype) for t in (x, weight, bias, lora_A, mixer, lora_B, base_out))
@@ -64,6 +74,14 @@ def _forward(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, base_out)
     seed = new_dropout_seed() if dropout_p > 0 else None
     y, _ = _C_OPS.forward(x, weight, bias, lora_A, mixer, lora_B, float(scale), float(dropout_p), seed, base_out)
     return y
+
+
+def _refuse_grad_transforms(*tensors):
+    # torch.func.grad/jvp/jacrev wrap their inputs; the op's autograd is a
+    # plain backward formula, which those transforms cannot run.
+    if any(t is not None and torch._C._functorch.is_gradtrackingtensor(t) for t in tensors):
+        raise NotImplementedError("moslora_ext: torch.func transforms that differentiate (grad, jvp, jacrev, "
+                                  "vjp, hessian) are not supported; use torch.autograd.grad or .backward()")
 
 
 def _autocast(t, dtype):
@@ -115,9 +133,21 @@ def dropout_mask(shape, p, seed, device="cpu"):
 # ---------------------------------------------------------------------------
 
 
+# The fakes are also the ops' Meta kernels: a meta tensor among real CPU
+# arguments dispatches here, so every argument's device is checked, or the
+# real x would get an uninitialised result.
+def _check_device(x, t, name):
+    torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
+
+
 def _check_like(x, t, name):
     torch._check(t.dtype == x.dtype, lambda: f"moslora_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
-    torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
+    _check_device(x, t, name)
+
+
+def _check_seed(seed):
+    torch._check(seed is None or seed.device.type == "cpu",
+                 lambda: f"moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got one on {seed.device}")
 
 
 def _check_shapes(x, weight, lora_A, mixer, lora_B, adapter_dtype_free=False):
@@ -154,6 +184,9 @@ def _forward_fake(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, drop
     torch._check((weight is None) != (base_out is None),
                  lambda: "moslora_ext: forward needs either weight or base_out, not both nor neither")
     _check_shapes(x, weight, lora_A, mixer, lora_B)
+    if bias is not None:
+        _check_device(x, bias, "bias")
+    _check_seed(dropout_seed)
     y = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
     if base_out is not None:
         _check_like(x, base_out, "base_out")
@@ -166,6 +199,9 @@ def _forward_fake(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, drop
 @torch.library.register_fake("moslora_ext::backward")
 def _backward_fake(grad_out, x, weight, lora_A, mixer, lora_B, u, scale, dropout_p, dropout_seed, output_mask):
     _check_shapes(x, weight, lora_A, mixer, lora_B)
+    _check_like(x, grad_out, "grad_out")
+    _check_like(x, u, "u")
+    _check_seed(dropout_seed)
     shapes = (x.shape, lora_A.shape, mixer.shape, lora_B.shape)
     return tuple(x.new_empty(shape) if needed else None for shape, needed in zip(shapes, output_mask))
 
@@ -177,7 +213,9 @@ def _merge_fake(weight, lora_A, mixer, lora_B, scale):
 
 @torch.library.register_fake("moslora_ext::dropout")
 def _dropout_fake(x, p, seed):
-    return torch.empty_like(x)
+    _check_seed(seed)
+    # As the op: p = 0 is x.clone() (x's strides where dense), else a new contiguous tensor.
+    return torch.empty_like(x) if p == 0 else x.new_empty(x.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +233,9 @@ def _forward_setup_context(ctx, inputs, output):
 
 
 def _forward_backward(ctx, grad_y, grad_u):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the fused backward op has no derivative
+        raise NotImplementedError("moslora_ext: double backward (create_graph=True, higher-order gradients) "
+                                  "is not supported")
     x, weight, lora_A, mixer, lora_B, u, dropout_seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[3], needs[4], needs[5]]

@@ -13,8 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import ops
-from .layer import class_path
+from .layer import AdapterLayer, class_path
 from .linear import Linear, quantized_kind
 
 
@@ -89,11 +88,9 @@ class QuantizedLinear(Linear):
     def base_forward(self, x):
         return self.base_layer(x)
 
-    def adapter_forward(self, x, adapter):
-        config = adapter.config
-        dropout_p = config.lora_dropout if self.training else 0.0
-        return ops.add_moslora(self.base_layer(x), x, adapter.lora_A, adapter.lora_mixer, adapter.lora_B,
-                               config.scale, dropout_p)
+    # The base's own kernel first, then the adapters on top (ops.add_moslora), alone or mixed.
+    adapter_forward = AdapterLayer.adapter_forward
+    grouped_forward = AdapterLayer.grouped_forward
 
     # --- dequantise, requantise ------------------------------------------------------------------
 

@@ -387,8 +387,14 @@ def test_save_peft_adapter_with_some_layers_and_a_module_to_save(tmp_path):
     x = torch.randn(6, 4)
     assert (peft_model(x) - model.eval()(x)).abs().max() <= 1e-5
 
+    # Another rank goes in PEFT's rank_pattern; another lora_dropout cannot be written.
     moslora_ext.add_adapters(model, ["down"], r=2)
-    with pytest.raises(ValueError, match=r"one r for all layers, but the adapted layers have \[2, 4\]"):
+    randomize_adapters(model)
+    moslora_ext.save_peft_adapter(model, tmp_path / "ranks")
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(), tmp_path / "ranks").eval()
+    torch.testing.assert_close(peft_model(x), model.eval()(x), atol=1e-5, rtol=1e-5)  # outputs of size ~300
+    moslora_ext.add_adapters(model, ["layers.0.up"], r=4, lora_dropout=0.1)
+    with pytest.raises(ValueError, match=r"one lora_dropout for all layers, but the adapted layers have \[0.0, 0.1\]"):
         moslora_ext.save_peft_adapter(model, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
 

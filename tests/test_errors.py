@@ -53,15 +53,61 @@ class World:
         self.quantized = nn.Sequential(linear_4bit(), nn.ReLU(), nn.Linear(K, 8)) if HAS_BNB else nn.Sequential()
         if HAS_BNB:
             moslora_ext.add_adapters(self.quantized, "all-linear", r=R)
+        # A model without adapters, every parameter trainable: a refused add_adapters must leave it so.
+        self.fresh = nn.Sequential(nn.Linear(D, K), nn.ReLU(), nn.Linear(K, 8))
+        # A plain layer before a 4-bit one: a refused merge of the second must not touch the first.
+        self.plain_then_4bit = nn.Sequential(nn.Linear(D, D), linear_4bit()) if HAS_BNB else nn.Sequential()
+        if HAS_BNB:
+            moslora_ext.add_adapters(self.plain_then_4bit, "all-linear", r=R)
+            nn.init.normal_(self.plain_then_4bit[0].lora_B)
+
+    def modules(self):
+        return {"layer": self.layer, "model": self.model, "refused": self.refused, "quantized": self.quantized,
+                "fresh": self.fresh, "plain_then_4bit": self.plain_then_4bit}
 
     def tensors(self):
-        found = dict(self.layer.state_dict(prefix="layer."))
-        found.update({f"raw.{k}": v for k, v in self.raw.items() if v is not None})
-        found.update(self.model.state_dict(prefix="model."))
-        found.update(self.refused.state_dict(prefix="refused."))
-        found.update({k: v for k, v in self.quantized.state_dict(prefix="quantized.").items()
-                      if isinstance(v, torch.Tensor)})
+        found = {f"raw.{k}": v for k, v in self.raw.items() if v is not None}
+        for name, module in self.modules().items():
+            found.update({k: v for k, v in module.state_dict(prefix=f"{name}.").items() if isinstance(v, torch.Tensor)})
         return found
+
+    def requires_grad(self):
+        return {f"{name}.{p_name}": p.requires_grad for name, module in self.modules().items()
+                for p_name, p in module.named_parameters()}
+
+    def files(self):
+        """{path: bytes} of every file under the test's folder."""
+        return {path: path.read_bytes() for path in sorted(self.tmp_path.rglob("*")) if path.is_file()}
+
+    def saved_copy(self, config=lambda c: c, weights=lambda b: b, text=None):
+        """Make ``self.edited``, a copy of the saved adapter folder with its config changed by ``config``
+        (a function of the parsed JSON returning the new JSON) or replaced by ``text``, and its weights
+        file by ``weights`` (a function of its bytes)."""
+        self.edited = self.tmp_path / "edited"
+        self.edited.mkdir()
+        if text is None:
+            text = json.dumps(config(json.loads((self.saved / "adapter_config.json").read_text())))
+        (self.edited / "adapter_config.json").write_text(text)
+        data = (self.saved / "adapter_model.safetensors").read_bytes()
+        (self.edited / "adapter_model.safetensors").write_bytes(weights(data))
+
+    def edit_layer(self, **layer_settings):
+        """``saved_copy`` with ``layer_settings`` written over those of layer "0"."""
+        def change(config):
+            config["layers"]["0"].update(layer_settings)
+            return config
+        self.saved_copy(config=change)
+
+    def inf_in_last_adapted_layer(self):
+        with torch.no_grad():
+            nn.init.normal_(self.model[0].lora_B)
+            self.model[2].lora_B[0, 0] = float("inf")
+
+    def load_fresh(self, folder, loader=moslora_ext.load_adapter):
+        return loader(nn.Sequential(nn.Linear(D, K), nn.ReLU(), nn.Linear(K, 8)), folder)
+
+    def load_edited(self):
+        return self.load_fresh(self.edited)
 
     def merged_with_a_second_adapter(self):
         moslora_ext.add_adapters(self.model, ["0"], r=2, adapter_name="other")
@@ -88,10 +134,9 @@ class World:
             self.layer.lora_B[0, 0] = float("inf")
 
     def peft_checkpoint(self, **config):
-        path = self.tmp_path / "peft"
-        path.mkdir(exist_ok=True)
-        (path / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": 8, **config}))
-        return path
+        self.peft = self.tmp_path / "peft"
+        self.peft.mkdir()
+        (self.peft / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": 8, **config}))
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -228,10 +273,55 @@ MISUSES = [
     Misuse("QuantizedLinear.from_module of a plain Linear",
            lambda w: moslora_ext.QuantizedLinear.from_module(nn.Linear(4, 4)), TypeError,
            "is a torch.nn.Linear, not a bitsandbytes Linear4bit or Linear8bitLt"),
-    Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(
-        w.model, w.peft_checkpoint(use_dora=True)), NotImplementedError, "use_dora"),
-    Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(
-        w.model, w.peft_checkpoint()), FileNotFoundError, "neither adapter_model.safetensors"),
+    Misuse("save over a file", lambda w: moslora_ext.save_adapter(w.model, w.saved / "adapter_config.json"),
+           NotADirectoryError, "exists and is not a folder"),
+    Misuse("load from a path that does not exist", lambda w: w.load_fresh(w.tmp_path / "nope"), FileNotFoundError,
+           "does not exist; .*does not fetch Hugging Face Hub ids"),
+    Misuse("load a PEFT adapter from a path that does not exist",
+           lambda w: w.load_fresh(w.tmp_path / "nope", moslora_ext.load_peft_adapter), FileNotFoundError,
+           "does not exist; .*does not fetch Hugging Face Hub ids"),
+    Misuse("load_peft_adapter of a moslora_ext folder", lambda w: w.load_fresh(w.saved, moslora_ext.load_peft_adapter),
+           ValueError, "is a moslora_ext adapter folder .*load it with moslora_ext.load_adapter"),
+    Misuse("a config whose lora_alpha is a string", World.load_edited, ValueError,
+           "edited: bad adapter settings for layer 0: lora_alpha must be a finite real number, got '4'",
+           setup=lambda w: w.edit_layer(lora_alpha="4")),
+    Misuse("a config whose lora_alpha is NaN", World.load_edited, ValueError,
+           "lora_alpha must be a finite real number, got nan", setup=lambda w: w.edit_layer(lora_alpha=float("nan"))),
+    Misuse("a config whose use_rslora is a string", World.load_edited, ValueError,
+           "use_rslora must be True or False, got 'false'", setup=lambda w: w.edit_layer(use_rslora="false")),
+    Misuse("a config whose r is a string", World.load_edited, ValueError,
+           r"r \(the adapter rank\) must be a positive integer, got '2'", setup=lambda w: w.edit_layer(r="2")),
+    Misuse("a config without layers", World.load_edited, ValueError, r"has no adapted layers \('layers' is \{\}\)",
+           setup=lambda w: w.saved_copy(config=lambda c: {**c, "layers": {}})),
+    Misuse("a config that lacks layers", World.load_edited, ValueError, "has no adapted layers",
+           setup=lambda w: w.saved_copy(config=lambda c: {"format": c["format"]})),
+    Misuse("a config that is a list", World.load_edited, ValueError,
+           "adapter_config.json must hold a JSON object, got a list",
+           setup=lambda w: w.saved_copy(config=lambda c: [c])),
+    Misuse("a config that is not JSON", World.load_edited, ValueError, "edited.adapter_config.json is not valid JSON",
+           setup=lambda w: w.saved_copy(text='{"format": "moslora_ext", "layers": {')),
+    Misuse("modules_to_save as one string", World.load_edited, ValueError,
+           "modules_to_save must be a list of module names, got 'head'",
+           setup=lambda w: w.saved_copy(config=lambda c: {**c, "modules_to_save": "head"})),
+    Misuse("a truncated weights file", World.load_edited, ValueError,
+           "adapter_model.safetensors cannot be read .*truncated, empty or not a tensor file",
+           setup=lambda w: w.saved_copy(weights=lambda b: b[: len(b) // 2])),
+    Misuse("an empty weights file", World.load_edited, ValueError, "adapter_model.safetensors cannot be read",
+           setup=lambda w: w.saved_copy(weights=lambda b: b"")),
+    Misuse("a corrupt weights file", World.load_edited, ValueError, "adapter_model.safetensors cannot be read",
+           setup=lambda w: w.saved_copy(weights=lambda b: b"\xff" * len(b))),
+    Misuse("from_linear of an adapted layer", lambda w: moslora_ext.Linear.from_linear(w.layer), TypeError,
+           "Linear.from_linear's argument is a moslora_ext.linear.Linear, not a torch.nn.Linear"),
+    Misuse("a single-string target that matches no full name", lambda w: moslora_ext.add_adapters(w.fresh, "0x"),
+           ValueError, r"a single string is a regular expression that must match a module's full name.*\['0x'\]"),
+    Misuse("all-linear on a model that is itself a Linear",
+           lambda w: moslora_ext.add_adapters(w.fresh[0], "all-linear"), ValueError, "matches no module"),
+    Misuse("a safe merge refused by a later layer", lambda w: moslora_ext.merge_adapters(w.model, safe=True),
+           ValueError, "inf or NaN", setup=World.inf_in_last_adapted_layer),
+    Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(w.model, w.peft),
+           NotImplementedError, "use_dora", setup=lambda w: w.peft_checkpoint(use_dora=True)),
+    Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(w.model, w.peft),
+           FileNotFoundError, "neither adapter_model.safetensors", setup=World.peft_checkpoint),
 ]
 
 
@@ -239,14 +329,32 @@ if HAS_BNB:
     MISUSES += [
         Misuse("merge a quantized layer", lambda w: moslora_ext.merge_adapters(w.quantized), RuntimeError,
                r"merge\(\) on a quantized layer \(Linear4bit\) rounds the weight: pass requantize=True"),
+        Misuse("merge a plain layer and then a quantized one", lambda w: moslora_ext.merge_adapters(w.plain_then_4bit),
+               RuntimeError, r"merge\(\) on a quantized layer"),
         Misuse("unmerge a quantized layer", lambda w: w.quantized[0].unmerge(), RuntimeError,
                r"unmerge\(\) on a quantized layer"),
         Misuse("Linear.from_linear of a 4-bit layer", lambda w: moslora_ext.Linear.from_linear(linear_4bit()),
-               TypeError, "is a bitsandbytes.nn.modules.Linear4bit with a quantized weight; moslora_ext.QuantizedLinear takes it"),
+               TypeError,
+               "is a bitsandbytes.nn.modules.Linear4bit with a quantized weight; moslora_ext.QuantizedLinear takes it"),
         Misuse("a 4-bit layer not quantized yet", lambda w: moslora_ext.add_adapters(
             nn.Sequential(linear_4bit(quantized=False)), ["0"]), TypeError,
-               "0 is a bitsandbytes.nn.modules.Linear4bit whose weight is not quantized yet; move it to its device first"),
+               "0 is a bitsandbytes.nn.modules.Linear4bit whose weight is not quantized yet; "
+               "move it to its device first"),
     ]
+
+
+BAD_ADAPTER_NAMES = ["", "a.b", "..", "training", "keys", "forward", "__base__", 1, None]
+BAD_SETTINGS = [{"lora_alpha": "16"}, {"lora_alpha": float("nan")}, {"lora_alpha": float("inf")},
+                {"lora_dropout": "0.1"}, {"r": "2"}, {"r": True}, {"use_rslora": "false"}, {"train_mixer": 1},
+                {"mixer_init": 3}]
+MISUSES += [Misuse(f"adapter_name={name!r}", lambda w, name=name: moslora_ext.add_adapters(
+    w.fresh, ["0", "2"], adapter_name=name), ValueError, "adapter_name") for name in BAD_ADAPTER_NAMES]
+MISUSES += [Misuse(f"adapter_name={name!r} at load", lambda w, name=name: moslora_ext.load_adapter(
+    w.fresh, w.saved, adapter_name=name), ValueError, "adapter_name") for name in BAD_ADAPTER_NAMES]
+MISUSES += [Misuse(f"setting {settings}", lambda w, s=settings: moslora_ext.add_adapters(w.fresh, ["0", "2"], **s),
+                   ValueError, rf"{next(iter(settings))}( \(the adapter rank\))? must be") for settings in BAD_SETTINGS]
+MISUSES += [Misuse(f"Linear({settings})", lambda w, s=settings: moslora_ext.Linear(D, K, **s), ValueError,
+                   rf"{next(iter(settings))}( \(the adapter rank\))? must be") for settings in BAD_SETTINGS]
 
 
 def equal_including_nan(a, b):
@@ -258,18 +366,19 @@ def test_misuse_raises_a_clear_error_and_changes_nothing(case, tmp_path):
     world = World(tmp_path)
     case.setup(world)
     before = {name: t.detach().clone() for name, t in world.tensors().items()}
-    requires_grad = {name: p.requires_grad for name, p in world.model.named_parameters()}
+    requires_grad, files = world.requires_grad(), world.files()
     with pytest.raises(case.error, match=case.message):
         case.act(world)
     after = world.tensors()
     assert after.keys() == before.keys()
     changed = [name for name in before if not equal_including_nan(after[name], before[name])]
     assert not changed, f"{case.id} changed {changed}"
-    assert requires_grad == {name: p.requires_grad for name, p in world.model.named_parameters()}
+    assert world.requires_grad() == requires_grad
+    assert world.files() == files, f"{case.id} changed the files on disk"
 
 
 def test_the_misuse_table_is_large_enough():
-    assert len(MISUSES) >= 20
+    assert len(MISUSES) >= 100
 
 
 # --- edge inputs that must work ---------------------------------------------------------------

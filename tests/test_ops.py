@@ -155,18 +155,32 @@ def test_adapter_only_gradcheck_float64(dropout_p):
     assert torch.autograd.gradcheck(function, inputs)
 
 
+def randn(*shape, device, contiguous=True, requires_grad=False):
+    """A standard normal tensor, or (contiguous=False) a view of one with its
+    last two dimensions transposed: the non-contiguous case of the opchecks."""
+    if contiguous:
+        t = torch.randn(*shape, device=device)
+    else:
+        t = torch.randn(*shape[:-2], shape[-1], shape[-2], device=device).transpose(-1, -2)
+    return t.requires_grad_(requires_grad)
+
+
+LAYOUTS = pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "transposed"])
+
+
+@LAYOUTS
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_opcheck_adapter_only(device, dropout_p):
+def test_opcheck_adapter_only(device, dropout_p, contiguous):
     a = make_adapter(K, D, 4, torch.float32, device)
     for name in ("lora_A", "mixer", "lora_B"):
         a[name].requires_grad_(True)
     seed = torch.tensor([3])
-    x = torch.randn(3, 5, D, device=device, requires_grad=True)
-    base_out = torch.randn(3, 5, K, device=device, requires_grad=True)
+    x = randn(3, 5, D, device=device, contiguous=contiguous, requires_grad=True)
+    base_out = randn(3, 5, K, device=device, contiguous=contiguous, requires_grad=True)
     torch.library.opcheck(OPS.forward, (x, *adapter_only_args(a, base_out, dropout_p, seed)))
     _, u = OPS.forward(x, *adapter_only_args(a, base_out, dropout_p, seed))
-    args = (torch.randn(3, 5, K, device=device), x.detach(), None, a["lora_A"].detach(), a["mixer"].detach(),
-            a["lora_B"].detach(), u, 0.7, dropout_p, seed, [True, True, True, True])
+    args = (randn(3, 5, K, device=device, contiguous=contiguous), x.detach(), None, a["lora_A"].detach(),
+            a["mixer"].detach(), a["lora_B"].detach(), u, 0.7, dropout_p, seed, [True, True, True, True])
     torch.library.opcheck(OPS.backward, args)
 
 
@@ -229,35 +243,117 @@ def test_merge_matches_reference(device, dtype):
     assert_close_to_reference(weight, a["weight"], dtype)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_opcheck_forward(device, bias, dropout_p):
+def test_opcheck_forward(device, bias, dropout_p, contiguous):
     adapter = make_adapter(K, D, 4, torch.float32, device, bias)
     for name in ("lora_A", "mixer", "lora_B"):
         adapter[name].requires_grad_(True)
-    x = torch.randn(3, 5, D, device=device, requires_grad=True)
+    x = randn(3, 5, D, device=device, contiguous=contiguous, requires_grad=True)
     torch.library.opcheck(OPS.forward, (x, *adapter_args(adapter, dropout_p=dropout_p, seed=torch.tensor([3]))))
 
 
 @pytest.mark.parametrize("output_mask", [[True, True, True, True], [False, True, False, True],
                                          [True, False, False, False]])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_opcheck_backward(device, output_mask, dropout_p):
+@LAYOUTS
+def test_opcheck_backward(device, output_mask, dropout_p, contiguous):
     a = make_adapter(K, D, 4, torch.float32, device)
     seed = torch.tensor([3])
-    x = torch.randn(3, 5, D, device=device)
+    x = randn(3, 5, D, device=device, contiguous=contiguous)
     _, u = OPS.forward(x, *adapter_args(a, dropout_p=dropout_p, seed=seed))
-    grad_y = torch.randn(3, 5, K, device=device)
+    grad_y = randn(3, 5, K, device=device, contiguous=contiguous)
     args = (grad_y, x, a["weight"], a["lora_A"], a["mixer"], a["lora_B"], u, 0.7, dropout_p, seed, output_mask)
     torch.library.opcheck(OPS.backward, args)
     grads = OPS.backward(*args)
     assert [g is not None for g in grads] == output_mask
 
 
-def test_opcheck_merge_and_dropout(device):
+@LAYOUTS
+def test_opcheck_merge(device, contiguous):
     a = make_adapter(K, D, 4, torch.float32, device)
-    torch.library.opcheck(OPS.merge_, (a["weight"].clone(), a["lora_A"], a["mixer"], a["lora_B"], 0.3))
-    torch.library.opcheck(OPS.dropout, (torch.randn(6, D, device=device), 0.3, torch.tensor([1])))
+    weight = randn(K, D, device=device, contiguous=contiguous)
+    torch.library.opcheck(OPS.merge_, (weight, a["lora_A"], a["mixer"], a["lora_B"], 0.3))
+
+
+@LAYOUTS
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_opcheck_dropout(device, contiguous, p):
+    """The fake kernel's strides are the op's: for p > 0 a contiguous result
+    whatever x's layout, for p = 0 x's clone."""
+    torch.library.opcheck(OPS.dropout, (randn(2, 6, D, device=device, contiguous=contiguous), p,
+                                        torch.tensor([1])))
+
+
+def meta_among_cpu_arguments():
+    """Op calls with one meta tensor among CPU arguments, by the argument's name."""
+    a = make_adapter(K, D, 4, torch.float32, "cpu")
+    x, seed, meta = torch.randn(3, D), torch.tensor([1]), torch.device("meta")
+    y, u = OPS.forward(x, *adapter_args(a))
+    grad_y = torch.randn_like(y)
+
+    def backward(grad, u_in, p, seed_in):
+        return lambda: OPS.backward(grad, x, a["weight"], a["lora_A"], a["mixer"], a["lora_B"], u_in, 0.7, p,
+                                    seed_in, [True] * 4)
+
+    return {
+        "bias": lambda: OPS.forward(x, *adapter_args({**a, "bias": a["bias"].to(meta)})),
+        "dropout_seed": lambda: OPS.forward(x, *adapter_args(a, dropout_p=0.1, seed=seed.to(meta))),
+        "base_out": lambda: OPS.forward(x, *adapter_only_args(a, y.to(meta))),
+        "backward grad_out": backward(grad_y.to(meta), u, 0.0, None),
+        "backward u": backward(grad_y, u.to(meta), 0.0, None),
+        "backward dropout_seed": backward(grad_y, u, 0.1, seed.to(meta)),
+        "dropout op seed": lambda: OPS.dropout(x, 0.1, seed.to(meta)),
+    }
+
+
+@pytest.mark.parametrize("name", list(meta_among_cpu_arguments()))
+def test_meta_tensor_among_cpu_arguments_is_refused(name):
+    """A meta tensor sends the call to the fake (Meta) kernel; with real CPU
+    x it must refuse, as F.linear does, not return uninitialised memory."""
+    with pytest.raises(RuntimeError, match=r"is on meta but x is on cpu|CPU tensor, got one on meta"):
+        meta_among_cpu_arguments()[name]()
+
+
+def test_scale_that_overflows_the_compute_dtype_is_refused():
+    """1e40 is finite as a double but inf in float32, the precision fp32 and
+    bf16 layers compute in: refused, where float64 computes with it."""
+    a = make_adapter(K, D, 4, torch.float32, "cpu")
+    x = torch.randn(3, D)
+    with pytest.raises(ValueError, match=r"scale = 1e\+40 overflows Float"):
+        OPS.forward(x, *adapter_args(a, scale=1e40))
+    a64 = as_float64(a)
+    y, _ = OPS.forward(x.double(), *adapter_args(a64, scale=1e40))
+    assert_close_to_reference(y, moslora_reference(x.double(), **a64, scale=1e40), torch.float64)
+    weight = a["weight"].clone()
+    with pytest.raises(ValueError, match="overflows Float"):
+        ops.merge_(weight, a["lora_A"], a["mixer"], a["lora_B"], -1e40)
+    assert torch.equal(weight, a["weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_safe_merge_with_an_overflowing_scale_raises_value_error(dtype):
+    layer = moslora_ext.Linear(D, K, r=4, lora_alpha=1e40, dtype=dtype)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="overflows Float"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.weight, before) and not layer.merged
+
+
+def test_double_backward_is_refused():
+    layer = moslora_ext.Linear(D, K, r=4)
+    x = torch.randn(3, D, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev"])
+def test_differentiating_func_transforms_are_refused(transform):
+    layer = moslora_ext.Linear(D, K, r=4)
+    function = getattr(torch.func, transform)(lambda x: layer(x).sum())
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        function(torch.randn(3, D))
 
 
 def test_cuda_build_required_by_ci():
@@ -326,24 +422,99 @@ def test_dropout_lora_A_gradient_accumulates_in_float32(device, dtype):
 BODY_CASES = [(1, 1, 1), (5, 7, 3), (37, 130, 17), (300, 64, 8), (700, 19, 33), (3, 1029, 64)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+BODY_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", BODY_DTYPES)
 @pytest.mark.parametrize("n, d, r", BODY_CASES)
 def test_cuda_kernel_bodies_on_host_match_reference(n, d, r, dtype):
-    """The CUDA dropout kernels' bodies, run on the host over the grids,
-    blocks, warps and lanes of their launches, against the reference."""
+    """The CUDA dropout kernels' bodies (the three products and the dropout
+    op's), run on the host over the grids, blocks, warps and lanes of their
+    launches, against the reference."""
     from moslora_ext._C import cuda_bodies_on_host as bodies
     g = torch.Generator().manual_seed(n * d + r)
     x, lora_A = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, d), (r, d)))
     du = torch.randn(n, r, generator=g, dtype=torch.float64)
     p, seed = 0.3, 77
-    dropped = x * ops.dropout_mask((n, d), p, torch.tensor([seed])) / (1 - p)
-    expected = {"down_project": dropped @ lora_A.t(), "grad_A": du.t() @ dropped,
-                "grad_x": (du @ lora_A) * ops.dropout_mask((n, d), p, torch.tensor([seed])) / (1 - p)}
+    keep = ops.dropout_mask((n, d), p, torch.tensor([seed])).double() / (1 - p)
+    expected = {"down_project": (x * keep) @ lora_A.t(), "grad_A": du.t() @ (x * keep),
+                "grad_x": (du @ lora_A) * keep, "dropout": x * keep}
     x, lora_A, du = x.to(dtype), lora_A.to(dtype), du.to(dtype)
     actual = {"down_project": bodies.down_project(x, lora_A, p, seed), "grad_A": bodies.grad_A(x, du, p, seed),
-              "grad_x": bodies.grad_x(du, lora_A, p, seed)}
+              "grad_x": bodies.grad_x(du, lora_A, p, seed), "dropout": bodies.dropout(x, p, seed)}
     for name, want in expected.items():
         assert_close_to_reference(actual[name], want, dtype)
+
+
+# (rows, r): one row chunk of the mixer backward, several, a partial last one.
+MIXER_CASES = [(1, 1), (5, 3), (64, 16), (300, 8), (700, 33)]
+
+
+@pytest.mark.parametrize("dtype", BODY_DTYPES)
+@pytest.mark.parametrize("n, r", MIXER_CASES)
+def test_cuda_mixer_bodies_on_host_match_reference(n, r, dtype):
+    """The CUDA mixer kernels' bodies over their launches: V = s U M^T, and
+    dU = s dV M with dM = s dV^T U reduced over the row chunks."""
+    from moslora_ext._C import cuda_bodies_on_host as bodies
+    g = torch.Generator().manual_seed(n * r)
+    u, dv, mixer = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, r), (n, r), (r, r)))
+    scale = 0.7
+    du, dmixer = bodies.mixer_backward(dv.to(dtype), u.to(dtype), mixer.to(dtype), scale)
+    assert_close_to_reference(bodies.mixer_forward(u.to(dtype), mixer.to(dtype), scale), scale * u @ mixer.t(), dtype)
+    assert_close_to_reference(du, scale * dv @ mixer, dtype)
+    assert_close_to_reference(dmixer, scale * dv.t() @ u, dtype)
+
+
+# (rows, in_features, r) up to 2^31 elements of x: one long row, one column,
+# LLaMA-sized layers, more rows than the grid's y (65535) and the
+# down-projection's 2^16 blocks hold, r up to 64.
+LAUNCH_SHAPES = [(1, 1, 1), (3, 1029, 64), (2**31, 1, 1), (1, 2**31, 16), (2**19, 4096, 16), (2**18 + 3, 8192, 64),
+                 (2**16 * 5 + 1, 7, 3), (8192, 4096, 8)]
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+@pytest.mark.parametrize("n, d, r", LAUNCH_SHAPES)
+def test_cuda_launches_fit_the_limits_and_cover_the_work(n, d, r):
+    """Every kernel's grid and block as its launcher computes them: within
+    CUDA's limits, and every column group, row, split and chunk owned by a
+    thread or block, with no block left without work."""
+    from moslora_ext._C import cuda_bodies_on_host as bodies
+    launches = bodies.launches(n, d, r)
+    splits, chunks = launches.pop("dA_splits"), launches.pop("mixer_chunks")
+    for name, (grid, block) in launches.items():
+        assert 1 <= block <= 1024 and block % 32 == 0, name
+        assert all(1 <= g <= limit for g, limit in zip(grid, MAX_GRID)), (name, grid)
+    groups = -(-d // 8)
+    for name in ("dropout_kernel", "dX_kernel"):  # x: column groups, y: grid-strided rows
+        (gx, gy, gz), block = launches[name]
+        assert (gx - 1) * block < groups <= gx * block and gy <= n and gz == 1
+    (gx, _, _), block = launches["down_project_kernel"]  # a warp per row, grid-strided
+    assert (gx - 1) * block // 32 < n
+    (gx, gy, gz), block = launches["dA_partial_kernel"]
+    count, rows = splits
+    assert (gx - 1) * block < groups <= gx * block and (gy - 1) * 8 < r <= gy * 8
+    assert gz == count <= 64 and (count - 1) * rows < n <= count * rows
+    assert count == 1 or count * r * d <= 2**24  # fp32 partials of at most 64 MiB
+    for name, work in (("dA_reduce_kernel", r * d), ("mixer_forward_kernel", n * r), ("reduce_partials_kernel", r * r)):
+        (gx, _, _), block = launches[name]  # grid-stride: no idle block
+        assert (gx - 1) * block < work
+    (gx, _, _), _ = launches["mixer_backward_kernel"]
+    count, rows = chunks
+    assert gx == count <= 1024 and (count - 1) * rows < n <= count * rows
+
+
+def test_cuda_graph_capture_is_checked_on_the_device_of_x():
+    """Capture on cuda:1 while cuda:0 is current: the op, whose guard makes
+    x's device current, must see the capture on x's stream and refuse."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    layer = moslora_ext.Linear(16, 8, r=4, lora_dropout=0.1, device="cuda:1")
+    x = torch.randn(4, 16, device="cuda:1")
+    layer(x)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.device(1), torch.cuda.graph(torch.cuda.CUDAGraph()):
+            with torch.cuda.device(0):
+                layer(x)
 
 
 def test_dropout_refuses_cuda_graph_capture():

@@ -1,7 +1,6 @@
 """Adapters on quantized bases (bitsandbytes 4-bit/8-bit, torchao) against plain-PyTorch
 references built on the base module's own output, and against PEFT's QLoRA layers."""
 
-import warnings
 
 import pytest
 import torch

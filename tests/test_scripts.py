@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,15 @@ def load_script(name):
     return module
 
 
+def test_latency_benchmark_runs_only_the_contenders_asked_for(tmp_path, capsys):
+    latency = load_script("latency")
+    latency.main(["--small", "--device", "cpu", "--shapes", "attn 4096x4096", "--tokens", "16", "--ranks", "2",
+                  "--reps", "1", "--warmup", "0", "--out", str(tmp_path), "--contenders", "base", "ours_lora"])
+    (case,) = json.loads((tmp_path / "latency-cpu.json").read_text())["cases"]
+    assert set(case["inference_s"]) == {"base", "ours_lora"} and not case["merge_s"]
+    assert "ours_lora" in capsys.readouterr().out
+
+
 def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     latency = load_script("latency")
     # Every contender is first checked to compute the same function as the others.
@@ -32,7 +43,7 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     others = [name for name in latency.CONTENDERS if name != "lora_compiled"]
     latency.main(["--small", "--device", "cpu", "--shapes", "attn 4096x4096", "--tokens", "64", "--ranks", "4",
                   "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--contenders", *others,
-                  *(["--quantized"] if HAVE_BNB else [])])
+                  "--mixed", *(["--quantized", "--quantized-dtype", "bfloat16"] if HAVE_BNB else [])])
     table = capsys.readouterr().out
     assert "ours_merged" in table and "merge: ours" in table
     report = json.loads((tmp_path / "latency-cpu.json").read_text())
@@ -51,6 +62,10 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     assert launches["tokens"] == [16, 64]
     at_quarter, at_n = launches["ours"]
     assert at_quarter == at_n and min(at_n) > 0
+    (mixed,) = report["mixed"]
+    peft = {"peft_mixed"} if importlib.util.find_spec("peft") else set()
+    assert set(mixed["inference_s"]) == {"base", "ours_mixed", "ours_4_passes", *peft}
+    assert "mixed batch (4 adapters x N/4 rows)" in table
     if HAVE_MATPLOTLIB:
         assert (tmp_path / "latency-cpu.png").stat().st_size > 0
     if HAVE_BNB:  # the quantized row: PEFT's QLoRA layer keeps a dropped (float32) copy of x, ours does not
@@ -60,7 +75,7 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
         assert saved["peft_qlora"][1] >= n * d * 4
         # ours: U, the seed and the bf16 casts of the float32 A, M and B (r x d, r x r, d x r here)
         assert saved["ours_qlora"][1] - saved["qbase"][1] <= (n * r + 2 * r * d + r * r) * 2 + 8
-        assert "quantized base (nf4, bf16)" in table
+        assert "quantized base (nf4, bfloat16)" in table
 
 
 def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
@@ -154,3 +169,63 @@ def test_mann_whitney_matches_scipy(a, b):
     expected = stats.mannwhitneyu(a, b, alternative="two-sided", method="exact")
     assert u == pytest.approx(expected.statistic)
     assert p == pytest.approx(expected.pvalue)
+
+
+# benchmarks/gpu_check.sh, rehearsed without a GPU: its syntax, the preflight's
+# stops and records, the sanitizer's SKIP when the device refuses it, and that its
+# results fit what a device run may send back (at most 8 files, no subfolders).
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
+GPU_CHECK_FILES = {"env.txt", "summary.txt", "gpu_check.log", "tests.xml", "sanitizer.log", "latency-cuda.json",
+                   "latency-cuda.png"}
+
+
+def run_gpu_check(out, **env):
+    environment = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **env}
+    result = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=environment, timeout=120)
+    files = {p.name for p in out.iterdir()}
+    assert files <= GPU_CHECK_FILES and all(p.is_file() for p in out.iterdir())
+    return result, (out / "summary.txt").read_text()
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+
+
+def test_gpu_check_preflight_records_and_stops_without_a_device(tmp_path):
+    result, summary = run_gpu_check(tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert summary.splitlines() == [summary.splitlines()[0]]  # nothing ran after the preflight
+    assert summary.startswith("preflight  FAIL") and "torch sees no CUDA device: nothing else runs" in summary
+    env = (tmp_path / "env.txt").read_text()
+    assert f"torch: {torch.__version__}" in env and "compute-sanitizer:" in env and "nvcc:" in env
+    assert "gpu_check summary" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_gpu_check_preflight_stops_on_a_torch_that_does_not_import(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "torch.py").write_text("raise ImportError('planted')\n")
+    out = tmp_path / "out"
+    result, summary = run_gpu_check(out, PYTHONPATH=str(broken))
+    assert result.returncode == 2
+    assert "torch cannot be imported: ImportError('planted')" in summary
+
+
+def test_gpu_check_sanitizer_refused_by_the_device_is_a_skip(tmp_path):
+    """On a gVisor machine compute-sanitizer answers "Device not supported"
+    (error 999): that is SKIP, not a FAIL of the code nor a PASS."""
+    if not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
+        pytest.skip("nvcc builds the sanitizer's probe program")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "compute-sanitizer").write_text("#!/bin/sh\necho '========= Error: Device not supported. (error 999)'\n"
+                                             "exit 1\n")
+    (fake / "compute-sanitizer").chmod(0o755)
+    out = tmp_path / "out"
+    result, summary = run_gpu_check(out, PATH=f"{fake}:{os.environ['PATH']}", GPU_CHECK_REHEARSE="1",
+                                    GPU_CHECK_STEPS="sanitizer")
+    assert result.returncode == 0, result.stdout
+    lines = summary.splitlines()
+    assert lines[0].startswith("preflight  PASS") and len(lines) == 2
+    assert lines[1].startswith("sanitizer  SKIP") and "refuses compute-sanitizer" in lines[1]
+    assert "Device not supported" in (out / "sanitizer.log").read_text()

@@ -71,10 +71,6 @@ __global__ void __launch_bounds__(kGroupThreads)
   for (int64_t row = blockIdx.y; row < n; row += gridDim.y) dropout_group(x, out, mask, first_row, row, group);
 }
 
-dim3 to_dim3(const Grid3& g) {
-  return dim3(static_cast<unsigned int>(g.x), static_cast<unsigned int>(g.y), static_cast<unsigned int>(g.z));
-}
-
 }  // namespace
 
 template <>
@@ -86,7 +82,8 @@ void dropout_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& out, const 
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dropout_kernel<<<to_dim3(row_group_grid(n, x.size(1))), kGroupThreads, 0, stream>>>(
+    const Launch launch = row_group_launch(n, x.size(1));
+    dropout_kernel<<<grid_of(launch), block_of(launch), 0, stream>>>(
         rows_of<const scalar_t>(x), rows_of<scalar_t>(out), mask_of<acc_t>(spec), first_row, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -102,7 +99,8 @@ at::Tensor dropout_project_down<c10::kCUDA>(const at::Tensor& x, const at::Tenso
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout_project_down", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    down_project_kernel<<<to_dim3(down_project_grid(n)), kDownWarps * kWarpLanes, 0, stream>>>(
+    const Launch launch = down_project_launch(n);
+    down_project_kernel<<<grid_of(launch), block_of(launch), 0, stream>>>(
         rows_of<const scalar_t>(x), rows_of<const scalar_t>(lora_A), mask_of<acc_t>(spec),
         u.mutable_data_ptr<scalar_t>(), n, r);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -125,16 +123,18 @@ at::Tensor dropout_grads<c10::kCUDA>(const at::Tensor& x, const at::Tensor& du, 
     if (need_dA) {
       const DASplits splits = dA_splits(n, r, d);
       auto partials = at::empty({splits.count, r, d}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      dA_partial_kernel<<<to_dim3(dA_partial_grid(splits, r, d)), kGroupThreads, 0, stream>>>(
+      const Launch partial = dA_partial_launch(splits, r, d), reduce = grid_stride_launch(r * d);
+      dA_partial_kernel<<<grid_of(partial), block_of(partial), 0, stream>>>(
           rows_of<const scalar_t>(x), du.const_data_ptr<scalar_t>(), r, mask, n, splits,
           partials.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dA_reduce_kernel<<<grid_for(r * d), kThreads, 0, stream>>>(
+      dA_reduce_kernel<<<grid_of(reduce), block_of(reduce), 0, stream>>>(
           partials.const_data_ptr<acc_t>(), splits.count, r * d, dA.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (dx.defined() && n > 0) {
-      dX_kernel<<<to_dim3(row_group_grid(n, d)), kGroupThreads, 0, stream>>>(
+      const Launch launch = row_group_launch(n, d);
+      dX_kernel<<<grid_of(launch), block_of(launch), 0, stream>>>(
           du.const_data_ptr<scalar_t>(), rows_of<const scalar_t>(lora_A), r, mask, rows_of<scalar_t>(dx), n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

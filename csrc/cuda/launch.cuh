@@ -1,20 +1,22 @@
 // Launch helpers shared by the CUDA kernels.
 #pragma once
 
+#include "../launch.h"
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <cstdint>
 
 namespace moslora {
 
-constexpr int kThreads = 256;  // threads per block of every kernel
-
-// Blocks for a grid-stride loop over `work` items (work > 0).
-inline unsigned int grid_for(int64_t work) {
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(std::min<int64_t>(blocks, 65535));
+// A Launch of launch.h as the <<<grid, block>>> arguments.
+inline dim3 grid_of(const Launch& l) {
+  return dim3(static_cast<unsigned int>(l.grid.x), static_cast<unsigned int>(l.grid.y),
+              static_cast<unsigned int>(l.grid.z));
+}
+inline unsigned int block_of(const Launch& l) {
+  return static_cast<unsigned int>(l.block);
 }
 
 // Index of the first item of this thread and the grid stride, in 64 bits.

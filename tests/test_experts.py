@@ -1,0 +1,395 @@
+"""MoSLoRA adapters on the fused experts of tiny mixture-of-experts models built from configs."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import moslora_ext
+from moslora_ext import expert_ops
+from moslora_ext.experts import Experts
+from moslora_ext.peft_experts import PEFT_REMAPPED_LEAF_NAMES
+from moslora_ext.routers import RouterWeight
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=32)
+CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
+                                                     moe_intermediate_size=12, head_dim=8),
+    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, eos_token_id=1,
+                                              pad_token_id=0),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=12, first_k_dense_replace=1,
+        n_shared_experts=1, n_group=2, topk_group=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8, rope_scaling=None),
+    "gpt_oss": lambda: transformers.GptOssConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                                 layer_types=["full_attention"] * 2),
+}
+KINDS = list(CONFIGS)
+
+
+def tiny(kind, seed=0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(CONFIGS[kind]()).eval()
+
+
+def ids(seed=0):
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def add_all_linear(model, **settings):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return moslora_ext.add_adapters(model, "all-linear", **{"r": 2, "lora_alpha": 4, **settings})
+
+
+def perturb_B(model, std=0.3, seed=3):
+    """A trained-looking adapter: every lora_B (of every adapter) drawn at random."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in moslora_ext.adapted_layers(model).values():
+            for name, p in layer.adapters.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=std)
+
+
+def saved_peft_adapter(kind, config, path, seed):
+    """PEFT's adapter with ``config`` on the tiny ``kind``, every lora_B drawn at random, saved to
+    ``path``; its logits."""
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(tiny(kind), config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    peft_model.save_pretrained(path)
+    return peft_model.eval()(ids()).logits
+
+
+def merged_reference(model, adapted):
+    """``model`` (a fresh copy of the base) with each adapter's ΔW added in plain PyTorch."""
+    with torch.no_grad():
+        for name, layer in moslora_ext.adapted_layers(adapted).items():
+            if isinstance(layer, Experts):
+                for parameter, a in layer.active.items():
+                    delta = a.config.scale * torch.einsum("eor,ers,esi->eoi", a.lora_B, a.lora_mixer, a.lora_A)
+                    getattr(model.get_submodule(name), parameter).add_(
+                        delta.transpose(1, 2) if layer.is_transposed else delta)
+            else:
+                a = layer.active
+                model.get_submodule(name).weight.add_(a.config.scale * a.lora_B @ a.lora_mixer @ a.lora_A)
+    return model
+
+
+# --- the operator ------------------------------------------------------------------------------
+
+
+def expert_case(dtype=torch.float64, counts=(3, 0, 4), r=2, d=5, k=6, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    e, s = len(counts), sum(counts)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()  # noqa: E731
+    return (make(s, k), make(s, d), torch.tensor(counts, device=device).cumsum(0), make(e, r, d), make(e, r, r),
+            make(e, k, r))
+
+
+def reference_experts(base, x, offsets, A, M, B, scale):
+    out, first = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        out.append(base[first:end] + scale * x[first:end] @ A[e].T @ M[e].T @ B[e].T)
+        first = end
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_expert_op_matches_a_per_expert_reference_with_gradients(dtype, device):
+    case = expert_case(dtype, device=device)
+    y = expert_ops.add_experts_moslora(*case, scale=0.7)
+    y_ref = reference_experts(*case, 0.7)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, [case[i] for i in (0, 1, 3, 4, 5)], grad)
+    want = torch.autograd.grad(y_ref, [case[i] for i in (0, 1, 3, 4, 5)], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+    assert got[2][1].abs().sum() == 0  # the expert no row was routed to gets no gradient
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_expert_op_gradcheck_and_opcheck(dropout_p, device):
+    base, x, offsets, A, M, B = expert_case(device=device)
+    seed = torch.tensor([11]) if dropout_p else None
+    op = torch.ops.moslora_ext.experts_forward
+    assert torch.autograd.gradcheck(lambda *t: op(t[0], t[1], offsets, *t[2:], 0.7, dropout_p, seed)[0],
+                                    (base, x, A, M, B))
+    torch.library.opcheck(op, (base, x, offsets, A, M, B, 0.7, dropout_p, seed))
+    grad = torch.randn_like(base)
+    u = op(base, x, offsets, A, M, B, 0.7, dropout_p, seed)[1]
+    torch.library.opcheck(torch.ops.moslora_ext.experts_backward,
+                          (grad, x, offsets, A, M, B, u, 0.7, dropout_p, seed, [True, True, True, True]))
+
+
+def test_expert_dropout_masks_differ_between_experts():
+    # Two experts with identical rows and identity factors, so y is the dropped x itself: one seed per
+    # call, but each expert draws its own mask (the dense op numbers each expert's rows from 0).
+    eye = torch.eye(64).expand(2, 64, 64).contiguous()
+    y = expert_ops.add_experts_moslora(torch.zeros(8, 64), torch.ones(8, 64), torch.tensor([4, 8]), eye, eye, eye,
+                                       1.0, dropout_p=0.5)
+    assert set(y.unique().tolist()) == {0.0, 2.0}
+    assert not torch.equal(y[:4], y[4:])
+
+
+def test_expert_op_refuses_bad_offsets():
+    base, x, _, A, M, B = expert_case()
+    with pytest.raises(ValueError, match="offsets must end at the number of rows of x"):
+        expert_ops.add_experts_moslora(base, x, torch.tensor([3, 3, 5]), A, M, B, 1.0)
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_linear_selects_what_peft_selects_with_the_experts_and_routers(kind):
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(tiny(kind), peft.LoraConfig(target_modules="all-linear", r=2))
+    peft_targets = {n.removeprefix("base_model.model.").replace(".base_layer", "").rsplit(".lora_A", 1)[0]
+                    for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+    model = tiny(kind)
+    routers = {n for n, m in model.named_modules() if "Router" in type(m).__name__}
+    experts = {n for n, m in model.named_modules() if type(m).__name__.endswith("Experts")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left out on these models
+        moslora_ext.add_adapters(model, "all-linear", r=2)
+    layers = moslora_ext.adapted_layers(model)
+    # PEFT's selection, with GPT-OSS's experts and router (PEFT's all-linear skips them) and the linear
+    # layers PEFT's MoE conversion drops (DeepSeek-V3's dense MLP and shared experts).
+    dropped = {n for n in layers if isinstance(layers[n], moslora_ext.Linear)
+               and n.rsplit(".", 1)[-1] in PEFT_REMAPPED_LEAF_NAMES}
+    assert set(layers) == peft_targets | experts | routers | dropped
+    assert bool(dropped) == (kind == "deepseek_v3") and bool(experts - peft_targets) == (kind == "gpt_oss")
+    assert all(set(layers[name].active) == {"gate_up_proj", "down_proj"} for name in experts)
+    assert all(isinstance(layers[name], RouterWeight) for name in routers)
+
+
+def test_target_parameters_selects_one_parameter_and_refuses_others_by_name():
+    model = moslora_ext.add_adapters(tiny("mixtral"), target_parameters=["mlp.experts.down_proj"], r=2)
+    layers = moslora_ext.adapted_layers(model)
+    assert len(layers) == 2 and all(set(layer.active) == {"down_proj"} for layer in layers.values())
+    model = tiny("mixtral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*not fused expert"):
+        moslora_ext.add_adapters(model, target_parameters=["q_proj.weight", "gate_up_proj"])
+    with pytest.raises(ValueError, match=r"\['nonexistent'\] match no parameter"):
+        moslora_ext.add_adapters(model, target_parameters=["nonexistent"])
+    assert not moslora_ext.adapted_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def tiny_phimoe():
+    torch.manual_seed(0)
+    return transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**COMMON, num_local_experts=4,
+                                                                    num_experts_per_tok=2))
+
+
+def test_no_match_error_lists_only_layers_that_take_adapters():
+    # Phimoe's router is an nn.Linear subclass with a forward of its own, refused: it must not be offered.
+    with pytest.raises(ValueError, match="matches no module") as error:
+        moslora_ext.add_adapters(tiny_phimoe(), ["nonexistent"])
+    message = str(error.value)
+    assert "'router'" not in message and "'q_proj'" in message and "'gate_up_proj'" in message
+
+
+def test_all_linear_names_the_router_weights_it_cannot_adapt():
+    with pytest.warns(UserWarning, match=r"leaves out 2 parameters.*model\.layers\.0\.mlp\.router\.weight"):
+        model = moslora_ext.add_adapters(tiny_phimoe(), "all-linear", r=2)
+    assert not any("router" in name for name in moslora_ext.adapted_layers(model))
+
+
+# --- forward, training, merging -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_train_save_load_merge(kind, tmp_path):
+    model = add_all_linear(tiny(kind), mixer_init="orthogonal", lora_dropout=0.1)
+    perturb_B(model)
+    model.eval()
+    logits = model(ids()).logits
+    reference = merged_reference(tiny(kind), model)
+    torch.testing.assert_close(logits, reference(ids()).logits, atol=1e-5, rtol=1e-5)
+    # Train (dropout on): the loss falls and only adapter tensors change.
+    model.train()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids(), labels=ids()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(frozen[k], v) for k, v in model.state_dict().items() if k in frozen)
+    model.eval()
+    trained = model(ids()).logits
+    moslora_ext.save_adapter(model, tmp_path / "ours")
+    loaded = moslora_ext.load_adapter(tiny(kind), tmp_path / "ours")
+    torch.testing.assert_close(loaded(ids()).logits, trained, atol=0, rtol=0)
+    # Merge in place into the fused parameters, unmerge, then merge_and_unload.
+    experts = next(layer for layer in moslora_ext.adapted_layers(model).values() if isinstance(layer, Experts))
+    storage, original = experts.gate_up_proj.data_ptr(), experts.gate_up_proj.detach().clone()
+    moslora_ext.merge_adapters(model, safe=True)
+    assert experts.gate_up_proj.data_ptr() == storage
+    torch.testing.assert_close(model(ids()).logits, trained, atol=1e-5, rtol=1e-5)
+    moslora_ext.unmerge_adapters(model)
+    torch.testing.assert_close(experts.gate_up_proj, original, atol=1e-6, rtol=0)
+    base_class = type(experts.base_experts)
+    plain = moslora_ext.merge_and_unload(model)
+    assert not moslora_ext.adapted_layers(plain)
+    assert type(plain.get_submodule(next(n for n, m in plain.named_modules() if isinstance(m, base_class)))) is base_class
+    torch.testing.assert_close(plain(ids()).logits, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_float32_adapters_on_a_bfloat16_model():
+    model = add_all_linear(tiny("mixtral").to(torch.bfloat16))
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.bfloat16
+    assert experts.active["gate_up_proj"].lora_A.dtype == torch.float32
+    model(ids()).logits.float().sum().backward()
+    assert experts.active["gate_up_proj"].lora_A.grad.dtype == torch.float32
+
+
+def test_named_adapters_and_the_trainer_checkpoint_path(tmp_path):
+    model = add_all_linear(tiny("qwen3_moe"))
+    moslora_ext.add_adapters(model, target_parameters=["mlp.experts.down_proj"], r=3, adapter_name="second")
+    perturb_B(model)
+    first = model(ids()).logits
+    model.save_pretrained(tmp_path)  # what the HF Trainer's checkpoints hold
+    moslora_ext.set_adapter(model, "second")
+    second = model(ids()).logits
+    assert not torch.allclose(first, second)
+    for name, want in (("default", first), ("second", second)):
+        loaded = moslora_ext.load_adapter(tiny("qwen3_moe"), tmp_path, adapter_name=name)
+        torch.testing.assert_close(loaded(ids()).logits, want, atol=0, rtol=0)
+    with moslora_ext.disable_adapters(model):
+        torch.testing.assert_close(model(ids()).logits, tiny("qwen3_moe")(ids()).logits, atol=0, rtol=0)
+
+
+# --- PEFT interop ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_target_parameters_adapters_load_with_peft_logits(kind, tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    want = saved_peft_adapter(kind, config, tmp_path, seed=2)
+    ours = moslora_ext.load_peft_adapter(tiny(kind), tmp_path)
+    torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, tiny(kind)(ids()).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_peft_adapter_is_loaded_by_peft_with_our_logits(kind, tmp_path):
+    # DeepSeek-V3's dense MLP and shared experts are named like the experts PEFT's MoE conversion remaps.
+    peft = pytest.importorskip("peft")
+    model = add_all_linear(tiny(kind), mixer_init="orthogonal", lora_dropout=0.05)
+    perturb_B(model)
+    ours = model(ids()).logits
+    moslora_ext.save_peft_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(tiny(kind), tmp_path).eval()
+    torch.testing.assert_close(theirs(ids()).logits, ours, atol=1e-5, rtol=1e-5)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert any(name.endswith("experts.gate_up_proj") for name in config["target_parameters"])
+    # and back: the same logits with identity frozen mixers
+    again = moslora_ext.load_peft_adapter(tiny(kind), tmp_path)
+    torch.testing.assert_close(again(ids()).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_layout_before_0_19_1_is_read(tmp_path):
+    """PEFT < 0.19.1 read an (E, out, in) parameter as (E, in, out): lora_A (E·r, out), lora_B (in, r·E)."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj"])
+    peft_model = peft.get_peft_model(tiny("mixtral"), config)
+    perturb = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=perturb) * 0.3)
+    want = peft_model.eval()(ids()).logits
+    peft_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    old = {}
+    for key in tensors:  # the same ΔW_e = B_e A_e = (A_eᵀ B_eᵀ)ᵀ in the old layout
+        prefix, kind = key.rsplit(".lora_", 1)
+        e, r = 4, 2
+        A = tensors[prefix + ".lora_A.weight"].reshape(e, r, -1)
+        B = tensors[prefix + ".lora_B.weight"].reshape(-1, r, e).permute(2, 0, 1)
+        old[key] = (B.transpose(1, 2).reshape(e * r, -1) if kind.startswith("A")
+                    else A.permute(2, 1, 0).reshape(-1, r * e)).contiguous()
+    save_file(old, tmp_path / "adapter_model.safetensors")
+    ours = moslora_ext.load_peft_adapter(tiny("mixtral"), tmp_path)
+    torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3"])
+def test_peft_all_linear_adapters_load_with_peft_logits(kind, tmp_path):
+    # Router weights (gate.weight) and gate_up_proj at twice the rank (PEFT's rank_pattern for fused experts).
+    peft = pytest.importorskip("peft")
+    want = saved_peft_adapter(kind, peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"), tmp_path, seed=6)
+    ours = moslora_ext.load_peft_adapter(tiny(kind), tmp_path)
+    layers = moslora_ext.adapted_layers(ours)
+    assert any(isinstance(layer, RouterWeight) for layer in layers.values())
+    torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
+    # and back to PEFT: gate_up_proj's rank 4 among rank-2 layers goes in rank_pattern
+    moslora_ext.save_peft_adapter(ours, tmp_path / "back")
+    assert set(json.loads((tmp_path / "back" / "adapter_config.json").read_text())["rank_pattern"].values()) == {4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = peft.PeftModel.from_pretrained(tiny(kind), tmp_path / "back").eval()
+    torch.testing.assert_close(again(ids()).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_rank_and_alpha_patterns_apply_to_expert_parameters(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                             rank_pattern={"gate_up_proj": 4}, alpha_pattern={"gate_up_proj": 3})
+    want = saved_peft_adapter("qwen3_moe", config, tmp_path, seed=4)
+    ours = moslora_ext.load_peft_adapter(tiny("qwen3_moe"), tmp_path)
+    experts = ours.model.layers[0].mlp.experts
+    assert (experts.active["gate_up_proj"].config.r, experts.active["down_proj"].config.r) == (4, 2)
+    assert experts.active["gate_up_proj"].config.scale == 3 / 4
+    torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_safe_merge_refuses_a_non_finite_expert_and_leaves_the_weights_bit_identical():
+    model = moslora_ext.add_adapters(tiny("gpt_oss"), target_parameters=["gate_up_proj", "down_proj"], r=2)
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.active["down_proj"].lora_B[1].fill_(float("inf"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="safe merge refused"):
+        moslora_ext.merge_adapters(model, safe=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(layer.merged for layer in moslora_ext.adapted_layers(model).values())
+
+
+def test_mixed_adapter_batches_are_refused_on_expert_layers():
+    model = add_all_linear(tiny("mixtral"))
+    with pytest.raises(NotImplementedError, match=r"mixed-adapter batches\) is not supported on \['Experts', "
+                                                  r"'RouterWeight'\] layers"):
+        model(ids(), adapter_names=["default", "__base__"])
