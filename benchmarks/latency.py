@@ -12,6 +12,9 @@ Contenders:
   lora_compiled   lora_torch under torch.compile (inductor): LoRA as most people run it today
   moslora_torch   MoSLoRA as the released code writes it: three nn.Linear
   peft_lora       PEFT's own LoRA layer (when peft is installed)
+  ours_peft       the PEFT route's layer (what get_peft_model(model, moslora_ext.MoSLoRAConfig(...)) puts
+                  there: PEFT's LoRA Linear with the MoSLoRA variant; float32 adapters on a half base, as
+                  PEFT's autocast_adapter_dtype): should cost what ours costs
   ours            moslora_ext.Linear, unmerged (on a float16/bfloat16 base: float32 adapter parameters)
   ours_base_dtype ours with the adapter parameters in the base dtype (autocast_adapter_dtype=False):
                   the cost of float32 adapters is ours / ours_base_dtype (the same layer on float32)
@@ -114,6 +117,21 @@ def peft_lora(base, r, lora_dropout):
     return layer
 
 
+def ours_peft(base, r, lora_dropout):
+    try:
+        from moslora_ext.peft_method import MoSLoRALinear
+    except ImportError:
+        return None
+    config = moslora_ext.MoSLoRAConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout)
+    layer = MoSLoRALinear(base, "default", config=config, r=r, lora_alpha=LORA_ALPHA)
+    layer.base_layer.requires_grad_(False)
+    with torch.no_grad():  # what get_peft_model's autocast_adapter_dtype does on a float16/bfloat16 base
+        for name, p in layer.named_parameters():
+            if "lora_" in name and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+    return layer
+
+
 def compiled_lora(base, r, lora_dropout):
     return torch.compile(PlainLoRA(base, r, lora_dropout))
 
@@ -140,6 +158,7 @@ CONTENDERS = {
     "lora_compiled": compiled_lora,
     "moslora_torch": PlainMoSLoRA,
     "peft_lora": peft_lora,
+    "ours_peft": ours_peft,
     "ours": ours,
     "ours_lora": lambda base, r, p: ours(base, r, p, mixer_init="identity", train_mixer=False),
     "ours_named": ours_named,
@@ -148,7 +167,7 @@ CONTENDERS = {
 }
 TRAINABLE = [name for name in CONTENDERS if name != "ours_merged"]  # a merged layer has no adapter to train
 # Contenders whose dropout cost is measured (those that have dropout).
-WITH_DROPOUT = ["lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours"]
+WITH_DROPOUT = ["lora_torch", "lora_compiled", "moslora_torch", "peft_lora", "ours_peft", "ours"]
 
 
 def build_contenders(base, r, lora_dropout, names):
@@ -299,9 +318,11 @@ def share_adapter(contenders, base, r, generator):
     eye = torch.eye(r, **factory)
     with torch.no_grad():
         for name, module in contenders.items():
-            if name == "peft_lora":
+            if name in ("peft_lora", "ours_peft"):
                 module.lora_A["default"].weight.copy_(A)
                 module.lora_B["default"].weight.copy_(B)
+                if name == "ours_peft":
+                    module.lora_mixer["default"].weight.copy_(eye)
             elif name in ("lora_torch", "lora_compiled", "moslora_torch"):
                 module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper
                 module.lora_A.weight.copy_(A)
@@ -400,6 +421,11 @@ def format_case(case):
             f"{cell(saved_drop / mib if saved_drop is not None else None, '.2f'):>11}"
             f"{cell(drop_beyond_x / mib if drop_beyond_x is not None else None, '.2f'):>10}"
             f"{cell(drop_cost, '.3f'):>9}")
+    if "ours_peft" in case["training_s"]:
+        costs = [ratio(case, mode, "ours_peft", "ours") for mode in ("training_s", "training_dropout_s")]
+        saved = [case[key]["ours_peft"][0] / case[key]["ours"][0] for key in ("saved_bytes", "saved_bytes_dropout")]
+        lines.append(f"PEFT route / ours: training {cell(costs[0], '.3f')}, with dropout {cell(costs[1], '.3f')}; "
+                     f"saved bytes {saved[0]:.3f}, with dropout {saved[1]:.3f}")
     merge = case["merge_s"]
     if merge:
         lines.append(f"merge: ours {merge['ours'][0] * 1e3:.2f} ms, plain PyTorch "

@@ -9,7 +9,9 @@ holding named adapters); ``moslora_ext.ops`` has the functional ops;
 ``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.adapters``),
 ``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``,
 ``load_peft_adapter`` (``moslora_ext.checkpoints``) and their helpers work on whole
-models; ``build_info()`` says what the installed extension was built with.
+models; ``MoSLoRAConfig`` (``moslora_ext.peft_method``, when peft is installed) is MoSLoRA
+inside PEFT's ``get_peft_model`` / ``PeftModel``; ``build_info()`` says what the installed
+extension was built with.
 """
 
 import glob
@@ -82,6 +84,17 @@ from .linear import Linear, TransposedLinear  # noqa: E402
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
 from .quantized import QuantizedLinear  # noqa: E402
 
+# The PEFT route (moslora_ext.MoSLoRAConfig), registered with PEFT on import when peft is installed;
+# the functional API works without it.
+try:
+    import peft as _peft  # noqa: F401
+except ModuleNotFoundError as exc:
+    if exc.name != "peft":
+        raise
+    _peft = None
+if _peft is not None:
+    from .peft_method import MoSLoRAConfig, MoSLoRAModel  # noqa: E402
+
 try:
     __version__ = metadata.version("moslora_ext")
 except metadata.PackageNotFoundError:  # pragma: no cover - built in place, not installed
@@ -111,4 +124,10 @@ __all__ = [
     "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",
     "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter", "save_peft_adapter", "saved_modules",
     "set_adapter", "active_adapter", "list_adapters", "disable_adapters", "delete_adapter",
-]
+] + (["MoSLoRAConfig", "MoSLoRAModel"] if _peft is not None else [])
+
+
+def __getattr__(name):
+    if name in ("MoSLoRAConfig", "MoSLoRAModel"):
+        raise ImportError(f"moslora_ext.{name} is the PEFT integration and needs peft: pip install 'peft>=0.21,<0.22'")
+    raise AttributeError(f"module 'moslora_ext' has no attribute {name!r}")

@@ -41,11 +41,13 @@ PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base 
 ADAPTER_TENSORS = ("lora_A", "lora_mixer", "lora_B")
 # PEFT's tensor names (and the released MoSLoRA code's lora_AB, the mixer) -> ours.
 FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer",
+                   "lora_mixer": "lora_mixer",  # moslora_ext.MoSLoRAConfig's folders
                    "lora_B": "lora_B", "lora_embedding_B": "lora_B"}
 # The settings that decide what an adapter's tensors compute. The others (lora_dropout,
 # mixer_init, train_mixer, autocast_adapter_dtype) only shape training: loading over an
 # existing adapter keeps its own.
 WEIGHT_SETTINGS = ("r", "lora_alpha", "use_rslora")
+BASE_WEIGHT = ".base_layer.weight"  # an adapted layer's base weight, as PEFT's save_embedding_layers writes it
 
 
 def _adapter_config(model, adapter_name):
@@ -425,9 +427,12 @@ def _reading(file):
                          "tensor file: save it again") from exc
 
 
-def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEFAULT_ADAPTER, replace=False):
+def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEFAULT_ADAPTER, replace=False,
+          base_weights=None):
     """Check everything, then give the layers that lack it the adapter
-    ``adapter_name``, mark the modules to save and copy the tensors in."""
+    ``adapter_name``, mark the modules to save and copy the tensors in (and
+    ``base_weights``, {layer: its saved base weight}, into those layers)."""
+    base_weights = base_weights or {}
     modules = dict(model.named_modules())
     # Each target is a module, or a fused expert parameter <experts>.<parameter> (parameter not None).
     targets = {name: split_target(modules, name) for name in settings}
@@ -471,6 +476,12 @@ def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEF
         if tensors[key].shape != t.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
                              f"but the model's has {tuple(t.shape)}")
+    for name, weight in base_weights.items():
+        if name not in settings or name not in modules:
+            raise ValueError(f"{source}: {name}{BASE_WEIGHT} is the base weight of a layer without adapter tensors")
+        if weight.shape != modules[name].weight.shape:
+            raise ValueError(f"{source}: {name}{BASE_WEIGHT} has shape {tuple(weight.shape)}, but layer {name}'s "
+                             f"weight has shape {tuple(modules[name].weight.shape)}")
     if to_add or modules_to_save:
         _wrap(model, to_add, adapter_name, modules_to_save)
     adapters = _targets(model, adapter_name)
@@ -481,6 +492,8 @@ def _load(model, settings, tensors, source, modules_to_save=(), adapter_name=DEF
                 getattr(adapter, t).copy_(tensors[f"{name}.{t}"])
         for key, t in saved_state.items():
             t.copy_(tensors[key])
+        for name, weight in base_weights.items():
+            model.get_submodule(name).weight.copy_(weight)
 
 
 def _factor_shapes(module, parameter, r):
@@ -518,6 +531,11 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     ``replace`` rule, as ``load_adapter``. ``autocast_adapter_dtype`` as in
     ``add_adapters`` (and PEFT's ``from_pretrained``): float32 adapters on
     float16/bfloat16 layers.
+
+    Also read: the ``<layer>.base_layer.weight`` that PEFT's ``save_embedding_layers`` ("auto" when embeddings are
+    targeted) writes, restored into that layer's base weight as PEFT
+    restores it; and folders of ``moslora_ext.MoSLoRAConfig`` (peft_type
+    "MOSLORA", ``lora_mixer`` tensors), whose mixer_init and train_mixer are kept.
     """
     _check_folder(path)
     check_adapter_name(adapter_name)
@@ -541,13 +559,15 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     key_pattern = re.compile(rf"(.+)\.({'|'.join(FROM_PEFT_NAMES)})(?:\.default)?(?:\.weight)?")
     modules_to_save = _names_list(path, peft_config.get("modules_to_save"))
     save_candidates = matching_names(model, modules_to_save) if modules_to_save else []
-    by_layer, tensors, to_save = {}, {}, set()
+    by_layer, tensors, to_save, base_weights = {}, {}, set(), {}
     for key, tensor in _read_tensors(weights).items():
         name = key.removeprefix(PEFT_PREFIX)
         match = key_pattern.fullmatch(name)
         module_to_save = _inside_any(name, save_candidates)
         if match:
             by_layer.setdefault(match.group(1), {})[FROM_PEFT_NAMES[match.group(2)]] = tensor
+        elif name.endswith(BASE_WEIGHT):
+            base_weights[name.removesuffix(BASE_WEIGHT)] = tensor
         elif module_to_save:
             to_save.add(module_to_save)
             tensors[name] = tensor
@@ -563,9 +583,12 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
         r = peft_experts.pattern_value(peft_config.get("rank_pattern"), keys, shared.r)
         alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), keys, shared.lora_alpha)
         has_mixer = "lora_mixer" in parts
+        # A trained mixer: a MoSLoRAConfig folder says how it started and whether it trains.
+        mixer = ({"mixer_init": peft_config.get("mixer_init", "kaiming"), "train_mixer": peft_config.get("train_mixer",
+                 True)} if has_mixer else {"mixer_init": "identity", "train_mixer": False})
         settings[name] = _settings(path, f"layer {name}", **{
             **dataclasses.asdict(shared), "r": r, "lora_alpha": alpha,
-            "mixer_init": "kaiming" if has_mixer else "identity", "train_mixer": has_mixer})
+            **mixer})
         r = settings[name].r
         module_name, parameter = split_target(modules, name)
         if parameter is not None and "lora_A" in parts and "lora_B" in parts:  # PEFT's ParamWrapper layout
@@ -578,5 +601,5 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
         tensors.update({f"{name}.{t}": tensor for t, tensor in parts.items()})
     if not settings:
         raise ValueError(f"{weights} holds no adapter tensors")
-    _load(model, settings, tensors, str(path), sorted(to_save), adapter_name, replace)
+    _load(model, settings, tensors, str(path), sorted(to_save), adapter_name, replace, base_weights)
     return model

@@ -68,12 +68,19 @@ class Conv(AdapterLayer):
 
     def add_adapter_output(self, base_out, x, adapter):
         config = adapter.config
+        dropout_p = config.lora_dropout if self.training else 0.0
+        return base_out + self.update(self._conv, x, adapter.lora_A, adapter.lora_mixer, adapter.lora_B, config.scale,
+                                      dropout_p, self.stride, self.padding, self.dilation)
+
+    @staticmethod
+    def update(conv, x, lora_A, mixer, lora_B, scale, dropout_p, stride, padding, dilation):
+        """``s * B M A(dropout(x))`` with the convolution function ``conv``
+        (F.conv2d...): A with the base's stride, padding and dilation, then
+        ``s * B M`` as one 1x1 kernel (also the PEFT route's convolutions)."""
         # fp32 adapters on a half-precision base compute in x's dtype, as the fused linear ops do.
-        lora_A, mixer, lora_B = (t.to(x.dtype) for t in (adapter.lora_A, adapter.lora_mixer, adapter.lora_B))
-        u = self._conv(F.dropout(x, config.lora_dropout, self.training), lora_A, None, self.stride, self.padding,
-                       self.dilation)
-        mixed_B = (config.scale * (lora_B.flatten(1) @ mixer)).view_as(lora_B)
-        return base_out + self._conv(u, mixed_B)
+        lora_A, mixer, lora_B = (t.to(x.dtype) for t in (lora_A, mixer, lora_B))
+        u = conv(F.dropout(x, dropout_p, dropout_p > 0), lora_A, None, stride, padding, dilation)
+        return conv(u, (scale * (lora_B.flatten(1) @ mixer)).view_as(lora_B))
 
     def _empty_base(self):
         return CONV_MODULES[len(self.kernel_size)](self.in_channels, self.out_channels, self.kernel_size, self.stride,

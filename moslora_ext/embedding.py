@@ -55,8 +55,14 @@ class Embedding(AdapterLayer):
 
     def add_adapter_output(self, base_out, ids, adapter):
         after_A = F.embedding(ids, adapter.lora_A.t(), **self.lookup_settings)
-        mixed_B = adapter.config.scale * (adapter.lora_B @ adapter.lora_mixer)
-        return base_out + (after_A @ mixed_B.t()).to(base_out.dtype)
+        update = self.update_of_rows(after_A, adapter.lora_mixer, adapter.lora_B, adapter.config.scale)
+        return base_out + update.to(base_out.dtype)
+
+    @staticmethod
+    def update_of_rows(after_A, lora_mixer, lora_B, scale):
+        """``s * after_A M^T B^T``: the adapter's output from the looked-up rows
+        ``after_A`` of ``A^T`` (also the PEFT route's embeddings)."""
+        return after_A @ (scale * (lora_B @ lora_mixer)).t()
 
     def _empty_base(self):
         return nn.Embedding(self.num_embeddings, self.embedding_dim, **self.lookup_settings)

@@ -392,10 +392,15 @@ class AdapterLayer(nn.Module):
 
     # --- merging -----------------------------------------------------------------------------
 
+    @classmethod
+    def add_update_(cls, weight, lora_A, mixer, lora_B, scale):
+        """``weight += scale * B M A`` in place, on matrix views of the weight
+        (``_as_matrix``), A and B: every layer type's update, also on the
+        PEFT route's layers (``moslora_ext.peft_method``)."""
+        ops.merge_(cls._as_matrix(weight), lora_A.flatten(1), mixer, lora_B.flatten(1), scale)
+
     def _merge_into(self, weight, adapter, scale):
-        # Every layer type's update is s * (B M) A on matrix views of the weight, A and B.
-        ops.merge_(self._as_matrix(weight), adapter.lora_A.flatten(1), adapter.lora_mixer,
-                   adapter.lora_B.flatten(1), scale)
+        self.add_update_(weight, adapter.lora_A, adapter.lora_mixer, adapter.lora_B, scale)
 
     @property
     def dense_shape(self):

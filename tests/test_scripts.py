@@ -54,6 +54,8 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
     n, d, r = 64, 4096 // 32, 4
     assert case["saved_bytes_dropout"]["lora_torch"][1] >= n * d * 4
     assert case["saved_bytes_dropout"]["ours"][1] <= n * r * 4 + 8
+    if "ours_peft" in case["saved_bytes_dropout"]:  # the PEFT route's layer saves what ours saves
+        assert case["saved_bytes_dropout"]["ours_peft"][1] == case["saved_bytes_dropout"]["ours"][1]
     # Operators per forward and backward with dropout, recorded at N/4 and N (one row block of the CPU
     # path here, so the counts are equal; on CUDA they are equal at any N).
     launches = case["launches_dropout"]

@@ -1,0 +1,415 @@
+"""MoSLoRA inside PEFT: ``MoSLoRAConfig`` for ``get_peft_model``, ``PeftModel``, TRL and the HF Trainer.
+
+    model = get_peft_model(model, moslora_ext.MoSLoRAConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    model.save_pretrained("out")
+    PeftModel.from_pretrained(base, "out")          # after `import moslora_ext`
+
+PEFT's ``PeftType`` is a closed enum, so MoSLoRA registers itself in PEFT's
+mapping dicts under the string ``"MOSLORA"`` (PEFT accepts string peft types):
+``MoSLoRAModel`` is PEFT's ``LoraModel`` whose layers are PEFT's LoRA layer
+classes with one ``LoraVariant`` each. The variant adds an r x r
+``lora_mixer`` per adapter (saved, trained, deleted with the adapter by PEFT's
+own machinery) and computes with moslora_ext's code: the fused adapter-only op
+``ops.add_moslora`` for linear layers (memory-lean dropout, adapter matrices
+cast to x's dtype, never x), ``Embedding.update_of_rows``, ``Conv.update``
+and ``AdapterLayer.add_update_`` for merging. A saved folder says
+``"peft_type": "MOSLORA"``: stock PEFT (moslora_ext not imported) refuses it
+instead of loading it as plain LoRA without the mixer.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import peft
+from packaging.version import Version
+
+SUPPORTED_PEFT = ">=0.21,<0.22"  # what the hooks below are written and tested against (pyproject's bound)
+_PEFT_RANGE = (Version("0.21"), Version("0.22"))
+if not _PEFT_RANGE[0] <= Version(Version(peft.__version__).base_version) < _PEFT_RANGE[1]:
+    raise ImportError(
+        f"moslora_ext's PEFT integration supports peft {SUPPORTED_PEFT}, but peft {peft.__version__} is installed "
+        f"(its LoRA variant and custom-layer hooks differ): install `peft{SUPPORTED_PEFT}`, or uninstall peft to "
+        "use moslora_ext's own API (add_adapters, save_adapter...) alone")
+
+import torch  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.mapping import (  # noqa: E402
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.tuners import lora  # noqa: E402
+from peft.tuners.lora import layer as lora_layer  # noqa: E402
+from peft.tuners.lora.layer import LoraLayer, LoraVariant  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from torch import nn  # noqa: E402
+
+from . import ops  # noqa: E402
+from .conv import CONV_FUNCTIONS, Conv  # noqa: E402
+from .embedding import Embedding  # noqa: E402
+from .layer import MIXER_INITS, init_mixer_  # noqa: E402
+from .linear import Linear, TransposedLinear, quantized_kind  # noqa: E402
+
+PEFT_TYPE = "MOSLORA"
+
+# LoraConfig fields that keep their PEFT meaning on MoSLoRA layers.
+KEPT_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "trainable_token_indices", "runtime_config",
+    "megatron_core", "qalora_group_size",  # read only with megatron_config and use_qalora, both refused
+}
+# LoraConfig fields refused when set, with the reason. PEFT's LoRA variants replace the forward
+# and merge that the mixer needs; the data-driven initialisations assume a mixer-free B A.
+_VARIANT = "a PEFT LoRA variant, which replaces the forward and merge that MoSLoRA's mixer needs"
+_INIT = "an initialisation of A and B from the base weight or data that assumes plain LoRA (no mixer)"
+REFUSED_FIELDS = {
+    "use_dora": "DoRA with a mixer is not implemented",
+    "velora_config": _VARIANT, "alora_invocation_tokens": _VARIANT, "monteclora_config": _VARIANT,
+    "use_bdlora": _VARIANT, "arrow_config": _VARIANT, "kasa_config": _VARIANT,
+    "use_qalora": "QALoRA's pooled adapter input is not implemented with a mixer",
+    "lora_bias": "the fused ops have no bias on B",
+    "loftq_config": _INIT, "eva_config": _INIT, "corda_config": _INIT, "lora_ga_config": _INIT,
+    "megatron_config": "Megatron's parallel linear layers are not supported",
+    "target_parameters": "adapters on bare nn.Parameters (MoE experts) are not supported on the PEFT route",
+    "layer_replication": "replicated layers sharing one base are not supported",
+    "ensure_weight_tying": "tied embedding/output adapters would need a transposed mixer",
+}
+INIT_LORA_WEIGHTS = (True, False, "gaussian")
+
+
+@dataclass
+class MoSLoRAConfig(LoraConfig):
+    """A ``peft.LoraConfig`` for MoSLoRA adapters, ``y = W0 x + s * B M A dropout(x)``,
+    for ``get_peft_model``, ``PeftModel.from_pretrained``, TRL's trainers (``peft_config=``).
+
+    Adds ``mixer_init`` ("kaiming", the default, as the released MoSLoRA code;
+    "orthogonal"; "identity"; "braid", even r only) and ``train_mixer``
+    (False freezes the mixer: "identity" + False is PEFT LoRA). The fields in
+    ``KEPT_FIELDS`` keep their PEFT meaning (``target_modules`` with
+    "all-linear", ``rank_pattern``, ``modules_to_save``, ``init_lora_weights``
+    True/False/"gaussian", ...; ``fan_in_fan_out`` follows the layer type, as
+    PEFT corrects it); those in ``REFUSED_FIELDS`` raise ValueError, with the
+    reason, when set. Checked on creation and again when a model gets the
+    adapter (TRL may change the config in between).
+    """
+
+    mixer_init: str = field(default="kaiming", metadata={"help": f"How the r x r mixer starts: one of {MIXER_INITS}"})
+    train_mixer: bool = field(default=True, metadata={"help": "Whether the mixer trains (False: frozen)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        self.check()
+
+    def check(self):
+        """Raise ValueError, naming the field and why, for a setting MoSLoRA does not support."""
+        if self.init_lora_weights not in INIT_LORA_WEIGHTS:
+            raise ValueError(f"MoSLoRAConfig: init_lora_weights={self.init_lora_weights!r} is not supported: it is "
+                             f"{_INIT}; use one of {INIT_LORA_WEIGHTS}")
+        defaults = LoraConfig()
+        for name, reason in REFUSED_FIELDS.items():
+            if getattr(self, name) != getattr(defaults, name):
+                raise ValueError(f"MoSLoRAConfig: {name}={getattr(self, name)!r} is not supported: {reason}")
+        if self.mixer_init not in MIXER_INITS:
+            raise ValueError(f"MoSLoRAConfig: mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
+        if not isinstance(self.train_mixer, bool):
+            raise ValueError(f"MoSLoRAConfig: train_mixer must be True or False, got {self.train_mixer!r}")
+        ranks = {self.r, *self.rank_pattern.values()}
+        if self.mixer_init == "braid" and any(r % 2 for r in ranks):
+            raise ValueError(f"MoSLoRAConfig: mixer_init='braid' needs even ranks, got {sorted(ranks)} "
+                             "(r and rank_pattern)")
+
+
+_unknown = {f.name for f in dataclasses.fields(LoraConfig)} - KEPT_FIELDS - REFUSED_FIELDS.keys()
+if _unknown:  # a LoraConfig field this module does not know could change what the layers compute
+    raise ImportError(f"moslora_ext does not know the LoraConfig fields {sorted(_unknown)} of peft "
+                      f"{peft.__version__}; it supports peft {SUPPORTED_PEFT}")
+
+
+# --- the variants: what a MoSLoRA adapter adds to PEFT's LoRA layers ----------------------------
+
+
+class MixerVariant(LoraVariant):
+    """MoSLoRA on a PEFT LoRA layer: its ``lora_A``/``lora_B`` (or
+    ``lora_embedding_A``/``_B``) plus ``lora_mixer[adapter]``, an
+    ``nn.Linear(r, r, bias=False)`` whose weight is M. ``layer_class`` is the
+    moslora_ext layer whose update this layer's is (its ``add_update_``)."""
+
+    layer_class = Linear
+
+    def supports_lora_conversion(self):
+        return True  # s B M A = s (B M) A is a rank-r LoRA update
+
+    @staticmethod
+    def init(module, adapter_name, config, **kwargs):
+        lora_A, _, _ = MixerVariant.factors(module, adapter_name, with_mixer=False)
+        r = module.r[adapter_name]
+        mixer = nn.Linear(r, r, bias=False, device="meta")  # no default draw: init_mixer_ alone uses the RNG
+        mixer.weight = nn.Parameter(init_mixer_(torch.empty(r, r, device=lora_A.device, dtype=lora_A.dtype),
+                                                config.mixer_init))
+        module.lora_mixer[adapter_name] = mixer
+        module.train_mixer[adapter_name] = config.train_mixer
+
+    @staticmethod
+    def factors(module, adapter_name, with_mixer=True):
+        """(A, M, B) of the adapter, as tensors."""
+        if adapter_name in module.lora_A:
+            lora_A, lora_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        else:
+            lora_A, lora_B = module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
+        return lora_A, module.lora_mixer[adapter_name].weight if with_mixer else None, lora_B
+
+    @classmethod
+    def _add(cls, module, adapter_name, weight, sign):
+        layer_class = TransposedLinear if getattr(module, "fan_in_fan_out", False) else cls.layer_class
+        layer_class.add_update_(weight, *cls.factors(module, adapter_name), sign * module.scaling[adapter_name])
+        return weight
+
+    @classmethod
+    def merge_safe(cls, module, active_adapter, orig_weight):
+        return cls._add(module, active_adapter, orig_weight.detach().clone(), 1)
+
+    @classmethod
+    def merge_unsafe(cls, module, active_adapter, orig_weight):
+        cls._add(module, active_adapter, orig_weight.data, 1)
+
+    @classmethod
+    def unmerge(cls, module, active_adapter, orig_weight):
+        return cls._add(module, active_adapter, orig_weight.data, -1)
+
+    @staticmethod
+    def dropout_p(module, adapter_name):
+        dropout = module.lora_dropout[adapter_name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    @classmethod
+    def forward(cls, module, active_adapter, x, result, **kwargs):
+        lora_A, mixer, lora_B = cls.factors(module, active_adapter)
+        # x may arrive in the adapter's dtype (PEFT's mixed batches cast it); the op computes in the base's.
+        return ops.add_moslora(result, x.to(result.dtype), lora_A, mixer, lora_B, module.scaling[active_adapter],
+                               cls.dropout_p(module, active_adapter))
+
+
+class QuantizedVariant(MixerVariant):
+    """On bitsandbytes bases PEFT quantizes again what ``merge_safe`` and
+    ``unmerge`` return: the update is added in the adapter's precision
+    (float32), as PEFT's LoRA adds its float32 update to the dequantized weight."""
+
+    @classmethod
+    def _added(cls, module, adapter_name, weight, sign):
+        dtype = torch.promote_types(weight.dtype, cls.factors(module, adapter_name)[0].dtype)
+        return cls._add(module, adapter_name, weight.detach().to(dtype, copy=True), sign)
+
+    @classmethod
+    def merge_safe(cls, module, active_adapter, orig_weight):
+        return cls._added(module, active_adapter, orig_weight, 1)
+
+    @classmethod
+    def unmerge(cls, module, active_adapter, orig_weight):
+        return cls._added(module, active_adapter, orig_weight, -1)
+
+
+class EmbeddingVariant(MixerVariant):
+    layer_class = Embedding
+
+    @classmethod
+    def forward(cls, module, active_adapter, x, result, **kwargs):
+        lora_A, mixer, lora_B = cls.factors(module, active_adapter)
+        after_A = module._embed(x, lora_A.t(), input_fn=module.input_fns.get(active_adapter),
+                                output_fn=module.output_fns.get(active_adapter))
+        update = Embedding.update_of_rows(after_A, mixer, lora_B, module.scaling[active_adapter])
+        embed_scale = module._get_embed_scale()  # scaled embeddings (Gemma) scale the adapter's part too
+        if embed_scale is not None:
+            update = update * embed_scale.to(update.dtype)
+        return result + update.to(result.dtype)
+
+
+class ConvVariant(MixerVariant):
+    layer_class = Conv
+
+    @classmethod
+    def forward(cls, module, active_adapter, x, result, **kwargs):
+        lora_A, mixer, lora_B = cls.factors(module, active_adapter)
+        conv = module.lora_A[active_adapter]  # PEFT's A: the base's kernel, stride and padding
+        return result + Conv.update(CONV_FUNCTIONS[len(conv.kernel_size)], x.to(result.dtype), lora_A, mixer, lora_B,
+                                    module.scaling[active_adapter], cls.dropout_p(module, active_adapter),
+                                    conv.stride, conv.padding, conv.dilation)
+
+
+# --- the layers: PEFT's LoRA layer classes with the mixer variant ------------------------------
+
+
+class MoSLoRALayer:
+    """What the MoSLoRA layers add to PEFT's LoRA layer classes: a
+    ``lora_mixer`` per adapter (in ``adapter_layer_names``, so that PEFT
+    saves, loads, moves, casts and deletes it with the adapter), the variant
+    ``variant_class`` for every adapter, and frozen mixers for
+    ``train_mixer=False``. ``x`` is never cast to the adapter's dtype: the
+    ops cast the small adapter matrices to x's instead."""
+
+    adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_mixer",)
+    other_param_names = LoraLayer.other_param_names + ("train_mixer",)
+    variant_class = MixerVariant
+
+    def update_layer(self, adapter_name, *args, **kwargs):
+        if "lora_mixer" not in self._modules:
+            self.lora_mixer = nn.ModuleDict()
+            self.train_mixer = {}
+        super().update_layer(adapter_name, *args, **kwargs)
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        return self.variant_class()
+
+    def _cast_input_dtype(self, x, dtype):
+        return x
+
+    def set_adapter(self, adapter_names, inference_mode=False):
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        for name, trains in self.train_mixer.items():
+            if not trains:
+                self.lora_mixer[name].requires_grad_(False)
+
+    def _delta_shape(self):
+        return self.get_base_layer().weight.shape
+
+    def get_delta_weight(self, adapter):
+        """The adapter ``adapter`` as an update of the base weight (its layout; the adapter's dtype)."""
+        lora_A = self.variant_class.factors(self, adapter)[0]
+        delta = torch.zeros(self._delta_shape(), dtype=lora_A.dtype, device=lora_A.device)
+        return self.variant_class._add(self, adapter, delta, 1)
+
+
+class MoSLoRALinear(MoSLoRALayer, lora_layer.Linear):
+    """PEFT's LoRA ``Linear`` (also on GPT-2's ``Conv1D``) with MoSLoRA adapters, on the fused ops."""
+
+
+class MoSLoRAEmbedding(MoSLoRALayer, lora_layer.Embedding):
+    """PEFT's LoRA ``Embedding`` with MoSLoRA adapters."""
+
+    variant_class = EmbeddingVariant
+
+    def _mixed_batch_forward(self, *args, **kwargs):
+        raise ValueError("mixed-adapter batches (adapter_names=...) are not supported on MoSLoRA embedding layers; "
+                         "run one adapter at a time (set_adapter), or leave the embeddings out of target_modules")
+
+
+class MoSLoRAConv1d(MoSLoRALayer, lora_layer.Conv1d):
+    variant_class = ConvVariant
+
+
+class MoSLoRAConv2d(MoSLoRALayer, lora_layer.Conv2d):
+    variant_class = ConvVariant
+
+
+class MoSLoRAConv3d(MoSLoRALayer, lora_layer.Conv3d):
+    variant_class = ConvVariant
+
+
+def _linear(target, adapter_name, config, **kwargs):
+    layer = MoSLoRALinear(target, adapter_name, config=config, **kwargs)
+    layer.fan_in_fan_out = False  # as PEFT corrects fan_in_fan_out per layer type
+    return layer
+
+
+def _conv1d_gpt2(target, adapter_name, config, **kwargs):
+    layer = MoSLoRALinear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
+    layer.fan_in_fan_out = True  # Conv1D stores its weight (in, out)
+    return layer
+
+
+def _conv(layer_class):
+    def create(target, adapter_name, config, **kwargs):
+        base = _base_of(target)
+        if base.groups != 1 or any(d != 1 for d in base.dilation):
+            raise TypeError(f"MoSLoRA adapters on the PEFT route need convolutions with groups=1 and dilation 1 "
+                            f"(PEFT's A has no dilation), got {base}; moslora_ext.add_adapters takes dilated ones")
+        return layer_class(target, adapter_name, config=config, **kwargs)
+    return create
+
+
+def _base_of(target):
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+
+
+def layer_factories():
+    """Base module type -> the function that makes its MoSLoRA layer, in the
+    order PEFT's dispatchers use (bitsandbytes layers before ``nn.Linear``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    factories = _bnb_factories()
+    factories.update({nn.Embedding: MoSLoRAEmbedding, nn.Conv1d: _conv(MoSLoRAConv1d),
+                      nn.Conv2d: _conv(MoSLoRAConv2d), nn.Conv3d: _conv(MoSLoRAConv3d), Conv1D: _conv1d_gpt2,
+                      nn.Linear: _linear})
+    return factories
+
+
+_BNB = {}  # the bitsandbytes layer factories, made on first use (PEFT imports bitsandbytes lazily too)
+
+
+def _quantized_factory(peft_class, base_settings):
+    """The factory of a MoSLoRA layer class over PEFT's bitsandbytes LoRA
+    class ``peft_class``; ``base_settings(base)`` are the keyword arguments
+    that PEFT's own dispatcher reads from the base layer."""
+    layer_class = type(f"MoSLoRA{peft_class.__name__}", (MoSLoRALayer, peft_class), {
+        "__doc__": f"PEFT's LoRA ``{peft_class.__name__}`` with MoSLoRA adapters, on the fused adapter op.",
+        "__module__": __name__,
+        "_delta_shape": lambda self: (self.out_features, self.in_features),  # the weight is stored packed
+        "variant_class": QuantizedVariant,
+    })
+
+    def create(target, adapter_name, config, **kwargs):
+        return layer_class(target, adapter_name, config=config, **kwargs | base_settings(_base_of(target)))
+    return create
+
+
+def _bnb_factories():
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+
+    if is_bnb_available() and not _BNB:
+        import bitsandbytes as bnb
+        from peft.tuners.lora import bnb as peft_bnb
+
+        _BNB[bnb.nn.Linear8bitLt] = _quantized_factory(peft_bnb.Linear8bitLt, lambda base: {
+            "has_fp16_weights": base.state.has_fp16_weights, "threshold": base.state.threshold, "index": base.index})
+        if is_bnb_4bit_available():
+            _BNB[bnb.nn.Linear4bit] = _quantized_factory(peft_bnb.Linear4bit, lambda base: {
+                "compute_dtype": base.compute_dtype, "compress_statistics": base.weight.compress_statistics,
+                "quant_type": base.weight.quant_type})
+    return dict(_BNB)
+
+
+# --- the tuner ---------------------------------------------------------------------------------
+
+
+class MoSLoRAModel(lora.LoraModel):
+    """PEFT's ``LoraModel`` with MoSLoRA layers: the tuner of peft_type "MOSLORA"."""
+
+    def _check_new_adapter_config(self, config):
+        if not isinstance(config, MoSLoRAConfig):
+            raise TypeError(f"a MoSLoRA model takes MoSLoRAConfig adapters, got a {type(config).__name__}")
+        config.check()  # again: TRL and others may change a config after its creation
+        super()._check_new_adapter_config(config)
+
+    @staticmethod
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        base = _base_of(target)
+        factory = next((f for t, f in layer_factories().items() if isinstance(base, t)), None)
+        if factory is None:  # never fall back to a plain LoRA layer: it would silently drop the mixer
+            raise TypeError(f"MoSLoRA adapters on the PEFT route go on torch.nn.Linear, GPT-2's Conv1D, "
+                            f"torch.nn.Embedding, Conv1d/2d/3d and bitsandbytes Linear8bitLt/Linear4bit layers; "
+                            f"target {type(base).__name__} is none of them")
+        if isinstance(base, nn.Linear) and quantized_kind(base) == "torchao":
+            raise TypeError("torchao-quantized linear layers are not supported on the PEFT route (merging would "
+                            "write into the quantized weight); use moslora_ext.add_adapters")
+        return factory(target, adapter_name, config=lora_config, **kwargs)
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise NotImplementedError("add_weighted_adapter combines LoRA factors without their mixers; it is not "
+                                  "supported for MoSLoRA adapters")
+
+
+PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoSLoRAConfig
+PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoSLoRAModel
+PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoSLoRAModel.prefix

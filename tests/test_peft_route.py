@@ -1,0 +1,412 @@
+"""MoSLoRA inside PEFT (moslora_ext.MoSLoRAConfig): against PEFT itself and moslora_ext's own layers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moslora_ext
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from moslora_ext.peft_method import REFUSED_FIELDS, MoSLoRAEmbedding, MoSLoRALinear  # noqa: E402
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+
+
+def tiny_llama(seed=0, hidden_size=32):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                      num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def batch(seed=0, rows=4):
+    return torch.randint(0, 64, (rows, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def moslora(model, **settings):
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": LLAMA_TARGETS} | settings
+    return get_peft_model(model, moslora_ext.MoSLoRAConfig(**settings))
+
+
+def trained_looking(model, seed=1):
+    """Draw every adapter tensor (B starts at zero), so that the adapters change the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+# --- point 1: the config ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_FIELDS))
+def test_refused_lora_settings_are_named_with_their_reason(name):
+    value = {"use_dora": True, "use_qalora": True, "lora_bias": True, "ensure_weight_tying": True,
+             "alora_invocation_tokens": [1], "loftq_config": {"loftq_bits": 4}, "target_parameters": ["w"],
+             "layer_replication": [(0, 1)], "use_bdlora": {}}.get(name, object())
+    with pytest.raises(ValueError, match=rf"{name}=.* is not supported: "):
+        config = moslora_ext.MoSLoRAConfig(target_modules=["q_proj"])
+        setattr(config, name, value)  # as TRL may do after creation: checked again when the model gets it
+        get_peft_model(tiny_llama(), config)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "eva", "orthogonal", "mica"])
+def test_data_driven_initialisations_are_refused(init):
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' is not supported"):
+        moslora_ext.MoSLoRAConfig(init_lora_weights=init)
+
+
+def test_mixer_settings_are_checked():
+    with pytest.raises(ValueError, match="mixer_init must be one of"):
+        moslora_ext.MoSLoRAConfig(mixer_init="random")
+    with pytest.raises(ValueError, match="needs even ranks, got \\[3, 4\\]"):
+        moslora_ext.MoSLoRAConfig(r=4, mixer_init="braid", rank_pattern={"q_proj": 3})
+    with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
+        moslora(tiny_llama()).add_adapter("plain", LoraConfig(target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_init_lora_weights_keeps_its_peft_meaning(init):
+    targets = ["q_proj", "v_proj"]
+    ours = moslora(tiny_llama(), mixer_init="identity", init_lora_weights=init, target_modules=targets)
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                     init_lora_weights=init))
+    # The same draws from the same seed, layer after layer: an identity mixer draws nothing.
+    theirs_factors = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
+    ours_factors = {n: p for n, p in ours.named_parameters() if "lora_" in n and "lora_mixer" not in n}
+    assert ours_factors.keys() == theirs_factors.keys() and len(ours_factors) == 8
+    for name, p in ours_factors.items():
+        torch.testing.assert_close(p, theirs_factors[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("settings", [
+    {"target_modules": "all-linear", "exclude_modules": ["o_proj"], "rank_pattern": {"q_proj": 2},
+     "alpha_pattern": {"v_proj": 3}, "modules_to_save": ["lm_head"]},
+    {"target_modules": ["q_proj", "v_proj", "up_proj"], "layers_to_transform": [1], "layers_pattern": "layers",
+     "rank_pattern": {"q_proj": 2}},
+])
+def test_selection_settings_select_what_peft_selects(settings):
+    ours = get_peft_model(tiny_llama(), moslora_ext.MoSLoRAConfig(r=4, lora_alpha=8, **settings))
+    theirs = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, **settings))
+    ours_layers = {n: (m.r, m.scaling) for n, m in ours.named_modules() if isinstance(m, MoSLoRALinear)}
+    theirs_layers = {n: (m.r, m.scaling) for n, m in theirs.named_modules() if type(m).__name__ == "Linear"
+                     and hasattr(m, "lora_A")}
+    assert ours_layers == theirs_layers and len(ours_layers) >= 3
+    assert ours.base_model.model.model.layers[1].self_attn.q_proj.lora_mixer["default"].weight.shape == (2, 2)
+    assert ({n for n, p in ours.named_parameters() if p.requires_grad} - {n for n, p in theirs.named_parameters()
+            if p.requires_grad}) == {f"{n}.lora_mixer.default.weight" for n in ours_layers}
+
+
+# --- point 4: equivalences ----------------------------------------------------------------------
+
+
+def copy_lora_factors(source, target):
+    """Copy PEFT LoRA's A and B (and their embedding forms) into the same-named tensors of ``target``."""
+    theirs = dict(source.named_parameters())
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            if "lora_" in name and "lora_mixer" not in name:
+                p.copy_(theirs[name])
+
+
+@pytest.mark.parametrize("make_model, targets", [(tiny_llama, LLAMA_TARGETS),
+                                                 (tiny_gpt2, ["c_attn", "c_proj", "c_fc", "wte"])])
+def test_identity_frozen_mixer_gives_peft_lora_outputs_and_gradients(make_model, targets):
+    theirs = trained_looking(get_peft_model(make_model(), LoraConfig(r=4, lora_alpha=8, target_modules=targets)))
+    ours = moslora(make_model(), mixer_init="identity", train_mixer=False, target_modules=targets)
+    copy_lora_factors(theirs, ours)
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if "lora_mixer" in n)
+    ids = batch()
+    for model in (theirs, ours):
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=0, atol=1e-6)
+    their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_peft_route_layer_gives_add_adapters_outputs_with_dropout():
+    ours = trained_looking(moslora(tiny_llama(), lora_dropout=0.25))
+    functional = moslora_ext.add_adapters(tiny_llama(), LLAMA_TARGETS, r=4, lora_alpha=8, lora_dropout=0.25)
+    with torch.no_grad():
+        for name, layer in moslora_ext.adapted_layers(functional).items():
+            peft_layer = ours.base_model.model.get_submodule(name)
+            A, M, B = peft_layer.variant_class.factors(peft_layer, "default")
+            for t, source in (("lora_A", A), ("lora_mixer", M), ("lora_B", B)):
+                getattr(layer, t).copy_(source)
+    ours.train(), functional.train()
+    ids = batch()
+    outputs = []
+    for model in (ours, functional):
+        torch.manual_seed(3)  # the same dropout seeds, drawn layer by layer in the same order
+        outputs.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+    ours.eval()
+    assert not torch.allclose(logits(ours, ids), outputs[0])  # dropout was on
+
+
+def test_dropout_does_not_save_a_dropped_copy_of_the_input():
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    model = get_peft_model(layer, moslora_ext.MoSLoRAConfig(r=4, target_modules=["0"], lora_dropout=0.5))
+    x = torch.randn(64, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        model(x)
+    assert sum(n for n in saved if n == x.numel()) <= x.numel()  # x itself (for the base's weight grad), no copy
+
+
+# --- point 2: the PEFT model API ----------------------------------------------------------------
+
+
+def test_half_precision_base_gets_float32_adapters_as_peft_does():
+    model = moslora(tiny_llama().to(torch.bfloat16), target_modules=["q_proj", "v_proj"])
+    theirs = get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {
+        p.dtype for n, p in theirs.named_parameters() if "lora_" in n} == {torch.float32}
+    ids = batch()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_trainable_token_indices_keep_their_peft_meaning(tmp_path):
+    model = moslora(tiny_llama(), target_modules=["q_proj"], trainable_token_indices=[3, 5])
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    token_grads = [p.grad for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert len(token_grads) == 1 and token_grads[0].shape == (2, 32)
+    trained_looking(model)
+    with torch.no_grad():  # trained-looking token rows too
+        next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n).normal_()
+    model.eval().save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_generate_with_mixed_adapters_gives_each_rows_own_generation():
+    model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"]), seed=1).eval()
+    model.add_adapter("other", moslora_ext.MoSLoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    trained_looking(model, seed=2)
+    ids = batch(rows=2)
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    mixed = model.generate(input_ids=ids, adapter_names=["other", "default"], **settings)
+    for row, name in enumerate(["other", "default"]):
+        model.set_adapter(name)
+        torch.testing.assert_close(mixed[row], model.generate(input_ids=ids[row:row + 1], **settings)[0])
+
+
+def test_merge_unmerge_and_unload_keep_the_outputs():
+    model = trained_looking(moslora(tiny_llama(), mixer_init="orthogonal")).eval()
+    ids = batch()
+    adapted, base = logits(model, ids), logits(tiny_llama().eval(), ids)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.get_delta_weight("default"),
+                               layer.scaling["default"] * layer.lora_B["default"].weight
+                               @ layer.lora_mixer["default"].weight @ layer.lora_A["default"].weight)
+    with pytest.raises(ValueError, match="NaNs detected"):
+        with torch.no_grad():
+            layer.lora_mixer["default"].weight[0, 0] = float("inf")
+        model.merge_adapter(safe_merge=True)
+    with torch.no_grad():
+        layer.lora_mixer["default"].weight[0, 0] = 0.0
+    adapted = logits(model, ids)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert not any("lora_" in name for name in merged.state_dict())
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
+    unloaded = trained_looking(moslora(tiny_llama())).unload()
+    torch.testing.assert_close(logits(unloaded.eval(), ids), base, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_merge_writes_the_transposed_weight():
+    model = trained_looking(moslora(tiny_gpt2(), target_modules=["c_attn", "c_fc"])).eval()
+    ids = batch()
+    adapted = logits(model, ids)
+    torch.testing.assert_close(logits(model.merge_and_unload(), ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_named_adapters_set_delete_and_mixed_batches():
+    model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"]), seed=1).eval()
+    model.add_adapter("other", moslora_ext.MoSLoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    trained_looking(model, seed=2)
+    ids = batch()
+    model.set_adapter("other")
+    other = logits(model, ids)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".other." in n}
+    model.set_adapter("default")
+    default = logits(model, ids)
+    with model.disable_adapter():
+        base = logits(model, ids)
+    names = ["default", "other", "__base__", "other"]
+    mixed = logits(model, ids, adapter_names=names)
+    for row, expected in enumerate((default, other, base, other)):
+        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-5)
+    model.delete_adapter("other")
+    assert not any(".other" in n for n in model.state_dict())
+    torch.testing.assert_close(logits(model, ids), default, rtol=0, atol=0)
+
+
+def test_mixed_batches_with_adapted_embeddings_are_refused():
+    model = moslora(tiny_llama(), target_modules=["embed_tokens"]).eval()
+    with pytest.raises(ValueError, match="mixed-adapter batches .* not supported on MoSLoRA embedding"):
+        model(input_ids=batch(), adapter_names=["default"] * 4)
+
+
+def test_unsupported_target_types_are_refused_never_plain_lora():
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2))
+    with pytest.raises(TypeError, match="MultiheadAttention is none of them"):
+        get_peft_model(model, moslora_ext.MoSLoRAConfig(target_modules=["0"]))
+    dilated = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, dilation=2))
+    with pytest.raises(TypeError, match="groups=1 and dilation 1"):
+        get_peft_model(dilated, moslora_ext.MoSLoRAConfig(target_modules=["0"]))
+
+
+def test_conv_layers_give_moslora_ext_conv_outputs_and_merge():
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2, padding=1))
+    model = trained_looking(get_peft_model(conv, moslora_ext.MoSLoRAConfig(r=4, target_modules=["0"])))
+    layer = model.base_model.model[0]
+    A, M, B = layer.variant_class.factors(layer, "default")
+    own = moslora_ext.Conv.from_module(torch.nn.Conv2d(3, 6, 3, stride=2, padding=1), r=4, lora_alpha=8)
+    with torch.no_grad():
+        own.weight.copy_(layer.base_layer.weight), own.bias.copy_(layer.base_layer.bias)
+        own.lora_A.copy_(A), own.lora_mixer.copy_(M), own.lora_B.copy_(B)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), own(x), rtol=0, atol=1e-6)
+        expected = own(x)
+        torch.testing.assert_close(model.merge_and_unload()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- point 3: saving and loading ----------------------------------------------------------------
+
+
+def test_save_pretrained_round_trip_and_stock_peft_refuses(tmp_path):
+    model = trained_looking(moslora(tiny_llama(), mixer_init="orthogonal", lora_dropout=0.1)).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MOSLORA" and config["mixer_init"] == "orthogonal"
+    ids = batch()
+    expected = logits(model, ids)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert isinstance(reloaded.peft_config["default"], moslora_ext.MoSLoRAConfig)
+    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    functional = moslora_ext.load_peft_adapter(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(functional, ids), expected, rtol=0, atol=1e-6)
+    stock = run_python(  # moslora_ext not imported: stock PEFT must refuse, not load plain LoRA
+        "import torch, transformers, peft\n"
+        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, "
+        "num_attention_heads=4, num_key_value_heads=2)\n"
+        f"peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM(config), {str(tmp_path)!r})")
+    assert stock.returncode != 0 and "MOSLORA" in stock.stderr, stock.stderr[-2000:]
+
+
+def test_frozen_mixers_stay_frozen_through_reloading(tmp_path):
+    model = moslora(tiny_llama(), train_mixer=False, target_modules=["q_proj"])
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    trainable = {n for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert trainable and not any("lora_mixer" in n for n in trainable)
+    reloaded.load_adapter(tmp_path, adapter_name="second", is_trainable=True)
+    reloaded.set_adapter("second")
+    assert not any("lora_mixer" in n for n, p in reloaded.named_parameters() if p.requires_grad)
+
+
+def test_load_adapter_adds_a_second_adapter_from_a_folder(tmp_path):
+    first = trained_looking(moslora(tiny_llama()), seed=5).eval()
+    first.save_pretrained(tmp_path / "first")
+    ids = batch()
+    model = trained_looking(moslora(tiny_llama()), seed=6).eval()
+    model.load_adapter(tmp_path / "first", adapter_name="first")
+    model.set_adapter("first")
+    torch.testing.assert_close(logits(model, ids), logits(first, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_class", [LoraConfig, moslora_ext.MoSLoRAConfig])
+def test_rank_and_alpha_patterns_load_through_both_routes(tmp_path, config_class):
+    config = config_class(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2},
+                          alpha_pattern={"layers.1.self_attn.v_proj": 5})
+    model = trained_looking(get_peft_model(tiny_llama(), config)).eval()
+    model.save_pretrained(tmp_path)
+    ids = batch()
+    expected = logits(model, ids)
+    functional = moslora_ext.load_peft_adapter(tiny_llama(), tmp_path).eval()
+    layers = moslora_ext.adapted_layers(functional)
+    assert layers["model.layers.0.self_attn.q_proj"].r == 2
+    assert layers["model.layers.1.self_attn.v_proj"].lora_alpha == 5
+    assert layers["model.layers.0.self_attn.v_proj"].lora_alpha == 8
+    torch.testing.assert_close(logits(functional, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), ids), expected,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config_class", [LoraConfig, moslora_ext.MoSLoRAConfig])
+def test_saved_embedding_base_weights_are_restored_by_load_peft_adapter(tmp_path, config_class):
+    model = trained_looking(get_peft_model(tiny_llama(), config_class(r=4, target_modules=["embed_tokens", "q_proj"])))
+    with torch.no_grad():  # a resized or retrained vocabulary, which save_embedding_layers exists for
+        model.base_model.model.model.embed_tokens.base_layer.weight.add_(1.0)
+    model.eval().save_pretrained(tmp_path)  # save_embedding_layers="auto": embed_tokens.base_layer.weight too
+    from safetensors.torch import load_file
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    ids = batch()
+    functional = moslora_ext.load_peft_adapter(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(functional, ids), logits(model, ids), rtol=0, atol=1e-5)
+    wrong_size = transformers.LlamaForCausalLM(tiny_llama().config.__class__(**{**tiny_llama().config.to_dict(),
+                                                                                "vocab_size": 65}))
+    with pytest.raises(ValueError, match="embed_tokens.* has shape"):
+        moslora_ext.load_peft_adapter(wrong_size, tmp_path)
+
+
+# --- point 7: supported PEFT versions -----------------------------------------------------------
+
+
+def run_python(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_import_refuses_an_unsupported_peft_naming_the_range():
+    result = run_python("import peft; peft.__version__ = '0.16.0'; import moslora_ext")
+    assert result.returncode != 0
+    assert "supports peft >=0.21,<0.22, but peft 0.16.0 is installed" in result.stderr
+
+
+def test_the_functional_api_works_without_peft():
+    result = run_python("import sys; sys.modules['peft'] = None\nimport torch, moslora_ext\n"
+                        "m = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), ['0'])\n"
+                        "print(len(moslora_ext.adapted_layers(m)))\n"
+                        "try:\n    moslora_ext.MoSLoRAConfig\nexcept ImportError as e:\n    print(e)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == "1" and "needs peft" in result.stdout
