@@ -13,7 +13,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from moslora_ext.peft_method import REFUSED_FIELDS, MoSLoRAEmbedding, MoSLoRALinear  # noqa: E402
+from moslora_ext.peft_method import REFUSED_FIELDS, MoSLoRALinear  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 
