@@ -7,9 +7,9 @@ GPT-2's Conv1D, ``Conv`` and ``Embedding`` in plain PyTorch, ``Experts`` for the
 fused experts of mixture-of-experts models, all ``AdapterLayer``s
 holding named adapters); ``moslora_ext.ops`` has the functional ops;
 ``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.adapters``),
-``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``,
-``load_peft_adapter`` (``moslora_ext.checkpoints``) and their helpers work on whole
-models; ``MoSLoRAConfig`` (``moslora_ext.peft_method``, when peft is installed) is MoSLoRA
+``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``
+(``moslora_ext.checkpoints``), ``save_peft_adapter``, ``load_peft_adapter``
+(``moslora_ext.peft_checkpoints``) and their helpers work on whole models; ``MoSLoRAConfig`` (``moslora_ext.peft_method``, when peft is installed) is MoSLoRA
 inside PEFT's ``get_peft_model`` / ``PeftModel``; ``build_info()`` says what the installed
 extension was built with.
 """
@@ -74,7 +74,8 @@ from .adapters import (  # noqa: E402
     set_adapter,
     trainable_parameters,
 )
-from .checkpoints import load_adapter, load_peft_adapter, save_adapter, save_peft_adapter  # noqa: E402
+from .checkpoints import load_adapter, save_adapter  # noqa: E402
+from .peft_checkpoints import load_peft_adapter, save_peft_adapter  # noqa: E402
 from .conv import Conv  # noqa: E402
 from .dispatch import check_adaptable  # noqa: E402
 from .embedding import Embedding  # noqa: E402

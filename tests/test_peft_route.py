@@ -1,6 +1,7 @@
 """MoSLoRA inside PEFT (moslora_ext.MoSLoRAConfig): against PEFT itself and moslora_ext's own layers."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -394,7 +395,9 @@ def test_saved_embedding_base_weights_are_restored_by_load_peft_adapter(tmp_path
 
 
 def run_python(code):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # From the tests folder: at the repository root the source tree would hide the installed package.
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_import_refuses_an_unsupported_peft_naming_the_range():
