@@ -1,5 +1,6 @@
-// Device kernels behind the ops: the mixer step and the products under dropout.
-// csrc/moslora.cpp picks the device's specialisation.
+// Device kernels behind the ops: the mixer step and the dropout passes
+// (csrc/moslora.cpp and dropout_products.cpp pick the device's
+// specialisation), and the products under dropout built on them.
 #pragma once
 
 #include "dropout_kernels.h"
@@ -37,7 +38,7 @@ Rows<T> rows_of(const at::Tensor& t) {
 }
 
 // Rows per block of a row-blocked loop, so that a block's temporaries hold
-// about 2^20 elements (the CPU's dropped copy of x, merge's fp32 rows).
+// about 2^20 elements (merge's fp32 rows, the CPU's tiles under dropout).
 inline int64_t rows_per_block(int64_t cols) {
   return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cols, 1));
 }
@@ -59,17 +60,42 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at
 template <c10::DeviceType device>
 void dropout_rows(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec, int64_t first_row);
 
-// The three products that need the mask, for x (N, d) and lora_A (r, d) with
-// unit column strides and du (N, r) contiguous; accumulation in fp32 for
-// half precision, rounded once.
-// u = dropout(x) lora_A^T (N, r).
+// Backward's pass over the rows first_row, ... of x (rows, cols): each mask
+// group drawn once for dropped = dropout(x) (out of place, contiguous rows;
+// the dtype the device's dA GEMM reads: fp32 for half precision on a CPU,
+// x's dtype on CUDA) and dx = dropout(dx) (in place, (rows, cols) of x's
+// dtype with unit column stride); either may be undefined.
 template <c10::DeviceType device>
+void dropout_pair_rows(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& dx, const DropoutSpec& spec,
+                       int64_t first_row);
+
+// kernel<kCUDA>(args...) for CUDA operands, kernel<kCPU>(args...) otherwise.
+#ifdef WITH_CUDA
+#define ON_DEVICE(is_cuda, kernel, ...) \
+  ((is_cuda) ? moslora::kernel<c10::kCUDA>(__VA_ARGS__) : moslora::kernel<c10::kCPU>(__VA_ARGS__))
+#else
+#define ON_DEVICE(is_cuda, kernel, ...) ((void)(is_cuda), moslora::kernel<c10::kCPU>(__VA_ARGS__))
+#endif
+
+// The products under dropout (dropout_products.cpp, for either device), for
+// x (N, d) and lora_A (r, d) with unit column strides and du (N, r)
+// contiguous; accumulation in fp32 for half precision, rounded once.
+// u = dropout(x) lora_A^T (N, r).
 at::Tensor dropout_project_down(const at::Tensor& x, const at::Tensor& lora_A, const DropoutSpec& spec);
 
 // dA = du^T dropout(x) (r, d), returned when need_dA (else undefined), and
 // dx = dropout(du lora_A) written into dx (N, d, contiguous) when dx is defined.
-template <c10::DeviceType device>
 at::Tensor dropout_grads(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_A, const at::Tensor& dx,
                          bool need_dA, const DropoutSpec& spec);
+
+// Rows of x (cols columns of element_size bytes) per tile of the products
+// under dropout: on a CPU about 2^20 elements (a core's cache); on CUDA
+// 16 MiB, which a GPU's L2 (40-50 MiB on A100/H100/H200) keeps while the GEMM
+// reads the tile back right after the dropout pass wrote it.
+inline int64_t dropout_tile_rows(bool cuda, int64_t cols, int64_t element_size) {
+  if (!cuda) return rows_per_block(cols);
+  const int64_t tile_bytes = int64_t(1) << 24;
+  return std::max<int64_t>(1, tile_bytes / std::max<int64_t>(cols * element_size, 1));
+}
 
 }  // namespace moslora

@@ -141,15 +141,6 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
-// kernel<kCUDA>(args...) for CUDA operands, kernel<kCPU>(args...) otherwise:
-// the device kernels of kernels.h.
-#ifdef WITH_CUDA
-#define ON_DEVICE(is_cuda, kernel, ...) \
-  ((is_cuda) ? moslora::kernel<c10::kCUDA>(__VA_ARGS__) : moslora::kernel<c10::kCPU>(__VA_ARGS__))
-#else
-#define ON_DEVICE(is_cuda, kernel, ...) ((void)(is_cuda), moslora::kernel<c10::kCPU>(__VA_ARGS__))
-#endif
-
 int64_t leading_rows(const Tensor& x) {
   return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
 }
@@ -202,7 +193,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>&
   const auto x2 = x.reshape({n, d});
   const bool cuda = x.is_cuda();
   auto u = dropout_p == 0.0 ? at::mm(x2, lora_A.t())
-                            : ON_DEVICE(cuda, dropout_project_down, unit_column_rows(x2), lora_A.contiguous(), dropout);
+                            : dropout_project_down(unit_column_rows(x2), lora_A.contiguous(), dropout);
   const auto v = ON_DEVICE(cuda, mixer_forward, u, mixer.contiguous(), scale);
   // y is allocated in its final shape and filled through a 2-D view, so the op
   // returns a tensor of its own rather than a view: callers may change it in
@@ -265,7 +256,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
       if (need_dx) at::mm_out(dx2, du, lora_A);
     } else {
       // The mask of forward, regenerated: dA = dU^T dropout(X), dX = dropout(dU A).
-      dA = ON_DEVICE(cuda, dropout_grads, unit_column_rows(x2), du, lora_A.contiguous(), dx2, need_dA, dropout);
+      dA = dropout_grads(unit_column_rows(x2), du, lora_A.contiguous(), dx2, need_dA, dropout);
     }
   }
   // As in forward, the base GEMM accumulates into the adapter's part; without

@@ -40,73 +40,7 @@ void check_rows(const at::Tensor& t, const char* name) {
                     " must be a 2-D CPU tensor with unit column stride");
 }
 
-// Every (block, warp, lane) of down_project_kernel's grid; lane_sum over the
-// 32 lanes' shares as the warp's shuffles add them.
-at::Tensor down_project(const at::Tensor& x, const at::Tensor& lora_A, double p, int64_t seed) {
-  check_rows(x, "x");
-  check_rows(lora_A, "lora_A");
-  const int64_t n = x.size(0), r = lora_A.size(0);
-  auto u = poisoned({n, r}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "down_project", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto xr = rows_of<const scalar_t>(x), ar = rows_of<const scalar_t>(lora_A);
-    const auto mask = mask_of<acc_t>(host_mask(p, seed));
-    scalar_t* out = u.mutable_data_ptr<scalar_t>();
-    const Grid3 grid = down_project_launch(n).grid;
-    for (int64_t block = 0; block < grid.x; ++block) {
-      for (int warp = 0; warp < kDownWarps; ++warp) {
-        for (int64_t row = block * kDownWarps + warp; row < n; row += grid.x * kDownWarps) {
-          for (int64_t i0 = 0; i0 < r; i0 += kDownRChunk) {
-            const int count = static_cast<int>(std::min<int64_t>(kDownRChunk, r - i0));
-            acc_t shares[kWarpLanes][kDownRChunk];
-            for (int lane = 0; lane < kWarpLanes; ++lane) {
-              down_project_lane(xr, ar, mask, row, lane, i0, count, shares[lane]);
-            }
-            for (int i = 0; i < count; ++i) {
-              acc_t lanes[kWarpLanes];
-              for (int lane = 0; lane < kWarpLanes; ++lane) lanes[lane] = shares[lane][i];
-              out[row * r + i0 + i] = static_cast<scalar_t>(lane_sum(lanes));
-            }
-          }
-        }
-      }
-    }
-  });
-  return u;
-}
-
-// Every thread of dA_partial_kernel's grid, then every element of dA_reduce_kernel.
-at::Tensor grad_A(const at::Tensor& x, const at::Tensor& du, double p, int64_t seed) {
-  check_rows(x, "x");
-  TORCH_CHECK_VALUE(du.is_contiguous() && du.dim() == 2 && du.size(0) == x.size(0), "cuda_bodies_on_host: du");
-  const int64_t n = x.size(0), d = x.size(1), r = du.size(1);
-  auto dA = poisoned({r, d}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "grad_A", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const DASplits splits = dA_splits(n, r, d);
-    // Poisoned, so that an element no thread writes shows up as NaN.
-    std::vector<acc_t> partials(splits.count * r * d, std::numeric_limits<acc_t>::quiet_NaN());
-    const auto mask = mask_of<acc_t>(host_mask(p, seed));
-    const Launch launch = dA_partial_launch(splits, r, d);
-    const Grid3 grid = launch.grid;
-    for (int64_t bx = 0; bx < grid.x; ++bx) {
-      for (int64_t by = 0; by < grid.y; ++by) {
-        for (int64_t bz = 0; bz < grid.z; ++bz) {
-          for (int64_t t = 0; t < launch.block; ++t) {
-            dA_partial_thread(rows_of<const scalar_t>(x), du.const_data_ptr<scalar_t>(), r, mask, n, splits,
-                              bx * launch.block + t, by * kDARChunk, bz, partials.data());
-          }
-        }
-      }
-    }
-    for_grid_stride(grid_stride_launch(r * d), r * d, [&](int64_t e) {
-      dA_reduce_element(partials.data(), splits.count, r * d, e, dA.mutable_data_ptr<scalar_t>());
-    });
-  });
-  return dA;
-}
-
-// Every thread of a row_group_launch (dX_kernel, dropout_kernel): fn(row, group)
+// Every thread of a row_group_launch (dropout_kernel, dropout_pair_kernel): fn(row, group)
 // for the groups inside the row and the rows of its grid-stride loop.
 template <typename Fn>
 void for_row_groups(int64_t n, int64_t cols, const Fn& fn) {
@@ -122,22 +56,24 @@ void for_row_groups(int64_t n, int64_t cols, const Fn& fn) {
   }
 }
 
-// Every thread of dX_kernel's grid.
-at::Tensor grad_x(const at::Tensor& du, const at::Tensor& lora_A, double p, int64_t seed) {
-  check_rows(lora_A, "lora_A");
-  TORCH_CHECK_VALUE(du.is_contiguous() && du.dim() == 2 && du.size(1) == lora_A.size(0),
-                    "cuda_bodies_on_host: du");
-  const int64_t n = du.size(0), r = du.size(1);
-  auto dx = poisoned({n, lora_A.size(1)}, du.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, du.scalar_type(), "grad_x", [&] {
+// Every thread of dropout_pair_kernel's grid over a tile whose first row is
+// mask row first_row: (dropout(x), dropout(dx)), dx's copy dropped in place.
+std::tuple<at::Tensor, at::Tensor> dropout_pair(const at::Tensor& x, const at::Tensor& dx, double p, int64_t seed,
+                                                int64_t first_row) {
+  check_rows(x, "x");
+  TORCH_CHECK_VALUE(dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type(), "cuda_bodies_on_host: dx");
+  auto dropped = poisoned(x.sizes(), x.options());
+  auto dx_dropped = dx.contiguous().clone();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dropout_pair", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto out = rows_of<scalar_t>(dx);
+    const auto in = rows_of<const scalar_t>(x);
+    const auto out = rows_of<scalar_t>(dropped), grad = rows_of<scalar_t>(dx_dropped);
     const auto mask = mask_of<acc_t>(host_mask(p, seed));
-    for_row_groups(n, out.cols, [&](int64_t row, int64_t group) {
-      dX_group(du.const_data_ptr<scalar_t>(), rows_of<const scalar_t>(lora_A), r, mask, out, row, group);
+    for_row_groups(x.size(0), in.cols, [&](int64_t row, int64_t group) {
+      dropout_pair_group(in, out, grad, mask, first_row, row, group);
     });
   });
-  return dx;
+  return {dropped, dx_dropped};
 }
 
 // Every thread of dropout_kernel's grid (the dropout op), mask rows from 0.
@@ -201,25 +137,25 @@ std::tuple<at::Tensor, at::Tensor> mixer_grads(const at::Tensor& dv, const at::T
 }
 
 // The launch of every kernel for x (n, d) and rank r, as its launcher computes
-// it: name -> ((grid x, y, z), block), plus the row splits of dA and the row
-// chunks of the mixer backward as (count, rows).
+// it: name -> ((grid x, y, z), block); the row chunks of the mixer backward
+// as (count, rows); and the rows of a CUDA tile of the products under
+// dropout for 2-byte and 8-byte elements.
 pybind11::dict launches(int64_t n, int64_t d, int64_t r) {
   auto as_tuple = [](const Launch& l) {
     return pybind11::make_tuple(pybind11::make_tuple(l.grid.x, l.grid.y, l.grid.z), l.block);
   };
-  const DASplits splits = dA_splits(n, r, d);
   const RowChunks chunks = mixer_row_chunks(n);
+  const int64_t tile_16 = std::min(n, dropout_tile_rows(true, d, 2));
+  const int64_t tile_64 = std::min(n, dropout_tile_rows(true, d, 8));
   pybind11::dict out;
   out["dropout_kernel"] = as_tuple(row_group_launch(n, d));
-  out["dX_kernel"] = as_tuple(row_group_launch(n, d));
-  out["down_project_kernel"] = as_tuple(down_project_launch(n));
-  out["dA_partial_kernel"] = as_tuple(dA_partial_launch(splits, r, d));
-  out["dA_reduce_kernel"] = as_tuple(grid_stride_launch(r * d));
+  out["dropout_pair_kernel, 16-bit tile"] = as_tuple(row_group_launch(tile_16, d));
+  out["dropout_pair_kernel, 64-bit tile"] = as_tuple(row_group_launch(tile_64, d));
   out["mixer_forward_kernel"] = as_tuple(grid_stride_launch(n * r));
   out["mixer_backward_kernel"] = as_tuple(mixer_backward_launch(chunks));
   out["reduce_partials_kernel"] = as_tuple(grid_stride_launch(r * r));
-  out["dA_splits"] = pybind11::make_tuple(splits.count, splits.rows);
   out["mixer_chunks"] = pybind11::make_tuple(chunks.count, chunks.rows);
+  out["tile_rows"] = pybind11::make_tuple(dropout_tile_rows(true, d, 2), dropout_tile_rows(true, d, 8));
   return out;
 }
 
@@ -228,10 +164,8 @@ pybind11::dict launches(int64_t n, int64_t d, int64_t r) {
 void add_testing_functions(PyObject* module) {
   auto m = pybind11::reinterpret_borrow<pybind11::module_>(module);
   auto sub = m.def_submodule("cuda_bodies_on_host",
-                             "For the tests: the CUDA dropout kernels' bodies run on the host over their grids.");
-  sub.def("down_project", &down_project, "U = dropout(x) lora_A^T");
-  sub.def("grad_A", &grad_A, "dA = du^T dropout(x)");
-  sub.def("grad_x", &grad_x, "dX = dropout(du lora_A)");
+                             "For the tests: the CUDA kernels' bodies run on the host over their grids.");
+  sub.def("dropout_pair", &dropout_pair, "(dropout(x), dropout(dx)) with mask rows from first_row");
   sub.def("dropout", &dropout_op, "out = dropout(x)");
   sub.def("mixer_forward", &mixer_v, "v = scale * u mixer^T");
   sub.def("mixer_backward", &mixer_grads, "(scale * dv mixer, scale * dv^T u)");

@@ -370,8 +370,9 @@ def test_cuda_build_required_by_ci():
 
 
 def test_row_blocked_dropout_matches_reference(device):
-    """Wide inputs are processed in blocks of 2^20 / d rows (64 here): dropout
-    forward and backward must stitch the blocks with the right mask rows."""
+    """Wide inputs are processed in tiles of 2^20 / d rows (64 here) on a CPU,
+    of 16 MiB (128 rows here) on CUDA: dropout forward and backward must
+    stitch the tiles with the right mask rows."""
     adapter = make_adapter(150, 2**14, 2, torch.float64, device)
     x = torch.randn(150, 2**14, dtype=torch.float64, device=device)
     assert_dropout_matches_reference(x, adapter, 0.2, torch.tensor([8]))
@@ -394,9 +395,9 @@ def test_dropout_lora_A_gradient_accumulates_in_float32(device, dtype):
     make every product exact (dU is a column of G, p = 0.5 scales by 2) and
     positive, so a correctly accumulated result is the float64 sum rounded
     once: within half an ulp (2^-9 relative for bf16, 2^-12 for fp16, with a
-    little room for the fp32 sum). 8192 x 1024 spans 8 blocks of the 2^20
-    elements the row-blocked path works on."""
-    n, d, k, r, p = 8192, 1024, 8, 4, 0.5
+    little room for the fp32 sum). 8192 x 2048 spans 16 tiles of the 2^20
+    elements a CPU works on, and 2 of the 16 MiB a GPU works on."""
+    n, d, k, r, p = 8192, 2048, 8, 4, 0.5
     g = torch.Generator().manual_seed(0)
     x = (1 + torch.rand(n, d, generator=g)).to(dtype).to(device)
     grad_y = torch.zeros(n, k, dtype=dtype, device=device)
@@ -416,34 +417,30 @@ def test_dropout_lora_A_gradient_accumulates_in_float32(device, dtype):
     torch.testing.assert_close(dA.double(), expected, rtol=1.05 * half_ulp, atol=0)
 
 
-# (rows, in_features, r): odd sizes, a partial column group, r across the
-# 16-output passes of the down-projection and the 8-row tiles of dA, more
-# rows than one dA split holds.
-BODY_CASES = [(1, 1, 1), (5, 7, 3), (37, 130, 17), (300, 64, 8), (700, 19, 33), (3, 1029, 64)]
+# (rows, in_features): odd sizes, a partial column group, one long row, more
+# rows than a block of the grid's y.
+BODY_CASES = [(1, 1), (5, 7), (37, 130), (300, 64), (700, 19), (3, 1029)]
 
 
 BODY_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", BODY_DTYPES)
-@pytest.mark.parametrize("n, d, r", BODY_CASES)
-def test_cuda_kernel_bodies_on_host_match_reference(n, d, r, dtype):
-    """The CUDA dropout kernels' bodies (the three products and the dropout
-    op's), run on the host over the grids, blocks, warps and lanes of their
-    launches, against the reference."""
+@pytest.mark.parametrize("n, d", BODY_CASES)
+def test_cuda_kernel_bodies_on_host_match_reference(n, d, dtype):
+    """The CUDA dropout kernels' bodies (the dropout op's, and backward's pass
+    that drops a tile of x and dX in place from one mask draw), run on the
+    host over the grids and blocks of their launches, against the reference;
+    the tile starts at a mask row other than 0, as every tile but the first."""
     from moslora_ext._C import cuda_bodies_on_host as bodies
-    g = torch.Generator().manual_seed(n * d + r)
-    x, lora_A = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, d), (r, d)))
-    du = torch.randn(n, r, generator=g, dtype=torch.float64)
-    p, seed = 0.3, 77
-    keep = ops.dropout_mask((n, d), p, torch.tensor([seed])).double() / (1 - p)
-    expected = {"down_project": (x * keep) @ lora_A.t(), "grad_A": du.t() @ (x * keep),
-                "grad_x": (du @ lora_A) * keep, "dropout": x * keep}
-    x, lora_A, du = x.to(dtype), lora_A.to(dtype), du.to(dtype)
-    actual = {"down_project": bodies.down_project(x, lora_A, p, seed), "grad_A": bodies.grad_A(x, du, p, seed),
-              "grad_x": bodies.grad_x(du, lora_A, p, seed), "dropout": bodies.dropout(x, p, seed)}
-    for name, want in expected.items():
-        assert_close_to_reference(actual[name], want, dtype)
+    g = torch.Generator().manual_seed(n * d)
+    x, dx = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2))
+    p, seed, first_row = 0.3, 77, 5
+    keep = ops.dropout_mask((first_row + n, d), p, torch.tensor([seed])).double() / (1 - p)
+    dropped, dx_dropped = bodies.dropout_pair(x.to(dtype), dx.to(dtype), p, seed, first_row)
+    assert_close_to_reference(bodies.dropout(x.to(dtype), p, seed), x * keep[:n], dtype)
+    assert_close_to_reference(dropped, x * keep[first_row:], dtype)
+    assert_close_to_reference(dx_dropped, dx.to(dtype).double() * keep[first_row:], dtype)
 
 
 # (rows, r): one row chunk of the mixer backward, several, a partial last one.
@@ -466,36 +463,33 @@ def test_cuda_mixer_bodies_on_host_match_reference(n, r, dtype):
 
 
 # (rows, in_features, r) up to 2^31 elements of x: one long row, one column,
-# LLaMA-sized layers, more rows than the grid's y (65535) and the
-# down-projection's 2^16 blocks hold, r up to 64.
+# LLaMA-sized layers, more rows than the grid's y (65535) holds, rows wider
+# than a tile, r up to 64.
 LAUNCH_SHAPES = [(1, 1, 1), (3, 1029, 64), (2**31, 1, 1), (1, 2**31, 16), (2**19, 4096, 16), (2**18 + 3, 8192, 64),
-                 (2**16 * 5 + 1, 7, 3), (8192, 4096, 8)]
+                 (2**16 * 5 + 1, 7, 3), (8192, 4096, 8), (5, 2**23 + 1, 16)]
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
 
 @pytest.mark.parametrize("n, d, r", LAUNCH_SHAPES)
 def test_cuda_launches_fit_the_limits_and_cover_the_work(n, d, r):
     """Every kernel's grid and block as its launcher computes them: within
-    CUDA's limits, and every column group, row, split and chunk owned by a
-    thread or block, with no block left without work."""
+    CUDA's limits, and every column group, row and chunk owned by a thread or
+    block, with no block left without work; the tiles of the products under
+    dropout at most 16 MiB (or one row) and at least one row."""
     from moslora_ext._C import cuda_bodies_on_host as bodies
     launches = bodies.launches(n, d, r)
-    splits, chunks = launches.pop("dA_splits"), launches.pop("mixer_chunks")
+    chunks, tile_rows = launches.pop("mixer_chunks"), launches.pop("tile_rows")
     for name, (grid, block) in launches.items():
         assert 1 <= block <= 1024 and block % 32 == 0, name
         assert all(1 <= g <= limit for g, limit in zip(grid, MAX_GRID)), (name, grid)
+    for size, rows in zip((2, 8), tile_rows):
+        assert rows >= 1 and (rows == 1 or rows * d * size <= 2**24) and (rows + 1) * d * size > 2**24
     groups = -(-d // 8)
-    for name in ("dropout_kernel", "dX_kernel"):  # x: column groups, y: grid-strided rows
-        (gx, gy, gz), block = launches[name]
-        assert (gx - 1) * block < groups <= gx * block and gy <= n and gz == 1
-    (gx, _, _), block = launches["down_project_kernel"]  # a warp per row, grid-strided
-    assert (gx - 1) * block // 32 < n
-    (gx, gy, gz), block = launches["dA_partial_kernel"]
-    count, rows = splits
-    assert (gx - 1) * block < groups <= gx * block and (gy - 1) * 8 < r <= gy * 8
-    assert gz == count <= 64 and (count - 1) * rows < n <= count * rows
-    assert count == 1 or count * r * d <= 2**24  # fp32 partials of at most 64 MiB
-    for name, work in (("dA_reduce_kernel", r * d), ("mixer_forward_kernel", n * r), ("reduce_partials_kernel", r * r)):
+    for name, rows in (("dropout_kernel", n), ("dropout_pair_kernel, 16-bit tile", min(n, tile_rows[0])),
+                       ("dropout_pair_kernel, 64-bit tile", min(n, tile_rows[1]))):
+        (gx, gy, gz), block = launches[name]  # x: column groups, y: grid-strided rows
+        assert (gx - 1) * block < groups <= gx * block and gy <= rows and gz == 1
+    for name, work in (("mixer_forward_kernel", n * r), ("reduce_partials_kernel", r * r)):
         (gx, _, _), block = launches[name]  # grid-stride: no idle block
         assert (gx - 1) * block < work
     (gx, _, _), _ = launches["mixer_backward_kernel"]
