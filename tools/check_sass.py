@@ -3,13 +3,14 @@
     python tools/check_sass.py [--cuobjdump PATH] [FILE]
 
 FILE is the built extension (default: moslora_ext/_C*.so of the source tree)
-or any file cuobjdump reads (a .cubin, a .o). dropout_kernel and dX_kernel
-store a group of 8 elements through uint4 words (csrc/kernel_math.h,
-store_group); when the compiler merges that branch with the scalar one, the
-kernel stores 2- and 4-byte pieces instead and nothing else notices. Each
-instantiation must hold at least one STG.E.128 per 16 bytes of a group:
-1 for bf16/fp16, 2 for fp32, 4 for fp64. Exit status 1 if any falls short or
-no sm_90 code is found.
+or any file cuobjdump reads (a .cubin, a .o). dropout_kernel and
+dropout_pair_kernel store groups of 8 elements through uint4 words
+(csrc/kernel_math.h, store_group); when the compiler merges that branch with
+the scalar one, the kernel stores 2- and 4-byte pieces instead and nothing
+else notices. Each instantiation must hold at least one STG.E.128 per 16
+bytes of each group it stores (dropout_kernel one group, dropout_pair_kernel
+two: the dropped x and dX): 1 per group for bf16/fp16, 2 for fp32, 4 for
+fp64. Exit status 1 if any falls short or no sm_90 code is found.
 
 cuobjdump: --cuobjdump, else on PATH, else in $CUDA_HOME/bin, else from the
 nvidia-cuda-cuobjdump wheel (pip install nvidia-cuda-cuobjdump
@@ -26,7 +27,7 @@ import sys
 import sysconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNELS = ("dropout_kernel", "dX_kernel")
+KERNELS = {"dropout_kernel": 1, "dropout_pair_kernel": 2}  # kernel: groups stored per thread and row
 # Itanium-mangled scalar_t, the first template argument of each kernel.
 SCALARS = {"N3c108BFloat16E": ("bfloat16", 2), "N3c104HalfE": ("float16", 2), "f": ("float32", 4),
            "d": ("float64", 8)}
@@ -50,7 +51,7 @@ def find_cuobjdump(given):
 
 
 def store_counts(sass):
-    """{(kernel, dtype name): (STG.E.128 count, bytes per group)} for each function of the SASS text."""
+    """{(kernel, dtype name): (STG.E.128 count, bytes stored per row)} for each function of the SASS text."""
     counts = {}
     starts = list(FUNCTION.finditer(sass))
     for i, match in enumerate(starts):
@@ -63,7 +64,8 @@ def store_counts(sass):
             rest = name.split(marker, 1)[1]
             for mangled, (dtype, size) in SCALARS.items():
                 if rest.startswith(mangled):
-                    counts[(kernel, dtype)] = (len(re.findall(r"\bSTG\.E\.128\b", body)), GROUP * size)
+                    counts[(kernel, dtype)] = (len(re.findall(r"\bSTG\.E\.128\b", body)),
+                                               KERNELS[kernel] * GROUP * size)
     return counts
 
 
@@ -82,10 +84,10 @@ def main(argv=None):
     counts = store_counts(result.stdout)
     expected = {(kernel, dtype) for kernel in KERNELS for dtype, _ in SCALARS.values()}
     failures = [f"{kernel} {dtype}: no sm_90 code found" for kernel, dtype in sorted(expected - set(counts))]
-    for (kernel, dtype), (found, group_bytes) in sorted(counts.items()):
-        needed = group_bytes // 16
+    for (kernel, dtype), (found, row_bytes) in sorted(counts.items()):
+        needed = row_bytes // 16
         verdict = "ok" if found >= needed else "TOO FEW"
-        print(f"{kernel:15} {dtype:9} STG.E.128: {found} (needs {needed}) {verdict}")
+        print(f"{kernel:19} {dtype:9} STG.E.128: {found} (needs {needed}) {verdict}")
         if found < needed:
             failures.append(f"{kernel} {dtype}: {found} STG.E.128, needs {needed}")
     if failures:
