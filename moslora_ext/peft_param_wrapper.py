@@ -29,7 +29,7 @@ from .peft_method import MoSLoRALayer
 
 
 class ExpertMixers(nn.Module):
-    """The mixers of one adapter on one parameter: ``weight`` (E, r, r), M_e = weight[e]."""
+    """The mixers of one adapter on one parameter: ``weight`` (E, r, r), M_e = weight[e] ((r, r) on a 2-D parameter)."""
 
     def __init__(self, weight):
         super().__init__()
@@ -38,7 +38,7 @@ class ExpertMixers(nn.Module):
 
 class ParamWrapper(MoSLoRALayer, lora_layer.ParamWrapper):
     """PEFT's LoRA ``ParamWrapper`` with MoSLoRA adapters: a mixer per expert
-    (``lora_mixer[adapter].weight`` (E, r, r)), frozen for ``train_mixer=False``.
+    (``lora_mixer[adapter].weight`` (E, r, r); (r, r) on a 2-D parameter), frozen for ``train_mixer=False``.
     PEFT's own refusals apply (lora_dropout, fan_in_fan_out, mixed batches).
     Named as PEFT's class because PEFT recognises nested wrappers by class name."""
 
@@ -50,7 +50,8 @@ class ParamWrapper(MoSLoRALayer, lora_layer.ParamWrapper):
         lora_A = self.lora_A[adapter_name].weight  # already on the parameter's device and dtype
         mixers = [init_mixer_(torch.empty(r, r, device=lora_A.device, dtype=lora_A.dtype), config.mixer_init)
                   for _ in range(self.num_experts)]
-        self.lora_mixer[adapter_name] = ExpertMixers(torch.stack(mixers))
+        # a 2-D parameter (a router's weight) has one (r, r) mixer, as a linear layer's
+        self.lora_mixer[adapter_name] = ExpertMixers(torch.stack(mixers) if self._param_ndim == 3 else mixers[0])
         self.train_mixer[adapter_name] = config.train_mixer
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -59,7 +60,9 @@ class ParamWrapper(MoSLoRALayer, lora_layer.ParamWrapper):
         weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
         lora_A = weight_A.reshape(self.num_experts, -1, weight_A.shape[-1])
         lora_B = weight_B.reshape(weight_B.shape[0], -1, self.num_experts).permute(2, 0, 1)
-        return lora_A, lora_B @ self.lora_mixer[adapter].weight.to(lora_B.dtype)
+        r = lora_A.shape[1]
+        mixer = self.lora_mixer[adapter].weight.reshape(self.num_experts, r, r)
+        return lora_A, lora_B @ mixer.to(lora_B.dtype)
 
     def _lhs_rhs(self, adapter):
         lora_A, mixed_B = self.expert_factors(adapter)

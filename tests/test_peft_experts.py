@@ -48,8 +48,11 @@ def test_identity_frozen_mixer_gives_peft_lora_logits_and_gradients(kind):
 
 
 def test_per_expert_mixers_give_add_adapters_logits_and_merge(tmp_path):
-    """ΔW_e = s B_e M_e A_e per expert, the same as moslora_ext's own Experts layer with the same tensors."""
-    model = trained_looking(moslora_experts("mixtral", target_modules=[], mixer_init="orthogonal")).eval()
+    """ΔW_e = s B_e M_e A_e per expert, the same as moslora_ext's own Experts layer with the same tensors;
+    a router's weight (2-D) has one (r, r) mixer, as moslora_ext's RouterWeight."""
+    model = trained_looking(moslora_experts("mixtral", target_modules=[], mixer_init="orthogonal",
+                                            target_parameters=EXPERTS + ["mlp.gate.weight"])).eval()
+    assert model.base_model.model.model.layers[0].mlp.gate.lora_mixer["default"].weight.shape == (2, 2)
     model.save_pretrained(tmp_path / "route")
     # our own API reads the saved folder: PEFT's ParamWrapper keys plus lora_mixer (E, r, r)
     ours = moslora_ext.load_peft_adapter(tiny("mixtral"), tmp_path / "route").eval()
@@ -65,12 +68,12 @@ def test_per_expert_mixers_give_add_adapters_logits_and_merge(tmp_path):
     reference = tiny("mixtral")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "experts" in name and "lora_mixer" in name:
+            if "lora_mixer" in name:
                 parent = name.removeprefix("base_model.model.").split(".lora_mixer")[0]
                 module = model.base_model.model.get_submodule(parent)
                 param = reference.get_submodule(parent.replace(".base_layer", "")).get_parameter(module.parameter_name)
                 lora_A, mixed_B = module.expert_factors("default")
-                param += module.scaling["default"] * mixed_B @ lora_A
+                param += (module.scaling["default"] * mixed_B @ lora_A).reshape(param.shape)
     torch.testing.assert_close(reference.eval()(ids()).logits, expected, atol=1e-5, rtol=1e-5)
     merged = model.merge_and_unload()
     torch.testing.assert_close(merged(ids()).logits, expected, atol=1e-5, rtol=1e-5)
