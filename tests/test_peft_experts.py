@@ -32,7 +32,7 @@ def loss_and_grads(model):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_identity_frozen_mixer_gives_peft_lora_logits_and_gradients(kind):
     theirs = trained_looking(get_peft_model(tiny(kind), LoraConfig(**SETTINGS)))
     ours = moslora_experts(kind, mixer_init="identity", train_mixer=False)
