@@ -298,12 +298,27 @@ def _read_transformers_checkpoint(path, adapter_name):
         for t in ADAPTER_TENSORS:
             wanted[f"{name}.adapters.{adapter_name}.{t}"] = wanted[
                 f"{module_name}.adapters.{adapter_name}.{parameter}.{t}"] = f"{name}.{t}"
-    wanted |= {key: key for key in files if _inside_any(key, record["modules_to_save"])}
+    # transformers saves some models under their checkpoint names (Mixtral's mlp as block_sparse_moe): the adapter
+    # tensors too, so each saved key is read under the model's own name.
+    renamed = {key: _model_key(key, _read_json(model_config).get("model_type")) for key in files}
+    wanted |= {key: key for key in renamed.values() if _inside_any(key, record["modules_to_save"])}
     tensors = {}
-    for file in sorted({files[key] for key in wanted if key in files}):
+    for file in sorted({files[key] for key in files if renamed[key] in wanted}):
         with _reading(file), safe_open(file, "pt") as f:
-            tensors.update({wanted[key]: f.get_tensor(key) for key in f.keys() if key in wanted})
+            tensors.update({wanted[renamed[key]]: f.get_tensor(key) for key in f.keys() if renamed[key] in wanted})
     return {"format": FORMAT, "layers": layers, "modules_to_save": record["modules_to_save"]}, tensors
+
+
+def _model_key(key, model_type):
+    """``key`` of a saved transformers checkpoint under the model's module names (transformers' renamings)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    for renaming in (get_checkpoint_conversion_mapping(model_type) or []) if model_type else []:
+        if isinstance(renaming, WeightRenaming):
+            for source, target in zip(renaming.source_patterns, renaming.target_patterns):
+                key = key.replace(source, target)
+    return key
 
 
 def _read_tensors(file):

@@ -58,6 +58,7 @@ KEPT_FIELDS = {
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
     "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "trainable_token_indices", "runtime_config",
+    "target_parameters",  # MoE expert stacks: moslora_ext.peft_param_wrapper
     "megatron_core", "qalora_group_size",  # read only with megatron_config and use_qalora, both refused
 }
 # LoraConfig fields refused when set, with the reason. PEFT's LoRA variants replace the forward
@@ -72,7 +73,6 @@ REFUSED_FIELDS = {
     "lora_bias": "the fused ops have no bias on B",
     "loftq_config": _INIT, "eva_config": _INIT, "corda_config": _INIT, "lora_ga_config": _INIT,
     "megatron_config": "Megatron's parallel linear layers are not supported",
-    "target_parameters": "adapters on bare nn.Parameters (MoE experts) are not supported on the PEFT route",
     "layer_replication": "replicated layers sharing one base are not supported",
     "ensure_weight_tying": "tied embedding/output adapters would need a transposed mixer",
 }
@@ -394,6 +394,10 @@ class MoSLoRAModel(lora.LoraModel):
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        if kwargs.get("parameter_name") is not None:  # target_parameters: PEFT's ParamWrapper with mixers
+            from .peft_param_wrapper import ParamWrapper  # it builds on this module's MoSLoRALayer
+
+            return ParamWrapper(target, adapter_name, config=lora_config, **kwargs)
         base = _base_of(target)
         factory = next((f for t, f in layer_factories().items() if isinstance(base, t)), None)
         if factory is None:  # never fall back to a plain LoRA layer: it would silently drop the mixer

@@ -64,7 +64,7 @@ def logits(model, ids, **kwargs):
 @pytest.mark.parametrize("name", sorted(REFUSED_FIELDS))
 def test_refused_lora_settings_are_named_with_their_reason(name):
     value = {"use_dora": True, "use_qalora": True, "lora_bias": True, "ensure_weight_tying": True,
-             "alora_invocation_tokens": [1], "loftq_config": {"loftq_bits": 4}, "target_parameters": ["w"],
+             "alora_invocation_tokens": [1], "loftq_config": {"loftq_bits": 4},
              "layer_replication": [(0, 1)], "use_bdlora": {}}.get(name, object())
     with pytest.raises(ValueError, match=rf"{name}=.* is not supported: "):
         config = moslora_ext.MoSLoRAConfig(target_modules=["q_proj"])
