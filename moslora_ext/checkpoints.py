@@ -273,7 +273,8 @@ def _read_transformers_checkpoint(path, adapter_name):
     else:
         raise FileNotFoundError(f"{path} holds no model.safetensors or model.safetensors.index.json "
                                 "(save with safe_serialization, the default)")
-    record = _read_json(model_config).get(CONFIG_RECORD)
+    config = _read_json(model_config)
+    record = config.get(CONFIG_RECORD)
     if record is None:
         lora_keys = [key for key in files if ".lora_" in key]
         raise ValueError(f"{path}: config.json has no moslora_ext adapter record, and {len(lora_keys)} lora_* "
@@ -300,7 +301,8 @@ def _read_transformers_checkpoint(path, adapter_name):
                 f"{module_name}.adapters.{adapter_name}.{parameter}.{t}"] = f"{name}.{t}"
     # transformers saves some models under their checkpoint names (Mixtral's mlp as block_sparse_moe): the adapter
     # tensors too, so each saved key is read under the model's own name.
-    renamed = {key: _model_key(key, _read_json(model_config).get("model_type")) for key in files}
+    renamings = _checkpoint_renamings(config.get("model_type"))
+    renamed = {key: _model_key(key, renamings) for key in files}
     wanted |= {key: key for key in renamed.values() if _inside_any(key, record["modules_to_save"])}
     tensors = {}
     for file in sorted({files[key] for key in files if renamed[key] in wanted}):
@@ -309,15 +311,20 @@ def _read_transformers_checkpoint(path, adapter_name):
     return {"format": FORMAT, "layers": layers, "modules_to_save": record["modules_to_save"]}, tensors
 
 
-def _model_key(key, model_type):
-    """``key`` of a saved transformers checkpoint under the model's module names (transformers' renamings)."""
+def _checkpoint_renamings(model_type):
+    """transformers' (checkpoint name, model name) substitutions for ``model_type``, in order."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    for renaming in (get_checkpoint_conversion_mapping(model_type) or []) if model_type else []:
-        if isinstance(renaming, WeightRenaming):
-            for source, target in zip(renaming.source_patterns, renaming.target_patterns):
-                key = key.replace(source, target)
+    mapping = (get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+    return [(source, target) for renaming in mapping if isinstance(renaming, WeightRenaming)
+            for source, target in zip(renaming.source_patterns, renaming.target_patterns)]
+
+
+def _model_key(key, renamings):
+    """``key`` of a saved transformers checkpoint under the model's module names."""
+    for source, target in renamings:
+        key = key.replace(source, target)
     return key
 
 
