@@ -16,6 +16,8 @@ extension was built with.
 
 import glob
 import os
+import sys
+import warnings
 from importlib import metadata
 
 import torch
@@ -83,18 +85,16 @@ from .experts import Experts  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
+from .peft_support import unsupported_peft_reason  # noqa: E402
 from .quantized import QuantizedLinear  # noqa: E402
 
-# The PEFT route (moslora_ext.MoSLoRAConfig), registered with PEFT on import when peft is installed;
-# the functional API works without it.
-try:
-    import peft as _peft  # noqa: F401
-except ModuleNotFoundError as exc:
-    if exc.name != "peft":
-        raise
-    _peft = None
-if _peft is not None:
+# The PEFT route (moslora_ext.MoSLoRAConfig), registered with PEFT on import when a supported peft is
+# installed; the functional API works without it, and under another peft (which only warns here).
+_peft_unavailable = unsupported_peft_reason()
+if _peft_unavailable is None:
     from .peft_method import MoSLoRAConfig, MoSLoRAModel  # noqa: E402
+elif sys.modules.get("peft") is not None:  # installed, another version
+    warnings.warn(_peft_unavailable, stacklevel=2)
 
 try:
     __version__ = metadata.version("moslora_ext")
@@ -125,10 +125,10 @@ __all__ = [
     "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",
     "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter", "save_peft_adapter", "saved_modules",
     "set_adapter", "active_adapter", "list_adapters", "disable_adapters", "delete_adapter",
-] + (["MoSLoRAConfig", "MoSLoRAModel"] if _peft is not None else [])
+] + (["MoSLoRAConfig", "MoSLoRAModel"] if _peft_unavailable is None else [])
 
 
 def __getattr__(name):
     if name in ("MoSLoRAConfig", "MoSLoRAModel"):
-        raise ImportError(f"moslora_ext.{name} is the PEFT integration and needs peft: pip install 'peft>=0.21,<0.22'")
+        raise ImportError(f"moslora_ext.{name}: {_peft_unavailable}")
     raise AttributeError(f"module 'moslora_ext' has no attribute {name!r}")

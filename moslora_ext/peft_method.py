@@ -20,17 +20,12 @@ instead of loading it as plain LoRA without the mixer.
 import dataclasses
 from dataclasses import dataclass, field
 
-import peft
-from packaging.version import Version
+from .peft_support import SUPPORTED_PEFT, unsupported_peft_reason
 
-SUPPORTED_PEFT = ">=0.21,<0.22"  # what the hooks below are written and tested against (pyproject's bound)
-_PEFT_RANGE = (Version("0.21"), Version("0.22"))
-if not _PEFT_RANGE[0] <= Version(Version(peft.__version__).base_version) < _PEFT_RANGE[1]:
-    raise ImportError(
-        f"moslora_ext's PEFT integration supports peft {SUPPORTED_PEFT}, but peft {peft.__version__} is installed "
-        f"(its LoRA variant and custom-layer hooks differ): install `peft{SUPPORTED_PEFT}`, or uninstall peft to "
-        "use moslora_ext's own API (add_adapters, save_adapter...) alone")
+if (_reason := unsupported_peft_reason()) is not None:
+    raise ImportError(_reason)
 
+import peft  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.mapping import (  # noqa: E402

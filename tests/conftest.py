@@ -10,3 +10,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def require_peft_route():
+    """Skip (module-level where called at import) unless moslora_ext's PEFT route can be used here."""
+    from moslora_ext.peft_support import unsupported_peft_reason
+
+    reason = unsupported_peft_reason()
+    if reason is not None:
+        pytest.skip(reason, allow_module_level=True)

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 import moslora_ext
+from conftest import require_peft_route
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+require_peft_route()
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from test_experts import add_all_linear, ids, tiny  # noqa: E402

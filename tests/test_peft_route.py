@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import moslora_ext
+from conftest import require_peft_route
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+require_peft_route()
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from moslora_ext.peft_method import REFUSED_FIELDS, MoSLoRALinear  # noqa: E402
@@ -400,10 +402,21 @@ def run_python(code):
                           cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_import_refuses_an_unsupported_peft_naming_the_range():
-    result = run_python("import peft; peft.__version__ = '0.16.0'; import moslora_ext")
-    assert result.returncode != 0
-    assert "supports peft >=0.21,<0.22, but peft 0.16.0 is installed" in result.stderr
+def test_another_peft_disables_only_the_peft_route_naming_the_range():
+    result = run_python("import warnings; warnings.simplefilter('always')\n"
+                        "import peft; peft.__version__ = '0.16.0'\nimport torch, moslora_ext\n"
+                        "m = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), ['0'])\n"
+                        "print(len(moslora_ext.adapted_layers(m)))\n"
+                        "for name in ('MoSLoRAConfig', 'moslora_ext.peft_method'):\n"
+                        "    try:\n        moslora_ext.MoSLoRAConfig if name == 'MoSLoRAConfig' else "
+                        "__import__(name)\n    except ImportError as e:\n        print(name, e)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1", result.stdout
+    expected = "supports peft >=0.21,<0.22, but peft 0.16.0 is installed"
+    assert expected in result.stderr  # the warning at import
+    assert lines[1].startswith("MoSLoRAConfig ") and expected in lines[1]
+    assert lines[2].startswith("moslora_ext.peft_method ") and expected in lines[2]
 
 
 def test_the_functional_api_works_without_peft():
