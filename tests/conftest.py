@@ -7,6 +7,13 @@ CUDA_SKIP = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GP
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_SKIP)]
 
 
+@pytest.fixture(autouse=True)
+def seeded_rng():
+    """Each test draws the same data however the suite is selected or ordered: a test's outcome
+    must not depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -14,7 +14,7 @@ require_peft_route()
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from test_experts import add_all_linear, ids, tiny  # noqa: E402
 from test_peft_route import copy_lora_factors, trained_looking  # noqa: E402
-from test_peft_workflows import TRAINING  # noqa: E402
+from test_peft_workflows import TRAINING, sft_trainer, training_set_loss  # noqa: E402
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 SETTINGS = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "target_parameters": EXPERTS}
@@ -127,3 +127,18 @@ def test_trainer_trains_expert_adapters_and_checkpoints_reload(route, tmp_path):
     else:
         reloaded = moslora_ext.load_adapter(tiny("mixtral"), tmp_path / "checkpoint-4")
     torch.testing.assert_close(reloaded.eval()(ids()).logits, expected, atol=0, rtol=0)
+
+
+def test_trl_sft_trainer_trains_expert_adapters_through_target_parameters(tmp_path):
+    peft_config = moslora_ext.MoSLoRAConfig(**SETTINGS | {"mixer_init": "orthogonal"})
+    trainer = sft_trainer(tiny("mixtral").train(), peft_config, tmp_path)
+    model = trainer.model
+    before, loss_before = expert_adapter_tensors(model), training_set_loss(trainer)
+    assert any("experts.lora_mixer" in n for n in before)
+    trainer.train()
+    assert training_set_loss(trainer) < loss_before
+    after = expert_adapter_tensors(model)
+    assert all(not torch.equal(after[n], before[n]) for n in before)
+    model.eval()
+    reloaded = PeftModel.from_pretrained(tiny("mixtral"), tmp_path / "checkpoint-4").eval()
+    torch.testing.assert_close(reloaded(ids()).logits, model(ids()).logits, atol=0, rtol=0)
