@@ -104,6 +104,15 @@ try:
 except Exception as e:
     sys.exit(f"STOP torch cannot be imported: {e!r}")
 print(f"python: {sys.version.split()[0]}  torch: {torch.__version__}  torch cuda: {torch.version.cuda}")
+from importlib import metadata
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+# what the test step's skips depend on
+print("packages: " + "  ".join(f"{name} {version(name)}" for name in
+      ("setuptools", "ninja", "pytest", "hypothesis", "numpy", "transformers", "peft", "safetensors")))
 major_minor = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 if major_minor < (2, 6):
     sys.exit(f"STOP torch {torch.__version__} is older than 2.6, the oldest this package supports")

@@ -32,9 +32,7 @@ def add_experts_moslora(base_out, x, offsets, lora_A, mixer, lora_B, scale, drop
     S x in is saved) and experts draw independent masks. Adapter matrices of
     another floating dtype (fp32 adapters on a bf16 model) are cast to x's.
     """
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if (dtype := ops.autocast_dtype(x.device.type)) is not None:
         x, base_out = ops._autocast(x, dtype), ops._autocast(base_out, dtype)
     if x.is_floating_point():
         lora_A, mixer, lora_B = (ops._cast_floating(t, x.dtype) for t in (lora_A, mixer, lora_B))

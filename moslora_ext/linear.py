@@ -40,10 +40,8 @@ NOT_PLAIN_LINEAR = {
 
 def _compute_dtype(x):
     """The dtype a linear layer computes in on x: autocast's where it applies, else x's."""
-    device = x.device.type
-    if x.dtype != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    dtype = ops.autocast_dtype(x.device.type)
+    return dtype if dtype is not None and x.dtype != torch.float64 else x.dtype
 
 
 def quantized_kind(module):

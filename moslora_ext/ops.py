@@ -61,12 +61,17 @@ def _autocast_available(device_type):
     return torch.amp.is_autocast_available(device_type)
 
 
+def autocast_dtype(device_type):
+    """The dtype autocast computes in on ``device_type``, or None where it is off."""
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _forward(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, base_out):
     if not torch.compiler.is_compiling():
         _refuse_grad_transforms(x, weight, bias, lora_A, mixer, lora_B, base_out)
-    device_type = x.device.type
-    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if (dtype := autocast_dtype(x.device.type)) is not None:
         x, weight, bias, lora_A, mixer, lora_B, base_out = (
             _autocast(t, dtype) for t in (x, weight, bias, lora_A, mixer, lora_B, base_out))
     if x.is_floating_point():  # the small adapter matrices follow x, never the other way round

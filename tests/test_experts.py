@@ -138,6 +138,19 @@ def test_expert_op_gradcheck_and_opcheck(dropout_p, device):
                           (grad, x, offsets, A, M, B, u, 0.7, dropout_p, seed, [True, True, True, True]))
 
 
+def test_expert_op_compiles_without_graph_breaks(device):
+    # fullgraph=True fails on a graph break: on torch 2.11, Dynamo cannot trace
+    # torch.amp.is_autocast_available, which the op's autocast check must not call in a traced frame.
+    case = expert_case(torch.float32, device=device)
+    compiled = torch.compile(expert_ops.add_experts_moslora, fullgraph=True)
+    y = compiled(*case, scale=0.7)
+    torch.testing.assert_close(y, reference_experts(*case, 0.7), atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(y.square().sum(), case[3:])
+    want = torch.autograd.grad(reference_experts(*case, 0.7).square().sum(), case[3:])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 def test_expert_dropout_masks_differ_between_experts():
     # Two experts with identical rows and identity factors, so y is the dropped x itself: one seed per
     # call, but each expert draws its own mask (the dense op numbers each expert's rows from 0).
