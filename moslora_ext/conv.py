@@ -79,7 +79,10 @@ class Conv(AdapterLayer):
         ``s * B M`` as one 1x1 kernel (also the PEFT route's convolutions)."""
         # fp32 adapters on a half-precision base compute in x's dtype, as the fused linear ops do.
         lora_A, mixer, lora_B = (t.to(x.dtype) for t in (lora_A, mixer, lora_B))
-        u = conv(F.dropout(x, dropout_p, dropout_p > 0), lora_A, None, stride, padding, dilation)
+        # Not F.dropout(x, p, p > 0): where Dynamo compiles p as a symbolic float (a second
+        # value of it), p > 0 is a SymBool, which F.dropout's bool argument refuses.
+        dropped = F.dropout(x, dropout_p) if dropout_p > 0 else x
+        u = conv(dropped, lora_A, None, stride, padding, dilation)
         return conv(u, (scale * (lora_B.flatten(1) @ mixer)).view_as(lora_B))
 
     def _empty_base(self):

@@ -127,6 +127,18 @@ def test_conv_dropout_applies_to_the_adapter_input_only():
     torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.parametrize("kind", CASES)
+def test_compiles_again_for_another_dropout(kind):
+    # A second compile of the same code with another lora_dropout gets it as a symbolic float:
+    # the layers must not hand `p > 0` (then a SymBool) to an argument that takes a bool.
+    torch._dynamo.reset()
+    for dropout in (0.0, 0.25):
+        _, layer, x = adapted(kind, lora_dropout=dropout)
+        torch.compile(layer.train(), fullgraph=True)(x).float().sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(layer.eval(), fullgraph=True)(x), layer(x))
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "embedding"])
 def test_half_precision_bases_get_float32_adapters_and_keep_their_dtype(kind):
     _, layer, x = adapted(kind, dtype=torch.bfloat16)
