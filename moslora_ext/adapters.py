@@ -28,7 +28,7 @@ from .experts import (
     left_out_of_all_linear,
     parameter_targets,
 )
-from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
+from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name, class_path
 from .mixed_batch import take_adapter_names
 
 FORMAT = "moslora_ext"
@@ -287,9 +287,13 @@ def saved_modules(model):
 
 def _require_adapters(model):
     layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("the model has no MoSLoRA adapters (add them with moslora_ext.add_adapters)")
-    return layers
+    if layers:
+        return layers
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise ValueError(f"the model's adapters are PEFT's layers ({class_path(model)}, e.g. from get_peft_model with "
+                         "MoSLoRAConfig), which moslora_ext's model functions do not handle: use the PeftModel's own "
+                         "methods (save_pretrained, merge_and_unload, set_adapter...)")
+    raise ValueError("the model has no MoSLoRA adapters (add them with moslora_ext.add_adapters)")
 
 
 def trainable_parameters(model):

@@ -426,3 +426,17 @@ def test_the_functional_api_works_without_peft():
                         "try:\n    moslora_ext.MoSLoRAConfig\nexcept ImportError as e:\n    print(e)")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[0] == "1" and "needs peft" in result.stdout
+
+
+def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path):
+    model = moslora(tiny_llama())
+    calls = {"save_adapter": lambda: moslora_ext.save_adapter(model, tmp_path / "a"),
+             "save_peft_adapter": lambda: moslora_ext.save_peft_adapter(model, tmp_path / "b"),
+             "merge_adapters": lambda: moslora_ext.merge_adapters(model),
+             "set_adapter": lambda: moslora_ext.set_adapter(model, "default"),
+             "disable_adapters": lambda: moslora_ext.disable_adapters(model).__enter__()}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"PEFT's layers \(peft\.peft_model\.PeftModel.*use the "
+                                             r"PeftModel's own methods \(save_pretrained"):
+            call()
+    assert not any(tmp_path.iterdir())
