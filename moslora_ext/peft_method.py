@@ -43,6 +43,7 @@ from . import ops  # noqa: E402
 from .conv import CONV_FUNCTIONS, Conv  # noqa: E402
 from .embedding import Embedding  # noqa: E402
 from .layer import MIXER_INITS, init_mixer_  # noqa: E402
+from .peft_injection import AllOrNothingInjection  # noqa: E402
 from .linear import Linear, TransposedLinear, quantized_kind  # noqa: E402
 
 PEFT_TYPE = "MOSLORA"
@@ -378,8 +379,9 @@ def _bnb_factories():
 # --- the tuner ---------------------------------------------------------------------------------
 
 
-class MoSLoRAModel(lora.LoraModel):
-    """PEFT's ``LoraModel`` with MoSLoRA layers: the tuner of peft_type "MOSLORA"."""
+class MoSLoRAModel(AllOrNothingInjection, lora.LoraModel):
+    """PEFT's ``LoraModel`` with MoSLoRA layers: the tuner of peft_type "MOSLORA".
+    A refused adapter leaves the model as it was (``AllOrNothingInjection``)."""
 
     def _check_new_adapter_config(self, config):
         if not isinstance(config, MoSLoRAConfig):

@@ -440,3 +440,25 @@ def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path):
                                              r"PeftModel's own methods \(save_pretrained"):
             call()
     assert not any(tmp_path.iterdir())
+
+
+def model_state(model):
+    """Every module's class and every parameter's value and requires_grad flag."""
+    return ({name: type(m) for name, m in model.named_modules()},
+            {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()})
+
+
+def assert_same_state(model, state):
+    modules, parameters = model_state(model)
+    assert modules == state[0]
+    assert parameters.keys() == state[1].keys()
+    for name, (value, requires_grad) in parameters.items():
+        assert torch.equal(value, state[1][name][0]) and requires_grad == state[1][name][1], name
+
+
+def test_an_unsupported_layer_part_way_through_injection_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    before = model_state(model)  # q_proj is adapted before PEFT reaches the first RMSNorm
+    with pytest.raises(TypeError, match="MoSLoRA adapters on the PEFT route go on torch.nn.Linear"):
+        moslora(model, target_modules=["q_proj", "input_layernorm"])
+    assert_same_state(model, before)
