@@ -9,7 +9,7 @@ holding named adapters); ``moslora_ext.ops`` has the functional ops;
 ``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.adapters``),
 ``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``
 (``moslora_ext.checkpoints``), ``save_peft_adapter``, ``load_peft_adapter``
-(``moslora_ext.peft_checkpoints``) and their helpers work on whole models; ``MoSLoRAConfig`` (``moslora_ext.peft_method``, when peft is installed) is MoSLoRA
+(``moslora_ext.peft_checkpoints``) and their helpers work on whole models; ``MoSLoRAConfig`` (``moslora_ext.peft_method``, when a supported peft is installed) is MoSLoRA
 inside PEFT's ``get_peft_model`` / ``PeftModel``; ``build_info()`` says what the installed
 extension was built with.
 """

@@ -43,8 +43,8 @@ from . import ops  # noqa: E402
 from .conv import CONV_FUNCTIONS, Conv  # noqa: E402
 from .embedding import Embedding  # noqa: E402
 from .layer import MIXER_INITS, init_mixer_  # noqa: E402
-from .peft_injection import AllOrNothingInjection  # noqa: E402
 from .linear import Linear, TransposedLinear, quantized_kind  # noqa: E402
+from .peft_injection import AllOrNothingInjection  # noqa: E402
 
 PEFT_TYPE = "MOSLORA"
 
