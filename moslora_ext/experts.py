@@ -150,7 +150,11 @@ class Experts(AdapterLayer):
         top_k, tokens, hidden = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
         expert_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
         rows = hidden_states[order // top_k]
-        offsets = torch.bincount(expert_ids, minlength=base.num_experts).cumsum(0).to(torch.int32)
+        # histc, not bincount (whose output shape depends on the data, a graph break), as transformers;
+        # histc takes floats on CPU and, with deterministic algorithms, integers on CUDA.
+        counts = torch.histc(expert_ids.float() if expert_ids.device.type in ("cpu", "mps") else expert_ids.int(),
+                             bins=base.num_experts, min=0, max=base.num_experts - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         first = "gate_up_proj" if base.has_gate else "up_proj"
         out = self._project(first, rows, expert_ids, offsets, adapter)
         out = base._apply_gate(out) if base.has_gate else base.act_fn(out)

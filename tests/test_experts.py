@@ -151,6 +151,16 @@ def test_expert_op_compiles_without_graph_breaks(device):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+def test_an_adapted_moe_model_compiles_as_one_graph_like_its_base():
+    # transformers' grouped experts forward stays in one graph (histc, not bincount); the adapted one must
+    # too. (Forward only: on CPU, transformers 5.17's grouped GEMM fallback does not compile its backward.)
+    model = add_all_linear(tiny("mixtral"), mixer_init="orthogonal")
+    perturb_B(model)
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids()).logits
+        torch.testing.assert_close(got, model(ids()).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_expert_dropout_masks_differ_between_experts():
     # Two experts with identical rows and identity factors, so y is the dropped x itself: one seed per
     # call, but each expert draws its own mask (the dense op numbers each expert's rows from 0).
