@@ -443,8 +443,13 @@ def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path):
 
 
 def model_state(model):
-    """Every module's class and every parameter's value and requires_grad flag."""
-    return ({name: type(m) for name, m in model.named_modules()},
+    """Every module's class (and, for a PEFT layer, the adapters it knows of: its
+    factors and its settings such as ``r``), every parameter's value and
+    requires_grad flag."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return ({name: (type(m), isinstance(m, BaseTunerLayer) and m._all_available_adapter_names())
+             for name, m in model.named_modules()},
             {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()})
 
 
@@ -461,4 +466,28 @@ def test_an_unsupported_layer_part_way_through_injection_leaves_the_model_as_it_
     before = model_state(model)  # q_proj is adapted before PEFT reaches the first RMSNorm
     with pytest.raises(TypeError, match="MoSLoRA adapters on the PEFT route go on torch.nn.Linear"):
         moslora(model, target_modules=["q_proj", "input_layernorm"])
+    assert_same_state(model, before)
+
+
+def test_a_refused_add_adapter_leaves_a_loaded_peft_model_as_it_was(tmp_path):
+    # Loaded for inference (nothing trainable), with an embedding adapter, whose factors PEFT keeps apart
+    # (lora_embedding_A), and a base weight made trainable by hand that the refused adapter targets.
+    trained_looking(moslora(tiny_llama())).save_pretrained(tmp_path / "a")
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    model.base_model.model.model.layers[0].self_attn.k_proj.weight.requires_grad_(True)
+    before, logits = model_state(model), model(batch()).logits
+    with pytest.raises(TypeError, match="MoSLoRA adapters on the PEFT route go on torch.nn.Linear"):
+        model.add_adapter("second", moslora_ext.MoSLoRAConfig(
+            r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "k_proj", "input_layernorm"]))
+    assert_same_state(model, before)
+    assert list(model.peft_config) == ["default"]
+    torch.testing.assert_close(model(batch()).logits, logits, atol=0, rtol=0)
+
+
+def test_a_refusal_after_the_layers_are_in_leaves_the_model_as_it_was():
+    # PEFT checks modules_to_save after it has put its LoRA layers and the first ModulesToSaveWrapper in.
+    model = tiny_llama()
+    before = model_state(model)
+    with pytest.raises(ValueError, match="ModulesToSaveWrapper"):
+        moslora(model, target_modules=["q_proj"], modules_to_save=["embed_tokens", "default"])
     assert_same_state(model, before)
