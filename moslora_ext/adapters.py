@@ -133,6 +133,7 @@ def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.
     """
     config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora, autocast_adapter_dtype)
     check_adapter_name(adapter_name)
+    _refuse_peft_model(model)
     to_save = []
     if modules_to_save:
         to_save = matching_names(model, modules_to_save)
@@ -286,14 +287,26 @@ def saved_modules(model):
 
 
 def _require_adapters(model):
+    _refuse_peft_model(model)
     layers = adapted_layers(model)
     if layers:
         return layers
-    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+    raise ValueError("the model has no MoSLoRA adapters (add them with moslora_ext.add_adapters)")
+
+
+def _refuse_peft_model(model):
+    """ValueError, naming the PeftModel's methods, if the adapters of
+    ``model`` are PEFT's layers (the PEFT route's included), which the model
+    functions of this library do not handle."""
+    if not adapted_layers(model) and any(_is_peft_layer(m) for m in model.modules()):
         raise ValueError(f"the model's adapters are PEFT's layers ({class_path(model)}, e.g. from get_peft_model with "
                          "MoSLoRAConfig), which moslora_ext's model functions do not handle: use the PeftModel's own "
-                         "methods (save_pretrained, merge_and_unload, set_adapter...)")
-    raise ValueError("the model has no MoSLoRA adapters (add them with moslora_ext.add_adapters)")
+                         "methods (save_pretrained, load_adapter, merge_and_unload, set_adapter...)")
+
+
+def _is_peft_layer(module):
+    # By class name, so that no peft import is needed: PEFT's layers and the PEFT route's subclasses of them.
+    return any(c.__name__ == "BaseTunerLayer" and c.__module__.startswith("peft.") for c in type(module).__mro__)
 
 
 def trainable_parameters(model):
@@ -308,6 +321,7 @@ def trainable_parameters(model):
 def list_adapters(model):
     """{adapter name: [names of the layers holding it]}, in the order the
     adapters were added (PEFT keeps the names in ``peft_config``)."""
+    _refuse_peft_model(model)
     found = {}
     for name, layer in adapted_layers(model).items():
         for adapter_name in layer.adapters:
@@ -317,6 +331,7 @@ def list_adapters(model):
 
 def active_adapter(model):
     """The name of the model's active adapter, or None if it has no adapters."""
+    _refuse_peft_model(model)
     return next((layer.active_adapter for layer in adapted_layers(model).values()), None)
 
 

@@ -22,6 +22,7 @@ from .adapters import (
     _inside_any,
     _layer_settings,
     _layers_holding,
+    _refuse_peft_model,
     _require_adapters,
     _wrap,
     list_adapters,
@@ -181,6 +182,7 @@ def load_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False):
     """
     _check_folder(path)
     check_adapter_name(adapter_name)
+    _refuse_peft_model(model)
     if os.path.exists(os.path.join(path, CONFIG_NAME)):
         config = _read_json(os.path.join(path, CONFIG_NAME))
         tensors = None  # read once the config is checked

@@ -11,7 +11,7 @@ import re
 import torch
 
 from . import engines, peft_experts
-from .adapters import FORMAT, _inside_any, matching_names, saved_modules
+from .adapters import FORMAT, _inside_any, _refuse_peft_model, matching_names, saved_modules
 from .checkpoints import (
     BASE_WEIGHT,
     CONFIG_NAME,
@@ -166,6 +166,7 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     """
     _check_folder(path)
     check_adapter_name(adapter_name)
+    _refuse_peft_model(model)
     peft_config = _read_json(os.path.join(path, CONFIG_NAME))
     if peft_config.get("format") == FORMAT:
         raise ValueError(f"{path} is a moslora_ext adapter folder (written by save_adapter), not a PEFT one; "

@@ -428,18 +428,31 @@ def test_the_functional_api_works_without_peft():
     assert result.stdout.splitlines()[0] == "1" and "needs peft" in result.stdout
 
 
-def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path):
-    model = moslora(tiny_llama())
+@pytest.mark.parametrize("which", ["PeftModel", "its base model", "stock PEFT LoRA"])
+def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path, which):
+    if which == "stock PEFT LoRA":
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    else:
+        model = moslora(tiny_llama())
+    model = model.get_base_model() if which == "its base model" else model
+    moslora_ext.save_adapter(moslora_ext.add_adapters(tiny_llama(), ["k_proj"]), tmp_path / "ours")
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["k_proj"])).save_pretrained(tmp_path / "peft")
+    before = model_state(model)
     calls = {"save_adapter": lambda: moslora_ext.save_adapter(model, tmp_path / "a"),
              "save_peft_adapter": lambda: moslora_ext.save_peft_adapter(model, tmp_path / "b"),
              "merge_adapters": lambda: moslora_ext.merge_adapters(model),
              "set_adapter": lambda: moslora_ext.set_adapter(model, "default"),
-             "disable_adapters": lambda: moslora_ext.disable_adapters(model).__enter__()}
+             "disable_adapters": lambda: moslora_ext.disable_adapters(model).__enter__(),
+             "list_adapters": lambda: moslora_ext.list_adapters(model),
+             "active_adapter": lambda: moslora_ext.active_adapter(model),
+             "add_adapters": lambda: moslora_ext.add_adapters(model, ["k_proj"]),
+             "load_adapter": lambda: moslora_ext.load_adapter(model, tmp_path / "ours"),
+             "load_peft_adapter": lambda: moslora_ext.load_peft_adapter(model, tmp_path / "peft")}
     for name, call in calls.items():
-        with pytest.raises(ValueError, match=r"PEFT's layers \(peft\.peft_model\.PeftModel.*use the "
-                                             r"PeftModel's own methods \(save_pretrained"):
+        with pytest.raises(ValueError, match=r"PEFT's layers \(.*use the PeftModel's own methods \(save_pretrained"):
             call()
-    assert not any(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "peft"]
+    assert_same_state(model, before)
 
 
 def model_state(model):
