@@ -96,8 +96,10 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
                      if isinstance(layer, RouterWeight) or peft_experts.remapped_by_peft(model, name)]
     target_parameters = [f"{name}.weight" for name in as_parameters]
     modules = {name: layer for name, layer in linear.items() if name not in as_parameters}
-    last_names = sorted({name.rsplit(".", 1)[-1] for name in modules})
-    exact = set(matching_names(model, last_names)) == set(modules)
+    # [] rather than None when all targets are parameters: for None PEFT puts in its default targets.
+    target_modules = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    if modules and set(matching_names(model, target_modules)) != set(modules):
+        target_modules = sorted(modules)  # the names' ends select other modules too: full names
     tensors = {}
     with torch.no_grad():
         for name, layer in linear.items():
@@ -114,7 +116,7 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     tensors.update({PEFT_PREFIX + key: t for key, t in _module_state(saved_modules(model)).items()})
     base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
-              "target_modules": (last_names if exact else sorted(modules)) or None,
+              "target_modules": target_modules,
               "target_parameters": sorted(target_parameters) or None,
               "modules_to_save": list(saved_modules(model)) or None,
               "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
@@ -207,9 +209,9 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     settings = {}
     for key_module, parts in by_layer.items():
         name = peft_experts.resolve_key_module(modules, key_module, target_parameters, str(path))
-        keys = (name, f"{name}.weight")
-        r = peft_experts.pattern_value(peft_config.get("rank_pattern"), keys, shared.r)
-        alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), keys, shared.lora_alpha)
+        key = peft_experts.pattern_key(modules, name, target_parameters)
+        r = peft_experts.pattern_value(peft_config.get("rank_pattern"), key, shared.r)
+        alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), key, shared.lora_alpha)
         has_mixer = "lora_mixer" in parts
         # A trained mixer: a MoSLoRAConfig folder says how it started and whether it trains.
         mixer = ({"mixer_init": peft_config.get("mixer_init", "kaiming"), "train_mixer": peft_config.get("train_mixer",

@@ -37,11 +37,20 @@ def targeted(name, target_parameters):
     return any(name == t or name.endswith("." + t) for t in target_parameters or ())
 
 
-def pattern_value(patterns, keys, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key) for a
-    target that PEFT may know under any of ``keys`` (``<layer>`` or ``<layer>.weight``)."""
+def pattern_key(modules, name, target_parameters):
+    """The name PEFT matches rank_pattern / alpha_pattern against for our
+    target ``name``: ``<module>.<parameter>`` for a parameter PEFT wraps
+    (``target_parameters``: fused expert parameters, router weights), the
+    module's name for a ``target_modules`` layer."""
+    if name not in modules:  # <experts>.<parameter>
+        return name
+    return f"{name}.weight" if targeted(f"{name}.weight", target_parameters) else name
+
+
+def pattern_value(patterns, key, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key) for ``key``."""
     for pattern, value in (patterns or {}).items():
-        if any(re.match(rf"(.*\.)?({pattern})$", key) for key in keys):
+        if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
 

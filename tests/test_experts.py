@@ -399,6 +399,33 @@ def test_peft_rank_and_alpha_patterns_apply_to_expert_parameters(tmp_path):
     torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("patterns", [{"alpha_pattern": {"mlp.gate": 3}}, {"rank_pattern": {"mlp.gate": 3}},
+                                      {"alpha_pattern": {"mlp.gate.weight": 3}, "rank_pattern": {"gate.weight": 3}},
+                                      {"alpha_pattern": {"q_proj.weight": 3}}, {"alpha_pattern": {"q_proj": 3}}])
+def test_peft_patterns_match_the_names_peft_matches(patterns, tmp_path):
+    # PEFT matches a target_parameters entry by <module>.<parameter> (the router's gate.weight), a
+    # target_modules layer by its module name: a pattern naming the other is ignored, as by PEFT.
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], **patterns,
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.gate.weight"])
+    want = saved_peft_adapter("mixtral", config, tmp_path, seed=7)
+    ours = moslora_ext.load_peft_adapter(tiny("mixtral"), tmp_path)
+    torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_save_peft_adapter_of_expert_parameters_only(tmp_path):
+    # No target_modules: written as [], since for None PEFT would put in its default targets (q_proj, v_proj).
+    peft = pytest.importorskip("peft")
+    model = moslora_ext.add_adapters(tiny("mixtral"), target_parameters=["mlp.experts.gate_up_proj"], r=2,
+                                     mixer_init="orthogonal")
+    perturb_B(model)
+    moslora_ext.save_peft_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny("mixtral"), tmp_path).eval()
+    torch.testing.assert_close(theirs(ids()).logits, model(ids()).logits, atol=1e-5, rtol=1e-5)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) and not isinstance(m, peft.tuners.lora.ParamWrapper)
+                   for m in theirs.modules())
+
+
 def test_safe_merge_refuses_a_non_finite_expert_and_leaves_the_weights_bit_identical():
     model = moslora_ext.add_adapters(tiny("gpt_oss"), target_parameters=["gate_up_proj", "down_proj"], r=2)
     experts = model.model.layers[0].mlp.experts
