@@ -140,9 +140,10 @@ class Experts(AdapterLayer):
         return self.base_experts.is_transposed
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if self.merged or self.disabled or self.active_adapter not in self.adapters:
+        adapter = self.applied_adapter()
+        if adapter is None:
             return self.base_experts(hidden_states, top_k_index, top_k_weights)
-        return self._routed_forward(hidden_states, top_k_index, top_k_weights, self.adapters[self.active_adapter])
+        return self._routed_forward(hidden_states, top_k_index, top_k_weights, adapter)
 
     def _routed_forward(self, hidden_states, top_k_index, top_k_weights, adapter):
         # transformers' grouped_mm_experts_forward, with the adapter added after each grouped GEMM.
@@ -285,9 +286,11 @@ def left_out_of_all_linear(model):
     does not: the weights of routers that are ``nn.Linear`` subclasses with a
     forward of their own (refused, see ``moslora_ext.linear.NOT_PLAIN_LINEAR``)
     and 3-D parameters outside a supported experts module."""
-    left_out = []
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer) or is_fused_experts(module):
+    left_out, inside_adapted = [], ()
+    for name, module in model.named_modules():  # a module before its children
+        if isinstance(module, AdapterLayer):
+            inside_adapted += (name + ".",)  # its adapters' own 3-D tensors are not the model's
+        if isinstance(module, AdapterLayer) or is_fused_experts(module) or name.startswith(inside_adapted):
             continue
         if "Router" in type(module).__name__ and isinstance(module, nn.Linear) and not is_router(module):
             left_out.append(f"{name}.weight")

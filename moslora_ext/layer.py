@@ -350,13 +350,23 @@ class AdapterLayer(nn.Module):
         adapter's (see ``mixed_batch_forward``)."""
         if adapter_names is not None:
             return self.mixed_batch_forward(x, adapter_names)
-        if self.merged and self.training and torch.is_grad_enabled() and self.active.lora_A.requires_grad:
+        adapter = self.applied_adapter()
+        return self.base_forward(x) if adapter is None else self.adapter_forward(x, adapter)
+
+    def applied_adapter(self):
+        """The adapter that forward adds (the active one), or None where the
+        layer computes its base output alone: merged, disabled, or without
+        an adapter of the active name. Warns when a merged adapter is trained."""
+        if self.disabled or self.active_adapter not in self.adapters:
+            return None
+        adapter = self.adapters[self.active_adapter]
+        if not self.merged:
+            return adapter
+        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in adapter.parameters()):
             warnings.warn(f"adapter {self.active_adapter!r} is merged into this {type(self).__name__}'s weight, so "
                           "training gives its parameters no gradient (and a loss with nothing to train raises "
-                          "'element 0 of tensors does not require grad'): unmerge before training", stacklevel=2)
-        if self.merged or self.disabled or self.active_adapter not in self.adapters:
-            return self.base_forward(x)
-        return self.adapter_forward(x, self.adapters[self.active_adapter])
+                          "'element 0 of tensors does not require grad'): unmerge before training", stacklevel=3)
+        return None
 
     def adapter_forward(self, x, adapter):
         """The base output plus ``adapter``'s."""

@@ -64,9 +64,9 @@ class RouterWeight(AdapterLayer):
         self.out_features, self.in_features = module.weight.shape
 
     def forward(self, *args, **kwargs):
-        if self.merged or self.disabled or self.active_adapter not in self.adapters:
+        adapter = self.applied_adapter()
+        if adapter is None:
             return self.base_router(*args, **kwargs)
-        adapter = self.adapters[self.active_adapter]
         delta = adapter.config.scale * (adapter.lora_B @ (adapter.lora_mixer @ adapter.lora_A))
         weight = self.weight + delta.to(self.weight.dtype)
         return torch.func.functional_call(self.base_router, {"weight": weight}, args, kwargs)

@@ -239,6 +239,14 @@ def test_all_linear_names_the_router_weights_it_cannot_adapt():
     assert not any("router" in name for name in moslora_ext.adapted_layers(model))
 
 
+def test_a_second_all_linear_adapter_warns_of_nothing_and_reaches_the_experts():
+    model = add_all_linear(tiny("mixtral"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first adapter's own 3-D tensors are not parameters left out
+        moslora_ext.add_adapters(model, "all-linear", r=2, adapter_name="other")
+    assert list(model.model.layers[0].mlp.experts.adapters) == ["default", "other"]
+
+
 # --- forward, training, merging -------------------------------------------------------------------
 
 
@@ -424,6 +432,17 @@ def test_save_peft_adapter_of_expert_parameters_only(tmp_path):
     torch.testing.assert_close(theirs(ids()).logits, model(ids()).logits, atol=1e-5, rtol=1e-5)
     assert not any(isinstance(m, peft.tuners.lora.LoraLayer) and not isinstance(m, peft.tuners.lora.ParamWrapper)
                    for m in theirs.modules())
+
+
+def test_training_merged_expert_and_router_layers_says_that_they_are_merged():
+    model = moslora_ext.add_adapters(tiny("mixtral"), ["experts", "gate"], r=2)
+    moslora_ext.merge_adapters(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()(ids())
+    merged = {str(w.message).split("this ")[1].split("'s")[0] for w in caught if "unmerge before training" in
+              str(w.message)}
+    assert merged == {"Experts", "RouterWeight"}
 
 
 def test_safe_merge_refuses_a_non_finite_expert_and_leaves_the_weights_bit_identical():
