@@ -260,10 +260,13 @@ def group_targets(modules, configs):
 
 
 def parameter_targets(model, target_parameters):
-    """The names of the parameters of ``model`` that ``target_parameters``
-    selects, as PEFT matches them: a name equal to an entry or ending with
-    ``"." + entry``. ValueError for an entry that matches nothing, TypeError
-    (naming them) for matches that are not fused expert parameters."""
+    """The targets of ``model`` that ``target_parameters`` selects, as PEFT
+    matches parameter names: a name equal to an entry or ending with
+    ``"." + entry``. A fused expert parameter is its own target
+    (``<experts>.<parameter>``), a router's weight its router (which then
+    gets a ``RouterWeight``, as PEFT's ParamWrapper on ``gate.weight``).
+    ValueError for an entry that matches nothing, TypeError (naming them)
+    for matches that are neither."""
     if isinstance(target_parameters, str) or not all(isinstance(t, str) and t for t in target_parameters):
         raise ValueError(f"target_parameters must be a list of parameter names, got {target_parameters!r}")
     names = [name for name, _ in model.named_parameters() if "adapters." not in name]
@@ -273,12 +276,20 @@ def parameter_targets(model, target_parameters):
         raise ValueError(f"target_parameters {unmatched} match no parameter of the model")
     modules = dict(model.named_modules())
     chosen = sorted({n for found in selected.values() for n in found})
-    refused = [n for n in chosen if split_target(modules, n)[1] is None]
+    targets = {n: n if split_target(modules, n)[1] is not None else _router_of(modules, n) for n in chosen}
+    refused = [n for n, target in targets.items() if target is None]
     if refused:
-        raise TypeError(f"target_parameters selects {refused}, which are not fused expert parameters; moslora_ext "
-                        f"adapts the fused 3-D parameters ({', '.join(FUSED_PARAMETERS)}) of transformers' experts "
-                        "modules through target_parameters, and linear layers through target_modules")
-    return chosen
+        raise TypeError(f"target_parameters selects {refused}, which are neither fused expert parameters nor router "
+                        f"weights; moslora_ext adapts the fused 3-D parameters ({', '.join(FUSED_PARAMETERS)}) of "
+                        "transformers' experts modules and the weights of their routers through target_parameters, "
+                        "and linear layers through target_modules")
+    return list(dict.fromkeys(targets.values()))
+
+
+def _router_of(modules, parameter_name):
+    """The name of the router whose weight ``parameter_name`` is, or None."""
+    module_name, _, parameter = parameter_name.rpartition(".")
+    return module_name if parameter == "weight" and is_router(modules.get(module_name)) else None
 
 
 def left_out_of_all_linear(model):

@@ -211,12 +211,27 @@ def test_target_parameters_selects_one_parameter_and_refuses_others_by_name():
     assert len(layers) == 2 and all(set(layer.active) == {"down_proj"} for layer in layers.values())
     model = tiny("mixtral")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(TypeError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*not fused expert"):
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight.*neither fused expert"):
         moslora_ext.add_adapters(model, target_parameters=["q_proj.weight", "gate_up_proj"])
     with pytest.raises(ValueError, match=r"\['nonexistent'\] match no parameter"):
         moslora_ext.add_adapters(model, target_parameters=["nonexistent"])
     assert not moslora_ext.adapted_layers(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_target_parameters_take_router_weights_as_peft_does(kind, tmp_path):
+    # The same target list as PEFT's (and the PEFT route's): the router's weight adapts the router.
+    peft = pytest.importorskip("peft")
+    router = {"gpt_oss": "mlp.router.weight"}.get(kind, "mlp.gate.weight")
+    targets = ["mlp.experts.down_proj", router]
+    model = moslora_ext.add_adapters(tiny(kind), target_parameters=targets, r=2, lora_alpha=4)
+    routers = [name for name, layer in moslora_ext.adapted_layers(model).items() if isinstance(layer, RouterWeight)]
+    assert routers and all(name + ".weight" in dict(tiny(kind).named_parameters()) for name in routers)
+    perturb_B(model)
+    moslora_ext.save_peft_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny(kind), tmp_path).eval()
+    torch.testing.assert_close(theirs(ids()).logits, model(ids()).logits, atol=1e-5, rtol=1e-5)
 
 
 def tiny_phimoe():
