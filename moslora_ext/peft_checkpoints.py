@@ -7,6 +7,7 @@ all-or-nothing writing and loading of ``moslora_ext.checkpoints``."""
 import dataclasses
 import os
 import re
+import warnings
 
 import torch
 
@@ -111,8 +112,11 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
         for name, layer in experts.items():
             tensors.update(peft_experts.peft_tensors(PEFT_PREFIX, name, layer.adapters[adapter_name], layer))
             target_parameters += [f"{name}.{parameter}" for parameter in layer.adapters[adapter_name]]
-    if target_parameters:
-        shared["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout; it only shapes training
+    if target_parameters and shared["lora_dropout"]:
+        warnings.warn(f"save_peft_adapter writes lora_dropout 0 (the adapters were trained with "
+                      f"{shared['lora_dropout']}): PEFT's target_parameters wrapper refuses dropout; it changes no "
+                      "output, only further training with PEFT", stacklevel=2)
+        shared["lora_dropout"] = 0.0
     tensors.update({PEFT_PREFIX + key: t for key, t in _module_state(saved_modules(model)).items()})
     base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
