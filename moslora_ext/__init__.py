@@ -16,7 +16,6 @@ extension was built with.
 
 import glob
 import os
-import sys
 import warnings
 from importlib import metadata
 
@@ -85,15 +84,16 @@ from .experts import Experts  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
-from .peft_support import unsupported_peft_reason  # noqa: E402
+from .peft_support import installed_peft_version, unsupported_peft_reason  # noqa: E402
 from .quantized import QuantizedLinear  # noqa: E402
 
 # The PEFT route (moslora_ext.MoSLoRAConfig), registered with PEFT on import when a supported peft is
-# installed; the functional API works without it, and under another peft (which only warns here).
+# installed; the functional API works without it, and under another peft or a broken one (which only
+# warns here).
 _peft_unavailable = unsupported_peft_reason()
 if _peft_unavailable is None:
     from .peft_method import MoSLoRAConfig, MoSLoRAModel  # noqa: E402
-elif sys.modules.get("peft") is not None:  # installed, another version
+elif installed_peft_version() is not None:
     warnings.warn(_peft_unavailable, stacklevel=2)
 
 try:

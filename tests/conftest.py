@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -26,3 +30,12 @@ def require_peft_route():
     reason = unsupported_peft_reason()
     if reason is not None:
         pytest.skip(reason, allow_module_level=True)
+
+
+def run_python(code, pythonpath=()):
+    """Run ``code`` in a new interpreter, with ``pythonpath`` ahead of the inherited PYTHONPATH. It runs
+    in the tests folder: at the repository root the source tree would hide the installed package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
