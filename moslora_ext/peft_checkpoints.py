@@ -29,8 +29,10 @@ from .checkpoints import (
     _unmerged_adapters,
     _write,
 )
+from .dispatch import adapter_class
 from .experts import Experts, split_target
-from .layer import DEFAULT_ADAPTER, check_adapter_name
+from .layer import DEFAULT_ADAPTER, check_adapter_name, class_path
+from .linear import Linear
 from .routers import RouterWeight
 
 PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
@@ -214,6 +216,12 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     for key_module, parts in by_layer.items():
         name = peft_experts.resolve_key_module(modules, key_module, target_parameters, str(path))
         key = peft_experts.pattern_key(modules, name, target_parameters)
+        if key != name and adapter_class(modules[name]) not in (Linear, RouterWeight):
+            raise ValueError(f"{path}: target_parameters adapts {key}, the weight of a {class_path(modules[name])}; "
+                             "load_peft_adapter reads the target_parameters adapters of fused expert parameters, "
+                             "router weights and nn.Linear weights (PEFT's wrapper of another module's weight "
+                             "adapts the stored tensor as a matrix, which this library's layer of that module does "
+                             "not do)")
         r = peft_experts.pattern_value(peft_config.get("rank_pattern"), key, shared.r)
         alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), key, shared.lora_alpha)
         has_mixer = "lora_mixer" in parts

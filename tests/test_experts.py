@@ -437,6 +437,16 @@ def test_peft_patterns_match_the_names_peft_matches(patterns, tmp_path):
     torch.testing.assert_close(ours(ids()).logits, want, atol=1e-5, rtol=1e-5)
 
 
+def test_peft_target_parameters_on_another_module_are_refused_by_name(tmp_path):
+    # PEFT adapts an embedding's stored (num_embeddings, dim) tensor as a matrix; our Embedding layer does not.
+    peft = pytest.importorskip("peft")
+    saved_peft_adapter("mixtral", peft.LoraConfig(r=2, target_parameters=["embed_tokens.weight"]), tmp_path, seed=1)
+    model = tiny("mixtral")
+    with pytest.raises(ValueError, match=r"adapts model\.embed_tokens\.weight, the weight of a torch\.nn\.Embedding"):
+        moslora_ext.load_peft_adapter(model, tmp_path)
+    assert not moslora_ext.adapted_layers(model)
+
+
 def test_save_peft_adapter_of_expert_parameters_only(tmp_path):
     # No target_modules: written as [], since for None PEFT would put in its default targets (q_proj, v_proj).
     peft = pytest.importorskip("peft")

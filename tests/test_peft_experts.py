@@ -13,7 +13,7 @@ require_peft_route()
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from test_experts import add_all_linear, ids, tiny  # noqa: E402
-from test_peft_route import assert_same_state, copy_lora_factors, model_state, trained_looking  # noqa: E402
+from test_peft_route import assert_unchanged, copy_lora_factors, structure_and_values, trained_looking  # noqa: E402
 from test_peft_workflows import TRAINING, sft_trainer, training_set_loss  # noqa: E402
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -147,15 +147,15 @@ def test_trl_sft_trainer_trains_expert_adapters_through_target_parameters(tmp_pa
 def test_a_refusal_part_way_through_injection_leaves_the_model_as_it_was():
     # PEFT adapts q_proj before it reaches the experts, whose ParamWrapper refuses lora_dropout.
     model = tiny("mixtral")
-    before = model_state(model)
+    before = structure_and_values(model)
     with pytest.raises(ValueError, match="does not work with lora_dropout"):
         get_peft_model(model, moslora_ext.MoSLoRAConfig(**SETTINGS | {"lora_dropout": 0.1}))
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
     # the same for a second adapter on a PeftModel: its existing layers lose nothing and gain nothing
     peft_model = moslora_experts("mixtral")
-    before = model_state(peft_model)
+    before = structure_and_values(peft_model)
     with pytest.raises(ValueError, match="does not work with lora_dropout"):
         peft_model.add_adapter("second", moslora_ext.MoSLoRAConfig(**SETTINGS | {"lora_dropout": 0.1}))
-    assert_same_state(peft_model, before)
+    assert_unchanged(peft_model, before)
     assert list(peft_model.peft_config) == ["default"]
     peft_model.add_adapter("second", moslora_ext.MoSLoRAConfig(**SETTINGS))  # still takes a good one

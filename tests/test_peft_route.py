@@ -402,7 +402,7 @@ def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path, which)
     model = model.get_base_model() if which == "its base model" else model
     moslora_ext.save_adapter(moslora_ext.add_adapters(tiny_llama(), ["k_proj"]), tmp_path / "ours")
     get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["k_proj"])).save_pretrained(tmp_path / "peft")
-    before = model_state(model)
+    before = structure_and_values(model)
     calls = {"save_adapter": lambda: moslora_ext.save_adapter(model, tmp_path / "a"),
              "save_peft_adapter": lambda: moslora_ext.save_peft_adapter(model, tmp_path / "b"),
              "merge_adapters": lambda: moslora_ext.merge_adapters(model),
@@ -417,10 +417,10 @@ def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path, which)
         with pytest.raises(ValueError, match=r"PEFT's layers \(.*use the PeftModel's own methods \(save_pretrained"):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "peft"]
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
-def model_state(model):
+def structure_and_values(model):
     """Every module's class (and, for a PEFT layer, the adapters it knows of: its
     factors and its settings such as ``r``), every parameter's value and
     requires_grad flag."""
@@ -431,8 +431,8 @@ def model_state(model):
             {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()})
 
 
-def assert_same_state(model, state):
-    modules, parameters = model_state(model)
+def assert_unchanged(model, state):
+    modules, parameters = structure_and_values(model)
     assert modules == state[0]
     assert parameters.keys() == state[1].keys()
     for name, (value, requires_grad) in parameters.items():
@@ -441,10 +441,10 @@ def assert_same_state(model, state):
 
 def test_an_unsupported_layer_part_way_through_injection_leaves_the_model_as_it_was():
     model = tiny_llama()
-    before = model_state(model)  # q_proj is adapted before PEFT reaches the first RMSNorm
+    before = structure_and_values(model)  # q_proj is adapted before PEFT reaches the first RMSNorm
     with pytest.raises(TypeError, match="MoSLoRA adapters on the PEFT route go on torch.nn.Linear"):
         moslora(model, target_modules=["q_proj", "input_layernorm"])
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 def test_a_refused_add_adapter_leaves_a_loaded_peft_model_as_it_was(tmp_path):
@@ -453,11 +453,11 @@ def test_a_refused_add_adapter_leaves_a_loaded_peft_model_as_it_was(tmp_path):
     trained_looking(moslora(tiny_llama())).save_pretrained(tmp_path / "a")
     model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
     model.base_model.model.model.layers[0].self_attn.k_proj.weight.requires_grad_(True)
-    before, logits = model_state(model), model(batch()).logits
+    before, logits = structure_and_values(model), model(batch()).logits
     with pytest.raises(TypeError, match="MoSLoRA adapters on the PEFT route go on torch.nn.Linear"):
         model.add_adapter("second", moslora_ext.MoSLoRAConfig(
             r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "k_proj", "input_layernorm"]))
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
     assert list(model.peft_config) == ["default"]
     torch.testing.assert_close(model(batch()).logits, logits, atol=0, rtol=0)
 
@@ -465,7 +465,7 @@ def test_a_refused_add_adapter_leaves_a_loaded_peft_model_as_it_was(tmp_path):
 def test_a_refusal_after_the_layers_are_in_leaves_the_model_as_it_was():
     # PEFT checks modules_to_save after it has put its LoRA layers and the first ModulesToSaveWrapper in.
     model = tiny_llama()
-    before = model_state(model)
+    before = structure_and_values(model)
     with pytest.raises(ValueError, match="ModulesToSaveWrapper"):
         moslora(model, target_modules=["q_proj"], modules_to_save=["embed_tokens", "default"])
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
