@@ -33,7 +33,7 @@ from torch import nn
 from . import expert_ops
 from .layer import DEFAULT_ADAPTER, Adapter, AdapterLayer, class_path, refuse_non_finite
 from .linear import Linear
-from .routers import is_router
+from .routers import RouterWeight, is_router
 
 # The fused parameters of transformers' experts modules that take adapters.
 FUSED_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
@@ -289,7 +289,8 @@ def parameter_targets(model, target_parameters):
 def _router_of(modules, parameter_name):
     """The name of the router whose weight ``parameter_name`` is, or None."""
     module_name, _, parameter = parameter_name.rpartition(".")
-    return module_name if parameter == "weight" and is_router(modules.get(module_name)) else None
+    router = modules.get(module_name)
+    return module_name if parameter == "weight" and (is_router(router) or isinstance(router, RouterWeight)) else None
 
 
 def left_out_of_all_linear(model):

@@ -1,14 +1,15 @@
 """All-or-nothing adapter injection for the PEFT route's tuner (``MoSLoRAModel``).
 
-PEFT replaces target modules one by one, and adds the new adapter to layers that
-hold others, so a refusal found only at some module (a layer type MoSLoRA does not
+PEFT replaces target modules one by one, adds the new adapter to layers and
+wrappers (``modules_to_save``) that hold others, and freezes parameters as it
+goes, so a refusal found only at some module (a layer type MoSLoRA does not
 support, ``lora_dropout`` on a ``target_parameters`` wrapper, a bad
 ``modules_to_save``) would leave the model part adapted. ``AllOrNothingInjection``
-takes a snapshot of the model's structure before ``inject_adapter`` and, when it
-fails (``get_peft_model``, ``add_adapter``), restores it, then re-raises.
+takes a snapshot before ``inject_adapter`` and, when it fails (``get_peft_model``,
+``add_adapter``, ``inject_adapter_in_model``), restores it, then re-raises.
 """
 
-from peft.tuners.tuners_utils import BaseTunerLayer
+import copy
 
 
 class AllOrNothingInjection:
@@ -16,36 +17,40 @@ class AllOrNothingInjection:
     completely or not at all."""
 
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
-        snapshot = _Snapshot(self, model)
+        snapshot = _Snapshot([self, *model.modules()])
         try:
             return super().inject_adapter(model, adapter_name, *args, **kwargs)
         except BaseException:
-            snapshot.restore(adapter_name)
+            snapshot.restore()
             raise
 
 
 class _Snapshot:
-    """What ``inject_adapter`` changes: every module's children (new wrappers
-    replace them; an existing layer's ``lora_A``... ModuleDicts gain entries),
-    every parameter's ``requires_grad``, the tuner's lists of targeted names,
-    and, in existing layers, the new adapter's settings (``r``, ``scaling``...,
-    plain dicts that ``delete_adapter`` clears)."""
+    """The state of ``modules`` that an injection changes: each module's
+    attributes (children, and PEFT's per-adapter bookkeeping: ``r``,
+    ``scaling``, a wrapper's ``_adapters``...), the contents of the dicts,
+    sets and lists they hold (restored in place, so objects that modules share
+    stay shared), and every parameter's ``requires_grad``."""
 
-    def __init__(self, tuner, model):
-        self.tuner, self.model = tuner, model
-        self.children = [(module, dict(module._modules)) for module in model.modules()]
-        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        self.targeted = {name: list(getattr(tuner, name))
-                         for name in ("targeted_module_names", "targeted_parameter_names") if hasattr(tuner, name)}
+    def __init__(self, modules):
+        self.attributes = [(module, dict(module.__dict__)) for module in modules]
+        self.contents = {}
+        for _, attributes in self.attributes:
+            for value in attributes.values():
+                if isinstance(value, (dict, set, list)):
+                    self.contents.setdefault(id(value), (value, copy.copy(value)))
+        self.requires_grad = {id(p): (p, p.requires_grad) for module in modules
+                              for p in module.parameters(recurse=False)}
 
-    def restore(self, adapter_name):
-        for module, children in self.children:
-            module._modules.clear()
-            module._modules.update(children)
-        for module in self.model.modules():  # layers that existed before and got (part of) the adapter
-            if isinstance(module, BaseTunerLayer) and adapter_name in module._all_available_adapter_names():
-                module.delete_adapter(adapter_name)
-        for parameter, requires_grad in self.requires_grad:
+    def restore(self):
+        for module, attributes in self.attributes:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+        for value, saved in self.contents.values():
+            value.clear()
+            if isinstance(value, list):
+                value.extend(saved)
+            else:
+                value.update(saved)
+        for parameter, requires_grad in self.requires_grad.values():
             parameter.requires_grad_(requires_grad)
-        for name, names in self.targeted.items():
-            getattr(self.tuner, name)[:] = names

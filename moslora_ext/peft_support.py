@@ -9,7 +9,7 @@ at all.
 
 from importlib import metadata
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 SUPPORTED_PEFT = ">=0.21,<0.22"  # what peft_method's hooks are written and tested against (pyproject's bound)
 _SUPPORTED_RANGE = (Version("0.21"), Version("0.22"))
@@ -28,13 +28,28 @@ def unsupported_peft_reason():
     version = installed_peft_version()
     if version is None:
         return f"moslora_ext's PEFT integration needs peft: pip install 'peft{SUPPORTED_PEFT}'"
-    if not _SUPPORTED_RANGE[0] <= Version(Version(version).base_version) < _SUPPORTED_RANGE[1]:
-        return (f"moslora_ext's PEFT integration supports peft {SUPPORTED_PEFT}, but peft {version} is installed "
-                f"(its LoRA variant and custom-layer hooks differ): install `peft{SUPPORTED_PEFT}` to use "
-                "MoSLoRAConfig; moslora_ext's own API (add_adapters, save_adapter...) works without it")
+    if not _supported(version):
+        return _another_version(version)
     try:
-        import peft  # noqa: F401
+        import peft
     except Exception as exc:  # whatever breaks it (another transformers...), it disables the route only
         return (f"moslora_ext's PEFT integration needs peft{SUPPORTED_PEFT}: peft {version} is installed but "
                 f"`import peft` fails ({type(exc).__name__}: {exc}); moslora_ext's own API works without it")
+    imported = getattr(peft, "__version__", None)  # a checkout ahead on sys.path may shadow the installed one
+    if imported != version and not _supported(imported):
+        return _another_version(f"{imported} (imported from {getattr(peft, '__file__', None)})")
     return None
+
+
+def _supported(version):
+    try:
+        release = Version(Version(version).base_version)
+    except (TypeError, InvalidVersion):
+        return False
+    return _SUPPORTED_RANGE[0] <= release < _SUPPORTED_RANGE[1]
+
+
+def _another_version(version):
+    return (f"moslora_ext's PEFT integration supports peft {SUPPORTED_PEFT}, but peft {version} is installed "
+            f"(its LoRA variant and custom-layer hooks differ): install `peft{SUPPORTED_PEFT}` to use "
+            "MoSLoRAConfig; moslora_ext's own API (add_adapters, save_adapter...) works without it")

@@ -232,6 +232,8 @@ def test_target_parameters_take_router_weights_as_peft_does(kind, tmp_path):
     moslora_ext.save_peft_adapter(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny(kind), tmp_path).eval()
     torch.testing.assert_close(theirs(ids()).logits, model(ids()).logits, atol=1e-5, rtol=1e-5)
+    moslora_ext.add_adapters(model, target_parameters=targets, r=2, adapter_name="second")  # adapted routers too
+    assert all(list(model.get_submodule(name).adapters) == ["default", "second"] for name in routers)
 
 
 def tiny_phimoe():

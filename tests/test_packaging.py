@@ -57,12 +57,14 @@ def test_build_for_another_torch_gives_a_rebuild_command_that_leaves_torch_alone
 
 
 def fake_peft(path, version, init):
-    """A peft distribution of ``version`` whose ``__init__.py`` is ``init``, in ``path``."""
+    """A peft package whose ``__init__.py`` is ``init``, in ``path``, and its distribution's
+    metadata of ``version`` (none for None: a source tree, ahead of the installed peft)."""
     (path / "peft").mkdir()
     (path / "peft" / "__init__.py").write_text(init)
-    info = path / f"peft-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: peft\nVersion: {version}\n")
+    if version is not None:
+        info = path / f"peft-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: peft\nVersion: {version}\n")
     return path
 
 
@@ -77,7 +79,8 @@ USES_THE_FUNCTIONAL_API = ("import warnings; warnings.simplefilter('always')\nim
 @pytest.mark.parametrize("version, init, expected", [
     ("0.16.0", "raise ImportError('never imported')", "supports peft >=0.21,<0.22, but peft 0.16.0 is installed"),
     ("0.21.9", "raise AttributeError('broken')", "peft 0.21.9 is installed but `import peft` fails "
-                                                  "(AttributeError: broken)")])
+                                                  "(AttributeError: broken)"),
+    (None, "__version__ = '0.16.0'", "but peft 0.16.0 (imported from ")])
 def test_another_or_a_broken_peft_disables_only_the_peft_route_naming_the_range(version, init, expected, tmp_path):
     result = run_python(USES_THE_FUNCTIONAL_API, [fake_peft(tmp_path, version, init)])
     assert result.returncode == 0, result.stderr[-2000:]

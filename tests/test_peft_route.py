@@ -421,13 +421,18 @@ def test_model_functions_name_the_peft_methods_for_a_peft_model(tmp_path, which)
 
 
 def structure_and_values(model):
-    """Every module's class (and, for a PEFT layer, the adapters it knows of: its
-    factors and its settings such as ``r``), every parameter's value and
-    requires_grad flag."""
+    """Every module's class (and, for a PEFT layer or wrapper, the adapters it knows of: its
+    factors, its settings such as ``r``, a modules_to_save wrapper's set), every parameter's value
+    and requires_grad flag."""
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    return ({name: (type(m), isinstance(m, BaseTunerLayer) and m._all_available_adapter_names())
-             for name, m in model.named_modules()},
+    def known_adapters(m):
+        if isinstance(m, BaseTunerLayer):
+            return m._all_available_adapter_names()
+        return sorted(m._adapters) if isinstance(m, AuxiliaryTrainingWrapper) else None
+
+    return ({name: (type(m), known_adapters(m)) for name, m in model.named_modules()},
             {name: (p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()})
 
 
@@ -459,6 +464,32 @@ def test_a_refused_add_adapter_leaves_a_loaded_peft_model_as_it_was(tmp_path):
             r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "k_proj", "input_layernorm"]))
     assert_unchanged(model, before)
     assert list(model.peft_config) == ["default"]
+    torch.testing.assert_close(model(batch()).logits, logits, atol=0, rtol=0)
+
+
+def test_a_refusal_after_a_wrapper_took_the_adapter_leaves_it_as_it_was(tmp_path):
+    # PEFT adds "b" to the existing modules_to_save wrapper, then refuses trainable tokens on it.
+    model = moslora(tiny_llama(), target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    before = structure_and_values(model)
+    with pytest.raises(ValueError, match="already marked to be trained fully"):
+        model.add_adapter("b", moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=[
+            "embed_tokens"], trainable_token_indices={"embed_tokens": [1, 2]}))
+    assert_unchanged(model, before)
+    model.add_adapter("b", moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj"]))  # the name is free again
+    model.set_adapter("b")
+    model(batch())
+    model.save_pretrained(tmp_path)
+
+
+def test_a_refused_injection_of_an_existing_name_keeps_that_adapter():
+    # peft.inject_adapter_in_model does not check names: the refused call must not delete the first adapter.
+    model = peft.inject_adapter_in_model(moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj"]), tiny_llama())
+    trained_looking(model)
+    before, logits = structure_and_values(model), model(batch()).logits
+    with pytest.raises(TypeError, match="MoSLoRA adapters on the PEFT route go on torch.nn.Linear"):
+        peft.inject_adapter_in_model(moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj", "input_layernorm"]),
+                                     model)
+    assert_unchanged(model, before)
     torch.testing.assert_close(model(batch()).logits, logits, atol=0, rtol=0)
 
 
