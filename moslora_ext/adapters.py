@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 
+from .checkpoint_names import renaming_hook
 from .dispatch import adapter_class, check_adaptable, refusal_reason
 from .experts import (
     Experts,
@@ -241,6 +242,9 @@ def _layer_settings(model, adapter_name):
             for target, adapter in adapter_targets(name, layer, adapter_name).items()}
 
 
+_RENAMING_HOOK = "_moslora_ext_renaming_hook"  # the handle of a model's checkpoint_names.renaming_hook
+
+
 def _record(model):
     """Keep the settings of every adapter in a transformers model's config,
     which ``save_pretrained`` (and so the HF Trainer) writes to config.json
@@ -249,7 +253,10 @@ def _record(model):
     layers ("merged_layers", kept up to date by layer-level ``merge()`` and
     ``unmerge()`` too, through the record each layer holds): the weights of
     a checkpoint saved with merged layers hold their adapter already, and
-    ``load_adapter`` refuses to add it a second time."""
+    ``load_adapter`` refuses to add it a second time. A model whose
+    checkpoints transformers saves under other names gets the
+    ``load_state_dict`` pre-hook that reads them under its own
+    (``checkpoint_names.renaming_hook``), as a Trainer resuming needs."""
     from . import __version__
 
     config = getattr(model, "config", None)
@@ -267,6 +274,9 @@ def _record(model):
     setattr(config, CONFIG_RECORD, record)
     for layer in layers:
         layer._config_record = record
+    if _RENAMING_HOOK not in model.__dict__:  # once per model: a Trainer resuming loads renamed keys
+        hook = renaming_hook(model)
+        model.__dict__[_RENAMING_HOOK] = hook and model.register_load_state_dict_pre_hook(hook)
 
 
 def _set_submodule(model, name, module):

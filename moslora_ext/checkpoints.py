@@ -28,6 +28,7 @@ from .adapters import (
     list_adapters,
     saved_modules,
 )
+from .checkpoint_names import checkpoint_renamings, model_key
 from .dispatch import adapter_class, check_adaptable
 from .experts import Experts, adapter_targets, split_target
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
@@ -303,31 +304,14 @@ def _read_transformers_checkpoint(path, adapter_name):
                 f"{module_name}.adapters.{adapter_name}.{parameter}.{t}"] = f"{name}.{t}"
     # transformers saves some models under their checkpoint names (Mixtral's mlp as block_sparse_moe): the adapter
     # tensors too, so each saved key is read under the model's own name.
-    renamings = _checkpoint_renamings(config.get("model_type"))
-    renamed = {key: _model_key(key, renamings) for key in files}
+    renamings = checkpoint_renamings(config.get("model_type"))
+    renamed = {key: model_key(key, renamings) for key in files}
     wanted |= {key: key for key in renamed.values() if _inside_any(key, record["modules_to_save"])}
     tensors = {}
     for file in sorted({files[key] for key in files if renamed[key] in wanted}):
         with _reading(file), safe_open(file, "pt") as f:
             tensors.update({wanted[renamed[key]]: f.get_tensor(key) for key in f.keys() if renamed[key] in wanted})
     return {"format": FORMAT, "layers": layers, "modules_to_save": record["modules_to_save"]}, tensors
-
-
-def _checkpoint_renamings(model_type):
-    """transformers' (checkpoint name, model name) substitutions for ``model_type``, in order."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming
-
-    mapping = (get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
-    return [(source, target) for renaming in mapping if isinstance(renaming, WeightRenaming)
-            for source, target in zip(renaming.source_patterns, renaming.target_patterns)]
-
-
-def _model_key(key, renamings):
-    """``key`` of a saved transformers checkpoint under the model's module names."""
-    for source, target in renamings:
-        key = key.replace(source, target)
-    return key
 
 
 def _read_tensors(file):

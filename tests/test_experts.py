@@ -333,6 +333,28 @@ def test_named_adapters_and_the_trainer_checkpoint_path(tmp_path):
         torch.testing.assert_close(model(ids()).logits, tiny("qwen3_moe")(ids()).logits, atol=0, rtol=0)
 
 
+def test_a_trainer_resuming_from_a_checkpoint_restores_the_expert_and_router_adapters(tmp_path):
+    # Mixtral's checkpoints name its mlp block_sparse_moe; the Trainer resumes with a plain load_state_dict.
+    pytest.importorskip("accelerate")
+    rows = torch.cat([ids(seed) for seed in range(4)])
+
+    def trainer(model):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, learning_rate=1e-2,
+                                              per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                                              disable_tqdm=True)
+        return transformers.Trainer(model=model, args=args,
+                                    train_dataset=[{"input_ids": row, "labels": row} for row in rows])
+
+    model = add_all_linear(tiny("mixtral")).train()
+    trainer(model).train()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    resumed = add_all_linear(tiny("mixtral")).train()
+    trainer(resumed).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # no step left: it only loads
+    restored = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert restored.keys() == trained.keys() and any(".mlp.gate." in n for n in restored)
+    assert [n for n in trained if not torch.equal(restored[n], trained[n])] == []
+
+
 # --- PEFT interop ------------------------------------------------------------------------------
 
 
