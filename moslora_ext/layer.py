@@ -477,12 +477,6 @@ class AdapterLayer(nn.Module):
         if record is not None:
             record["merged_layers"] = max(0, record.get("merged_layers", 0) + (1 if merged else -1))
 
-    def untie_weight(self):
-        """Give this layer a copy of its base weight of its own (frozen, same
-        dtype and device), for a weight that other modules share (tied word
-        embeddings), which a merge would otherwise change for them too."""
-        self.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=False)
-
     def unload(self):
         """The base module alone (its type, on this layer's weight and bias,
         merged or not), in this layer's training mode."""

@@ -44,6 +44,11 @@ def _compute_dtype(x):
     return dtype if dtype is not None and x.dtype != torch.float64 else x.dtype
 
 
+def not_plain_linear_reason(module):
+    """Why ``module``, an ``nn.Linear`` subclass in ``NOT_PLAIN_LINEAR``, cannot take an adapter, else None."""
+    return next((NOT_PLAIN_LINEAR[name] for name in qualified_class_names(module) if name in NOT_PLAIN_LINEAR), None)
+
+
 def quantized_kind(module):
     """"4bit" or "8bit" for a bitsandbytes layer, "torchao" for an nn.Linear with a
     torchao-quantized weight (the bases of ``QuantizedLinear``), else None."""
@@ -127,10 +132,9 @@ class Linear(AdapterLayer):
             return f"is a {kind}, not a torch.nn.Linear"
         if quantized_kind(module) and not cls.takes_quantized:
             return f"is a {kind} with a quantized weight; moslora_ext.QuantizedLinear takes it"
-        for class_name in qualified_class_names(module):
-            reason = NOT_PLAIN_LINEAR.get(class_name)
-            if reason:
-                return f"is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}"
+        reason = not_plain_linear_reason(module)
+        if reason:
+            return f"is a {kind}, a torch.nn.Linear subclass that cannot take an adapter: {reason}"
         return super().refusal_reason(module)
 
     def _keep_base_settings(self, module):

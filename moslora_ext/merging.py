@@ -10,6 +10,7 @@ import warnings
 from collections import Counter
 
 import torch
+from torch import nn
 
 from .adapters import (
     MODULE_TO_SAVE,
@@ -54,23 +55,31 @@ def merge_adapters(model, safe=False, requantize=False):
 
 
 def _untie(model, layers):
-    """Give each of the layers {name: layer} whose base weight another
-    module also holds a weight of its own, with a warning, and tell a
-    transformers config that its word embeddings are no longer tied."""
-    holders = {}
+    """Untie the base weights of the layers {name: layer} (see ``untie_weights``)."""
+    untie_weights(model, {name: layer for name, layer in layers.items()
+                          if getattr(layer, "weight", None) is not None  # expert layers: fused, never tied
+                          and not isinstance(layer, QuantizedLinear)})
+
+
+def untie_weights(model, holders, stacklevel=4):
+    """Give each module of ``holders`` ({name in model: module}) whose
+    ``weight`` another module of ``model`` also holds a copy of its own
+    (frozen as before, same dtype and device), with a warning, and tell a
+    transformers config that its word embeddings are no longer tied: a merge
+    into a shared weight would change the other modules too. Also used by
+    the PEFT route's merges."""
+    owners = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(parameter), []).append(name)
-    for name, layer in layers.items():
-        weight = getattr(layer, "weight", None)  # expert layers hold fused parameters, never tied
-        if weight is None or isinstance(layer, QuantizedLinear):
-            continue
-        others = [n for n in holders.get(id(weight), []) if not n.startswith(name + ".")]
+        owners.setdefault(id(parameter), []).append(name)
+    for name, holder in holders.items():
+        weight = holder.weight
+        others = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
         if not others:
             continue
         warnings.warn(f"{name}.weight is tied to {others}: merging into it would change them too, so {name} gets "
                       "a copy of the weight of its own (the model's tie_word_embeddings is set to False)",
-                      stacklevel=3)
-        layer.untie_weight()
+                      stacklevel=stacklevel)
+        holder.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         config = getattr(model, "config", None)
         for part in (config, getattr(config, "get_text_config", lambda: None)()):
             if part is not None and getattr(part, "tie_word_embeddings", False):

@@ -36,17 +36,39 @@ from peft.mapping import (  # noqa: E402
 from peft.tuners import lora  # noqa: E402
 from peft.tuners.lora import layer as lora_layer  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer, LoraVariant  # noqa: E402
+from peft.tuners.lora.variants import _register_frozen_peft_weight  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch import nn  # noqa: E402
 
 from . import ops  # noqa: E402
 from .conv import CONV_FUNCTIONS, Conv  # noqa: E402
 from .embedding import Embedding  # noqa: E402
-from .layer import MIXER_INITS, init_mixer_  # noqa: E402
-from .linear import Linear, TransposedLinear, quantized_kind  # noqa: E402
+from .layer import MIXER_INITS, AdapterConfig, check_adapter_name, init_mixer_  # noqa: E402
+from .linear import Linear, TransposedLinear, not_plain_linear_reason, quantized_kind  # noqa: E402
+from .merging import untie_weights  # noqa: E402
 from .peft_injection import AllOrNothingInjection  # noqa: E402
 
-PEFT_TYPE = "MOSLORA"
+
+
+class PeftTypeName(str):
+    """A peft_type outside PEFT's closed ``PeftType`` enum that behaves as its
+    members do: it compares, hashes and is saved (adapter_config.json) as the
+    plain string, has their ``.value``, and prints as ``PeftType.<NAME>``
+    (PEFT's status reports parse that), so that PEFT and transformers code
+    reading ``config.peft_type.value`` works or refuses with its own message."""
+
+    @property
+    def value(self):
+        return str.__str__(self)
+
+    def __str__(self):
+        return f"PeftType.{self.value}"
+
+    def __reduce__(self):  # copies and pickles stay PeftTypeNames
+        return type(self), (self.value,)
+
+
+PEFT_TYPE = PeftTypeName("MOSLORA")
 
 # LoraConfig fields that keep their PEFT meaning on MoSLoRA layers.
 KEPT_FIELDS = {
@@ -100,7 +122,8 @@ class MoSLoRAConfig(LoraConfig):
         self.check()
 
     def check(self):
-        """Raise ValueError, naming the field and why, for a setting MoSLoRA does not support."""
+        """Raise ValueError, naming the field and why, for a setting MoSLoRA does not support (TypeError for
+        custom layer classes)."""
         if self.init_lora_weights not in INIT_LORA_WEIGHTS:
             raise ValueError(f"MoSLoRAConfig: init_lora_weights={self.init_lora_weights!r} is not supported: it is "
                              f"{_INIT}; use one of {INIT_LORA_WEIGHTS}")
@@ -108,14 +131,38 @@ class MoSLoRAConfig(LoraConfig):
         for name, reason in REFUSED_FIELDS.items():
             if getattr(self, name) != getattr(defaults, name):
                 raise ValueError(f"MoSLoRAConfig: {name}={getattr(self, name)!r} is not supported: {reason}")
-        if self.mixer_init not in MIXER_INITS:
-            raise ValueError(f"MoSLoRAConfig: mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
-        if not isinstance(self.train_mixer, bool):
-            raise ValueError(f"MoSLoRAConfig: train_mixer must be True or False, got {self.train_mixer!r}")
+        self._check_adapter_settings()
+        if self._custom_modules:  # set without _register_custom_module
+            self._register_custom_module(self._custom_modules)
         ranks = {self.r, *self.rank_pattern.values()}
         if self.mixer_init == "braid" and any(r % 2 for r in ranks):
             raise ValueError(f"MoSLoRAConfig: mixer_init='braid' needs even ranks, got {sorted(ranks)} "
                              "(r and rank_pattern)")
+
+    def _check_adapter_settings(self):
+        """r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora and
+        the values of rank_pattern and alpha_pattern, by the functional API's
+        checks (``AdapterConfig``: the same ValueErrors), normalised as there
+        (numpy numbers become Python numbers)."""
+        def checked(where, **settings):
+            try:
+                return AdapterConfig(**settings)
+            except ValueError as error:
+                raise ValueError(f"MoSLoRAConfig: {where}{error}") from None
+
+        adapter = checked("", r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          mixer_init=self.mixer_init, train_mixer=self.train_mixer, use_rslora=self.use_rslora)
+        for name in ("r", "lora_alpha", "lora_dropout", "train_mixer", "use_rslora"):
+            setattr(self, name, getattr(adapter, name))
+        for pattern, setting in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+            values = getattr(self, pattern)
+            for key, value in values.items():
+                values[key] = getattr(checked(f"{pattern}[{key!r}]: ", **{setting: value}), setting)
+
+    def _register_custom_module(self, mapping):
+        raise TypeError(f"MoSLoRAConfig._register_custom_module({mapping!r}) is not supported: MoSLoRA layers are "
+                        "moslora_ext's (a custom LoRA layer would have no mixer); use peft.LoraConfig for custom "
+                        "layers")
 
 
 _unknown = {f.name for f in dataclasses.fields(LoraConfig)} - KEPT_FIELDS - REFUSED_FIELDS.keys()
@@ -146,7 +193,7 @@ class MixerVariant(LoraVariant):
         mixer.weight = nn.Parameter(init_mixer_(torch.empty(r, r, device=lora_A.device, dtype=lora_A.dtype),
                                                 config.mixer_init))
         module.lora_mixer[adapter_name] = mixer
-        module.train_mixer[adapter_name] = config.train_mixer
+        module.record_train_mixer(adapter_name, config.train_mixer)
 
     @staticmethod
     def factors(module, adapter_name, with_mixer=True):
@@ -253,6 +300,8 @@ class MoSLoRALayer:
         if "lora_mixer" not in self._modules:
             self.lora_mixer = nn.ModuleDict()
             self.train_mixer = {}
+        if not isinstance(self.scaling, FloatScalings):
+            self.scaling = FloatScalings(self.scaling)
         super().update_layer(adapter_name, *args, **kwargs)
 
     def resolve_lora_variant(self, *, config, **kwargs):
@@ -261,11 +310,23 @@ class MoSLoRALayer:
     def _cast_input_dtype(self, x, dtype):
         return x
 
-    def set_adapter(self, adapter_names, inference_mode=False):
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-        for name, trains in self.train_mixer.items():
-            if not trains:
-                self.lora_mixer[name].requires_grad_(False)
+    def record_train_mixer(self, adapter_name, train_mixer):
+        """Record ``train_mixer``; a frozen mixer is one of PEFT's frozen adapter weights, which every PEFT
+        path that sets requires_grad (set_adapter, set_requires_grad, load_adapter(is_trainable=True),
+        get_peft_model) freezes again."""
+        self.train_mixer[adapter_name] = train_mixer
+        if not train_mixer:
+            _register_frozen_peft_weight(self, adapter_name, "lora_mixer")
+
+    # Merged weights made under torch.inference_mode would be inference tensors, which autograd cannot
+    # save for backward once the adapter is unmerged and trained: they are made as normal tensors.
+    def merge(self, *args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return super().merge(*args, **kwargs)
+
+    def unmerge(self, *args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return super().unmerge(*args, **kwargs)
 
     def _delta_shape(self):
         return self.get_base_layer().weight.shape
@@ -275,6 +336,21 @@ class MoSLoRALayer:
         lora_A = self.variant_class.factors(self, adapter)[0]
         delta = torch.zeros(self._delta_shape(), dtype=lora_A.dtype, device=lora_A.device)
         return self.variant_class._add(self, adapter, delta, 1)
+
+
+class FloatScalings(dict):
+    """A MoSLoRA layer's ``scaling`` per adapter, which holds numbers only.
+    PEFT's ``prepare_model_for_compiled_hotswap`` starts by making them
+    tensors, then pads ``lora_A`` and ``lora_B`` but not the mixer (every
+    forward would fail): it is refused here, before it changes anything."""
+
+    def __setitem__(self, adapter_name, scaling):
+        if isinstance(scaling, torch.Tensor):
+            raise NotImplementedError(
+                "peft.utils.hotswap.prepare_model_for_compiled_hotswap (and hot-swapping) is not supported for "
+                "MoSLoRA adapters: it pads lora_A and lora_B but not the r x r lora_mixer; load the other adapter "
+                "with load_adapter and switch with set_adapter instead")
+        super().__setitem__(adapter_name, scaling)
 
 
 class MoSLoRALinear(MoSLoRALayer, lora_layer.Linear):
@@ -401,14 +477,85 @@ class MoSLoRAModel(AllOrNothingInjection, lora.LoraModel):
             raise TypeError(f"MoSLoRA adapters on the PEFT route go on torch.nn.Linear, GPT-2's Conv1D, "
                             f"torch.nn.Embedding, Conv1d/2d/3d and bitsandbytes Linear8bitLt/Linear4bit layers; "
                             f"target {type(base).__name__} is none of them")
+        if isinstance(base, nn.Linear) and (reason := not_plain_linear_reason(base)):
+            raise TypeError(f"MoSLoRA adapters cannot go on {type(base).__name__} layers ({reason}); leave them out "
+                            "of target_modules (exclude_modules)")
         if isinstance(base, nn.Linear) and quantized_kind(base) == "torchao":
             raise TypeError("torchao-quantized linear layers are not supported on the PEFT route (merging would "
                             "write into the quantized weight); use moslora_ext.add_adapters")
         return factory(target, adapter_name, config=lora_config, **kwargs)
 
+    # --- checked before anything changes: names and targets, safe merges, tied weights -------------
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        check_adapter_name(adapter_name)  # "__base__" means the base model in mixed batches
+        _refuse_unmatched_target_parameters(model, self.peft_config[adapter_name].target_parameters)
+        return super().inject_adapter(model, adapter_name, *args, **kwargs)
+
+    def merge_adapter(self, adapter_names=None, safe_merge=False):
+        self._prepare_merge(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge:
+            self._prepare_merge(adapter_names, safe_merge)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=safe_merge,
+                                                    adapter_names=adapter_names)
+
+    def _prepare_merge(self, adapter_names, safe_merge):
+        """What PEFT's layer-by-layer merge lacks: with ``safe_merge``, every
+        layer's merged weight is computed first and a non-finite one refused
+        before any layer changes (as ``moslora_ext.merge_adapters``); then a
+        base weight that other modules share (GPT-2's tied ``wte`` and
+        ``lm_head``) is untied (``moslora_ext.merging.untie_weights``)."""
+        layers = {name: (layer, adapters) for name, layer in self.model.named_modules()
+                  if isinstance(layer, BaseTunerLayer) and (adapters := _adapters_to_merge(layer, adapter_names))}
+        if safe_merge:
+            for name, (layer, adapters) in layers.items():
+                if not torch.isfinite(_merged_weight(layer, adapters)).all():
+                    raise ValueError(f"NaNs detected in the merged weights of {name} (adapters {adapters}): safe "
+                                     "merge refused, no layer was changed")
+        untie_weights(self.model, {f"{name}.base_layer": layer.base_layer for name, (layer, _) in layers.items()
+                                   if isinstance(getattr(layer.base_layer, "weight", None), nn.Parameter)
+                                   and quantized_kind(layer.base_layer) is None})
+
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError("add_weighted_adapter combines LoRA factors without their mixers; it is not "
                                   "supported for MoSLoRA adapters")
+
+
+def _refuse_unmatched_target_parameters(model, target_parameters):
+    """ValueError for an entry of ``target_parameters`` that matches no
+    parameter as PEFT matches them (the name, or its end after a "."; the
+    names without the ``base_layer`` of layers adapted already), which PEFT
+    would ignore."""
+    names = {f"{name}.{parameter}".replace(".base_layer", "") for name, module in model.named_modules()
+             for parameter in [*dict(module.named_parameters(recurse=False)),
+                               *getattr(module, "parametrizations", {})]}
+    unmatched = [t for t in target_parameters or () if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(f"MoSLoRAConfig: target_parameters {unmatched} match no parameter of the model")
+
+
+def _adapters_to_merge(layer, adapter_names):
+    """The adapters that ``layer.merge(adapter_names=...)`` merges, in order."""
+    held = layer._all_available_adapter_names()
+    return [a for a in (adapter_names or layer.active_adapters) if a in held and a not in layer.merged_adapters]
+
+
+def _merged_weight(layer, adapters):
+    """A copy of the weight that ``layer.merge(safe_merge=True)`` would write, computed as that merge does."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    if hasattr(layer, "get_param"):  # a target_parameters wrapper: its delta in the parameter's shape
+        weight = layer.get_param().detach()
+        return weight + sum(layer.get_delta_weight(a).to(weight.dtype) for a in adapters)
+    weight = dequantize_module_weight(layer.get_base_layer()).detach().clone()
+    for adapter in adapters:
+        variant = layer.lora_variant.get(adapter)
+        weight = (variant.merge_safe(layer, adapter, weight) if variant is not None
+                  else weight + layer.get_delta_weight(adapter).to(weight.dtype))
+    return weight
 
 
 PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoSLoRAConfig

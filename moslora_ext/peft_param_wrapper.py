@@ -52,7 +52,7 @@ class ParamWrapper(MoSLoRALayer, lora_layer.ParamWrapper):
                   for _ in range(self.num_experts)]
         # a 2-D parameter (a router's weight) has one (r, r) mixer, as a linear layer's
         self.lora_mixer[adapter_name] = ExpertMixers(torch.stack(mixers) if self._param_ndim == 3 else mixers[0])
-        self.train_mixer[adapter_name] = config.train_mixer
+        self.record_train_mixer(adapter_name, config.train_mixer)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def expert_factors(self, adapter):
