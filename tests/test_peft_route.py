@@ -500,3 +500,188 @@ def test_a_refusal_after_the_layers_are_in_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="ModulesToSaveWrapper"):
         moslora(model, target_modules=["q_proj"], modules_to_save=["embed_tokens", "default"])
     assert_unchanged(model, before)
+
+
+# --- settings checked where they enter, as the functional API checks them ------------------------
+
+BAD_SETTINGS = [({"lora_alpha": float("nan")}, "lora_alpha"), ({"lora_dropout": 1.0}, "lora_dropout"),
+                ({"use_rslora": "false"}, "use_rslora"), ({"r": 2.5}, "r"),
+                ({"rank_pattern": {"q_proj": 2.5}}, "rank_pattern"), ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern")]
+
+
+@pytest.mark.parametrize("bad, setting", BAD_SETTINGS, ids=[s for _, s in BAD_SETTINGS])
+def test_bad_settings_are_refused_where_they_enter_as_by_the_functional_api(bad, setting):
+    with pytest.raises(ValueError, match=rf"MoSLoRAConfig: {setting}\b"):
+        moslora_ext.MoSLoRAConfig(target_modules=["q_proj"], **bad)
+    config = moslora_ext.MoSLoRAConfig(target_modules=["q_proj"])
+    for name, value in bad.items():  # as TRL may do after creation: checked again at injection
+        setattr(config, name, value)
+    model = tiny_llama()
+    before = structure_and_values(model)
+    with pytest.raises(ValueError, match=rf"MoSLoRAConfig: {setting}\b"):
+        get_peft_model(model, config)
+    assert_unchanged(model, before)
+    if "pattern" not in setting:  # the functional API refuses the same value with the same error type
+        with pytest.raises(ValueError, match=rf"^{setting}\b"):
+            moslora_ext.add_adapters(tiny_llama(), ["q_proj"], **bad)
+
+
+def test_the_reserved_adapter_name_is_refused_as_by_the_functional_api():
+    model = tiny_llama()
+    before = structure_and_values(model)
+    with pytest.raises(ValueError, match="adapter_name '__base__' is reserved"):
+        get_peft_model(model, moslora_ext.MoSLoRAConfig(target_modules=["q_proj"]), adapter_name="__base__")
+    assert_unchanged(model, before)
+    peft_model = moslora(tiny_llama(), target_modules=["q_proj"])
+    before = structure_and_values(peft_model)
+    with pytest.raises(ValueError, match="adapter_name '__base__' is reserved"):
+        peft_model.add_adapter("__base__", moslora_ext.MoSLoRAConfig(target_modules=["v_proj"]))
+    assert_unchanged(peft_model, before)
+    assert list(peft_model.peft_config) == ["default"]
+    with pytest.raises(ValueError, match="adapter_name '__base__' is reserved"):
+        moslora_ext.add_adapters(tiny_llama(), ["q_proj"], adapter_name="__base__")
+
+
+def test_a_target_parameter_that_matches_nothing_is_refused_as_by_the_functional_api():
+    model = tiny_llama()
+    before = structure_and_values(model)
+    with pytest.raises(ValueError, match=r"target_parameters \['experts.gate_up_proj'\] match no parameter"):
+        moslora(model, target_modules=["q_proj"], target_parameters=["self_attn.v_proj.weight",
+                                                                     "experts.gate_up_proj"])
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="match no parameter"):
+        moslora_ext.add_adapters(tiny_llama(), ["q_proj"], target_parameters=["experts.gate_up_proj"])
+
+
+def test_an_out_proj_of_multihead_attention_is_refused_by_name_as_by_the_functional_api():
+    # nn.MultiheadAttention reads out_proj's weight and never calls its forward: an adapter there does nothing.
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2))
+    before = structure_and_values(model)
+    with pytest.raises(TypeError, match="NonDynamicallyQuantizableLinear .*never calls its forward"):
+        get_peft_model(model, moslora_ext.MoSLoRAConfig(target_modules=["out_proj"]))
+    assert_unchanged(model, before)
+    with pytest.raises(TypeError, match="never calls its forward"):
+        moslora_ext.add_adapters(model, ["0.out_proj"])
+
+
+def test_custom_lora_layers_are_refused_by_name():
+    config = moslora_ext.MoSLoRAConfig(target_modules=["q_proj"])
+    with pytest.raises(TypeError, match="_register_custom_module.* is not supported"):
+        config._register_custom_module({torch.nn.Linear: MoSLoRALinear})
+    config._custom_modules = {torch.nn.Linear: MoSLoRALinear}  # set by hand: refused at injection
+    model = tiny_llama()
+    before = structure_and_values(model)
+    with pytest.raises(TypeError, match="_register_custom_module.* is not supported"):
+        get_peft_model(model, config)
+    assert_unchanged(model, before)
+
+
+# --- PEFT's own paths: requires_grad, hot-swapping, peft_type.value ------------------------------
+
+
+def test_a_frozen_mixer_stays_frozen_whatever_peft_path_sets_requires_grad(tmp_path):
+    model = moslora(tiny_llama(), train_mixer=False, target_modules=["q_proj"])
+    model.save_pretrained(tmp_path)
+    model.set_requires_grad("default")
+    model.load_adapter(tmp_path, adapter_name="second", is_trainable=True)  # new and inactive
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if ".second." in n} and {n for n in trainable if ".default." in n}
+    assert not [n for n in trainable if "lora_mixer" in n]
+
+
+def test_preparing_a_compiled_hotswap_is_refused_before_it_changes_anything():
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    model = trained_looking(moslora(tiny_llama())).eval()
+    before, expected = structure_and_values(model), logits(model, batch())
+    with pytest.raises(NotImplementedError, match="prepare_model_for_compiled_hotswap .* not supported for MoSLoRA"):
+        prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert_unchanged(model, before)
+    assert all(type(s) is float for m in model.modules() if isinstance(m, MoSLoRALinear) for s in m.scaling.values())
+    torch.testing.assert_close(logits(model, batch()), expected, rtol=0, atol=0)
+
+
+def test_peft_type_has_a_value_for_peft_and_transformers(tmp_path):
+    from peft.utils.hotswap import hotswap_adapter
+
+    model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"])).eval()
+    config = model.peft_config["default"]
+    assert config.peft_type == "MOSLORA" and config.peft_type.value == "MOSLORA"
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MOSLORA"
+    assert model.get_model_status().peft_types == {"default": "MOSLORA"}
+    before = structure_and_values(model)
+    with pytest.raises(ValueError, match="Hotswapping only supports LORA but MOSLORA was passed"):
+        hotswap_adapter(model, str(tmp_path), adapter_name="default", torch_device="cpu")
+    assert_unchanged(model, before)
+    base = tiny_llama()
+    before = structure_and_values(base)
+    with pytest.raises(ValueError, match="'MOSLORA' is not compatible with the `PeftMixedModel`"):
+        get_peft_model(base, moslora_ext.MoSLoRAConfig(target_modules=["q_proj"]), mixed=True)
+    assert_unchanged(base, before)
+    loaded = tiny_llama()
+    loaded.load_adapter(str(tmp_path))  # transformers' adapter method
+    torch.testing.assert_close(logits(loaded.eval(), batch()), logits(model, batch()), rtol=0, atol=0)
+
+
+# --- merges: checked on every layer first, tied weights, inference mode ---------------------------
+
+
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+def test_a_refused_safe_merge_changes_no_layer(merge):
+    model = trained_looking(moslora(tiny_llama())).eval()
+    with torch.no_grad():  # the last adapted layer refuses, after the others could merge
+        model.base_model.model.model.layers[1].mlp.down_proj.lora_mixer["default"].weight[0, 0] = float("nan")
+    before = structure_and_values(model)
+    with pytest.raises(ValueError, match=r"NaNs detected in the merged weights of .*layers\.1\.mlp\.down_proj"):
+        getattr(model, merge)(safe_merge=True)
+    modules, parameters = structure_and_values(model)
+    assert modules == before[0] and parameters.keys() == before[1].keys()
+    for name, (value, requires_grad) in parameters.items():
+        assert torch.equal(value.nan_to_num(), before[1][name][0].nan_to_num()), name
+    assert not any(m.merged for m in model.modules() if isinstance(m, MoSLoRALinear))
+
+
+@pytest.mark.parametrize("target", ["wte", "lm_head"])
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter"])
+def test_merging_into_a_tied_weight_unties_it_first(tmp_path, target, merge):
+    model = trained_looking(moslora(tiny_gpt2(), target_modules=[target])).eval()
+    assert model.base_model.model.lm_head.weight is model.base_model.model.transformer.wte.weight
+    ids = batch()
+    adapted = logits(model, ids)
+    with model.disable_adapter():
+        assert (adapted - logits(model, ids)).abs().max() > 0.1  # the adapter changes the outputs
+    with pytest.warns(UserWarning, match="is tied to .*gets a copy of the weight of its own"):
+        merged = getattr(model, merge)()
+    merged = model if merged is None else merged
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
+    if merge == "merge_adapter":
+        model.unmerge_adapter()
+        torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+    else:  # the untied model saves and reloads as it computes
+        assert merged.config.tie_word_embeddings is False
+        merged.save_pretrained(tmp_path)
+        reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(logits(reloaded, ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unmerge_inside", [True, False])
+def test_a_safe_merge_under_inference_mode_leaves_the_model_trainable(unmerge_inside):
+    ids = batch()
+
+    def gradients(model):
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"]))
+    with torch.inference_mode():
+        model.merge_adapter(safe_merge=True)
+        if unmerge_inside:
+            model.unmerge_adapter()
+    if not unmerge_inside:
+        model.unmerge_adapter()
+    expected = gradients(trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"])))
+    got = gradients(model)
+    assert got.keys() == expected.keys() and len(got) == 12
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
