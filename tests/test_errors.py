@@ -357,6 +357,27 @@ MISUSES += [Misuse(f"Linear({settings})", lambda w, s=settings: moslora_ext.Line
                    rf"{next(iter(settings))}( \(the adapter rank\))? must be") for settings in BAD_SETTINGS]
 
 
+
+def peft_route_injection(world, settings=None, adapter_name="default"):
+    """``get_peft_model`` of ``world.fresh`` with a MoSLoRAConfig whose ``settings`` were set after its
+    creation (as TRL may), so that the check when the model gets the adapter is the one that refuses."""
+    from peft import get_peft_model
+
+    config = moslora_ext.MoSLoRAConfig(target_modules=["0", "2"], r=R)
+    for name, value in (settings or {}).items():
+        setattr(config, name, value)
+    get_peft_model(world.fresh, config, adapter_name=adapter_name)
+
+
+if importlib.util.find_spec("peft") is not None and moslora_ext.peft_support.unsupported_peft_reason() is None:
+    # The PEFT route refuses what the functional API refuses, with the same error types.
+    MISUSES += [Misuse(f"PEFT route setting {settings}", lambda w, s=settings: peft_route_injection(w, s),
+                       ValueError, rf"MoSLoRAConfig: {next(iter(settings))}( \(the adapter rank\))? must be")
+                for settings in BAD_SETTINGS]
+    MISUSES += [Misuse(f"PEFT route adapter_name={name!r}", lambda w, name=name: peft_route_injection(
+        w, adapter_name=name), ValueError, "adapter_name") for name in BAD_ADAPTER_NAMES if isinstance(name, str)]
+
+
 def equal_including_nan(a, b):
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
 
