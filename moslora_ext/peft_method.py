@@ -49,7 +49,6 @@ from .merging import untie_weights  # noqa: E402
 from .peft_injection import AllOrNothingInjection  # noqa: E402
 
 
-
 class PeftTypeName(str):
     """A peft_type outside PEFT's closed ``PeftType`` enum that behaves as its
     members do: it compares, hashes and is saved (adapter_config.json) as the
@@ -293,13 +292,11 @@ class MoSLoRALayer:
     ops cast the small adapter matrices to x's instead."""
 
     adapter_layer_names = LoraLayer.adapter_layer_names + ("lora_mixer",)
-    other_param_names = LoraLayer.other_param_names + ("train_mixer",)
     variant_class = MixerVariant
 
     def update_layer(self, adapter_name, *args, **kwargs):
         if "lora_mixer" not in self._modules:
             self.lora_mixer = nn.ModuleDict()
-            self.train_mixer = {}
         if not isinstance(self.scaling, FloatScalings):
             self.scaling = FloatScalings(self.scaling)
         super().update_layer(adapter_name, *args, **kwargs)
@@ -311,10 +308,9 @@ class MoSLoRALayer:
         return x
 
     def record_train_mixer(self, adapter_name, train_mixer):
-        """Record ``train_mixer``; a frozen mixer is one of PEFT's frozen adapter weights, which every PEFT
-        path that sets requires_grad (set_adapter, set_requires_grad, load_adapter(is_trainable=True),
-        get_peft_model) freezes again."""
-        self.train_mixer[adapter_name] = train_mixer
+        """A frozen mixer (``train_mixer=False``) is recorded as one of PEFT's frozen adapter weights, which
+        every PEFT path that sets requires_grad (set_adapter, set_requires_grad,
+        load_adapter(is_trainable=True), get_peft_model) freezes again."""
         if not train_mixer:
             _register_frozen_peft_weight(self, adapter_name, "lora_mixer")
 
@@ -513,8 +509,8 @@ class MoSLoRAModel(AllOrNothingInjection, lora.LoraModel):
         if safe_merge:
             for name, (layer, adapters) in layers.items():
                 if not torch.isfinite(_merged_weight(layer, adapters)).all():
-                    raise ValueError(f"NaNs detected in the merged weights of {name} (adapters {adapters}): safe "
-                                     "merge refused, no layer was changed")
+                    raise ValueError(f"NaNs detected in the merged weights of {name}: merging {adapters} would "
+                                     "give inf or NaN; safe merge refused, no layer was changed")
         untie_weights(self.model, {f"{name}.base_layer": layer.base_layer for name, (layer, _) in layers.items()
                                    if isinstance(getattr(layer.base_layer, "weight", None), nn.Parameter)
                                    and quantized_kind(layer.base_layer) is None})
