@@ -506,7 +506,8 @@ def test_a_refusal_after_the_layers_are_in_leaves_the_model_as_it_was():
 
 BAD_SETTINGS = [({"lora_alpha": float("nan")}, "lora_alpha"), ({"lora_dropout": 1.0}, "lora_dropout"),
                 ({"use_rslora": "false"}, "use_rslora"), ({"r": 2.5}, "r"),
-                ({"rank_pattern": {"q_proj": 2.5}}, "rank_pattern"), ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern")]
+                ({"rank_pattern": {"q_proj": 2.5}}, "rank_pattern"),
+                ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern")]
 
 
 @pytest.mark.parametrize("bad, setting", BAD_SETTINGS, ids=[s for _, s in BAD_SETTINGS])
