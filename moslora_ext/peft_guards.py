@@ -113,7 +113,8 @@ class TunerGuards:
             if injected is not None and _on_stack(injected[0]):  # the layers this load put in go too
                 injected[1].restore()
                 tuner.peft_config.pop(adapter_name, None)
-            raise ValueError(f"the MoSLoRA adapter {adapter_name!r} cannot be loaded, nothing was changed: "
+            raise ValueError(f"the MoSLoRA adapter {adapter_name!r} cannot be loaded (the model is left as it was "
+                             f"before the load): "
                              f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''} (a MoSLoRA adapter "
                              "needs each layer's lora_A, lora_B and lora_mixer, in the model's shapes: the file is "
                              "incomplete, corrupt, or saved from another model or with other settings)")
@@ -121,23 +122,19 @@ class TunerGuards:
 
 
 def adapter_tensors(model, adapter_name):
-    """{state-dict key: tensor} of the MoSLoRA layers' tensors of ``adapter_name`` in ``model``."""
+    """{state-dict key: tensor} of the MoSLoRA layers' tensors of ``adapter_name`` in ``model``, under the keys
+    of ``model.state_dict()``, which PEFT's load uses."""
     from .peft_method import MoSLoRALayer
 
-    tensors = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, MoSLoRALayer):
-            continue
-        for part in module.adapter_layer_names:
-            store = getattr(module, part, None)
-            if store is None or adapter_name not in store:
-                continue
-            key, value = f"{name}.{part}.{adapter_name}", store[adapter_name]
-            if isinstance(value, torch.Tensor):  # a ParameterDict's (lora_embedding_A / _B)
-                tensors[key] = value
-            else:
-                tensors.update({f"{key}.{p}": t for p, t in value.named_parameters()})
-    return tensors
+    ours = set()
+    for module in model.modules():
+        if isinstance(module, MoSLoRALayer):
+            for part in module.adapter_layer_names:
+                store = getattr(module, part, None)
+                if store is not None and adapter_name in store:
+                    value = store[adapter_name]  # a module (lora_A, lora_mixer...) or a ParameterDict's tensor
+                    ours.update(map(id, [value] if isinstance(value, torch.Tensor) else value.parameters()))
+    return {key: tensor for key, tensor in model.state_dict(keep_vars=True).items() if id(tensor) in ours}
 
 
 def load_problems(model, adapter_name, state_dict):
@@ -154,7 +151,9 @@ def load_problems(model, adapter_name, state_dict):
 
 
 def _enclosing_peft_load():
-    """The frame of the PEFT load (``PeftModel.from_pretrained`` / ``load_adapter``) this call runs in, or None."""
+    """The frame of the PEFT load (``PeftModel.from_pretrained`` / ``load_adapter``) this call runs in, or None.
+    PEFT tells the tuner neither where a load starts nor where it ends: an injection inside one of these
+    calls is that load's, if the check of its weights runs inside the same call (``_on_stack``)."""
     frame = sys._getframe(2)
     while frame is not None and frame.f_code not in _PEFT_LOADS:
         frame = frame.f_back
