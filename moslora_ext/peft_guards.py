@@ -38,9 +38,9 @@ def refuse_other_config(config, adapter_name):
     if not isinstance(config, MoSLoRAConfig):
         raise TypeError(f"adapter {adapter_name!r} is a {type(config).__name__}, but the model holds MoSLoRA "
                         "adapters: stock PEFT LoRA and MoSLoRA adapters in one model are not supported (a MoSLoRA "
-                        "layer would compute it without PEFT's code, a stock one a MoSLoRA adapter without its "
-                        "mixer); use a MoSLoRAConfig (mixer_init='identity', train_mixer=False computes PEFT LoRA) "
-                        "or another copy of the base model")
+                        "layer would give it a mixer, a stock LoRA layer would drop a MoSLoRA adapter's mixer); use "
+                        "a MoSLoRAConfig (mixer_init='identity', train_mixer=False computes PEFT LoRA) or another "
+                        "copy of the base model")
 
 
 def refuse_stock_lora_layers(model):

@@ -185,7 +185,8 @@ def test_a_folder_without_an_expert_mixer_is_refused_by_both_loaders(tmp_path):
                         lambda tensors: tensors.pop(key))
     base = tiny("mixtral")
     before = full_state(base)
-    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.base_layer\.lora_mixer\.default\.weight is missing"):
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.base_layer\.lora_mixer\.default\.weight is "
+                                         "missing"):
         PeftModel.from_pretrained(base, folder)
     assert_full_state_unchanged(base, before)
     with pytest.raises(ValueError, match=r"layer model\.layers\.1\.mlp\.experts\.gate_up_proj has no lora_mixer"):
