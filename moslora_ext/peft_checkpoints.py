@@ -171,7 +171,8 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     Also read: the ``<layer>.base_layer.weight`` that PEFT's ``save_embedding_layers`` ("auto" when embeddings are
     targeted) writes, restored into that layer's base weight as PEFT
     restores it; and folders of ``moslora_ext.MoSLoRAConfig`` (peft_type
-    "MOSLORA", ``lora_mixer`` tensors), whose mixer_init and train_mixer are kept.
+    "MOSLORA", ``lora_mixer`` tensors), whose mixer_init and train_mixer are kept; a
+    layer without its ``lora_mixer`` there is refused (ValueError, naming it).
     """
     _check_folder(path)
     check_adapter_name(adapter_name)
