@@ -538,12 +538,13 @@ def test_a_failed_mixed_batch_call_leaves_no_hooks_behind(case):
     targets = ("q_proj", "embed_tokens") if case == "MoSLoRA embedding refusal" else ("q_proj", "v_proj")
     model = two_adapters(targets)
     ids = batch()
-    with model.disable_adapter():  # each adapter's logits, from a model that never saw adapter_names
+    # the base's and each adapter's logits, before any call with adapter_names
+    with model.disable_adapter():
         base = logits(model, ids)
     expected = logits(model, ids)
-    model.set_adapter("other"), model.eval()
+    model.set_adapter("other")
     other = logits(model, ids)
-    model.set_adapter("default"), model.eval()
+    model.set_adapter("default")
     assert not torch.allclose(other, expected, atol=1e-3)
     before = full_state(model)
     names = {"MoSLoRA embedding refusal": ["other"] * 4, "PEFT's length check": ["other"] * 3,
