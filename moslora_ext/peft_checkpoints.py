@@ -36,6 +36,7 @@ from .linear import Linear
 from .routers import RouterWeight
 
 PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
+MOSLORA_PEFT_TYPE = "MOSLORA"  # the peft_type of moslora_ext.MoSLoRAConfig folders (peft_method needs peft)
 # PEFT's tensor names (and the released MoSLoRA code's lora_AB, the mixer) -> ours.
 FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer",
                    "lora_mixer": "lora_mixer",  # moslora_ext.MoSLoRAConfig's folders
@@ -170,7 +171,8 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     Also read: the ``<layer>.base_layer.weight`` that PEFT's ``save_embedding_layers`` ("auto" when embeddings are
     targeted) writes, restored into that layer's base weight as PEFT
     restores it; and folders of ``moslora_ext.MoSLoRAConfig`` (peft_type
-    "MOSLORA", ``lora_mixer`` tensors), whose mixer_init and train_mixer are kept.
+    "MOSLORA", ``lora_mixer`` tensors), whose mixer_init and train_mixer are kept; a
+    layer without its ``lora_mixer`` there is refused (ValueError, naming it).
     """
     _check_folder(path)
     check_adapter_name(adapter_name)
@@ -225,6 +227,10 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
         r = peft_experts.pattern_value(peft_config.get("rank_pattern"), key, shared.r)
         alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), key, shared.lora_alpha)
         has_mixer = "lora_mixer" in parts
+        if not has_mixer and peft_config.get("peft_type") == MOSLORA_PEFT_TYPE:
+            raise ValueError(f"{weights}: layer {name} has no lora_mixer tensor, but a MOSLORA folder (a "
+                             "MoSLoRAConfig adapter's save_pretrained) holds one for every layer: the file is "
+                             "incomplete or corrupt")
         # A trained mixer: a MoSLoRAConfig folder says how it started and whether it trains.
         mixer = ({"mixer_init": peft_config.get("mixer_init", "kaiming"), "train_mixer": peft_config.get("train_mixer",
                  True)} if has_mixer else {"mixer_init": "identity", "train_mixer": False})

@@ -46,6 +46,7 @@ from .embedding import Embedding  # noqa: E402
 from .layer import MIXER_INITS, AdapterConfig, check_adapter_name, init_mixer_  # noqa: E402
 from .linear import Linear, TransposedLinear, not_plain_linear_reason, quantized_kind  # noqa: E402
 from .merging import untie_weights  # noqa: E402
+from .peft_guards import TunerGuards, refuse_other_config  # noqa: E402
 from .peft_injection import AllOrNothingInjection  # noqa: E402
 
 
@@ -295,6 +296,7 @@ class MoSLoRALayer:
     variant_class = MixerVariant
 
     def update_layer(self, adapter_name, *args, **kwargs):
+        refuse_other_config(kwargs.get("config"), adapter_name)  # a stock LoraConfig, before the layer changes
         if "lora_mixer" not in self._modules:
             self.lora_mixer = nn.ModuleDict()
         if not isinstance(self.scaling, FloatScalings):
@@ -451,9 +453,10 @@ def _bnb_factories():
 # --- the tuner ---------------------------------------------------------------------------------
 
 
-class MoSLoRAModel(AllOrNothingInjection, lora.LoraModel):
+class MoSLoRAModel(TunerGuards, AllOrNothingInjection, lora.LoraModel):
     """PEFT's ``LoraModel`` with MoSLoRA layers: the tuner of peft_type "MOSLORA".
-    A refused adapter leaves the model as it was (``AllOrNothingInjection``)."""
+    A refused adapter leaves the model as it was (``AllOrNothingInjection``); see
+    ``peft_guards`` for stock LoRA in the same model, mixed-batch hooks and loads."""
 
     def _check_new_adapter_config(self, config):
         if not isinstance(config, MoSLoRAConfig):

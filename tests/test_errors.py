@@ -155,6 +155,20 @@ class Misuse:
     setup: Callable[[World], object] = lambda w: None  # the legitimate steps before the misuse
 
 
+def moslora_folder_without_a_mixer(world):
+    """A MOSLORA folder (PeftModel.save_pretrained of a MoSLoRAConfig adapter) for world.fresh whose layer "0"
+    lost its lora_mixer tensor."""
+    from safetensors.torch import save_file
+
+    world.peft_checkpoint(peft_type="MOSLORA", target_modules=["0", "2"])
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"base_model.model.{name}.{part}.weight": torch.randn(shape, generator=g)
+               for name, (fan_in, fan_out) in {"0": (D, K), "2": (K, 8)}.items()
+               for part, shape in (("lora_A", (R, fan_in)), ("lora_B", (fan_out, R)))}
+    tensors["base_model.model.2.lora_mixer.weight"] = torch.eye(R)
+    save_file(tensors, world.peft / "adapter_model.safetensors")
+
+
 def wider_model_with_adapters(r):
     model = nn.Sequential(nn.Linear(D, K), nn.ReLU(), nn.Linear(K, 8))
     return moslora_ext.add_adapters(model, ["0", "2"], r=r)
@@ -322,6 +336,9 @@ MISUSES = [
            NotImplementedError, "use_dora", setup=lambda w: w.peft_checkpoint(use_dora=True)),
     Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(w.model, w.peft),
            FileNotFoundError, "neither adapter_model.safetensors", setup=World.peft_checkpoint),
+    Misuse("load a MOSLORA folder with a layer's mixer missing",
+           lambda w: moslora_ext.load_peft_adapter(w.fresh, w.peft),
+           ValueError, "layer 0 has no lora_mixer tensor, but a MOSLORA folder", setup=moslora_folder_without_a_mixer),
 ]
 
 

@@ -13,7 +13,15 @@ require_peft_route()
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from test_experts import add_all_linear, ids, tiny  # noqa: E402
-from test_peft_route import assert_unchanged, copy_lora_factors, structure_and_values, trained_looking  # noqa: E402
+from test_peft_route import (  # noqa: E402
+    assert_full_state_unchanged,
+    assert_unchanged,
+    copy_lora_factors,
+    full_state,
+    saved_with,
+    structure_and_values,
+    trained_looking,
+)
 from test_peft_workflows import TRAINING, sft_trainer, training_set_loss  # noqa: E402
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -159,3 +167,28 @@ def test_a_refusal_part_way_through_injection_leaves_the_model_as_it_was():
     assert_unchanged(peft_model, before)
     assert list(peft_model.peft_config) == ["default"]
     peft_model.add_adapter("second", moslora_ext.MoSLoRAConfig(**SETTINGS))  # still takes a good one
+
+
+def test_the_refused_mixed_batch_leaves_no_hooks_behind():
+    model = trained_looking(moslora_experts("mixtral")).eval()
+    expected = model(ids()).logits
+    before = full_state(model)
+    with pytest.raises(ValueError, match="mixed adapter batches"):  # PEFT's ParamWrapper refuses them
+        model(ids(), adapter_names=["default"] * 2)
+    assert_full_state_unchanged(model, before)
+    torch.testing.assert_close(model(ids()).logits, expected, atol=0, rtol=0)
+
+
+def test_a_folder_without_an_expert_mixer_is_refused_by_both_loaders(tmp_path):
+    key = "base_model.model.model.layers.1.mlp.experts.base_layer.lora_mixer.weight"  # gate_up_proj's (E, r, r)
+    folder = saved_with(tmp_path, trained_looking(moslora_experts("mixtral", mixer_init="orthogonal")),
+                        lambda tensors: tensors.pop(key))
+    base = tiny("mixtral")
+    before = full_state(base)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.base_layer\.lora_mixer\.default\.weight is "
+                                         "missing"):
+        PeftModel.from_pretrained(base, folder)
+    assert_full_state_unchanged(base, before)
+    with pytest.raises(ValueError, match=r"layer model\.layers\.1\.mlp\.experts\.gate_up_proj has no lora_mixer"):
+        moslora_ext.load_peft_adapter(base, folder)
+    assert_full_state_unchanged(base, before)

@@ -686,3 +686,154 @@ def test_a_safe_merge_under_inference_mode_leaves_the_model_trainable(unmerge_in
     assert got.keys() == expected.keys() and len(got) == 12
     for name, grad in got.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# --- issue 27: stock LoRA beside MoSLoRA, mixed-batch hooks, incomplete or mismatched files ------
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
+
+
+def full_state(model):
+    """``structure_and_values`` plus the full state dict (buffers too), the adapter configs the model
+    knows of (a PeftModel's or the ``peft_config`` PEFT puts on a model) and every module's hooks."""
+    return (structure_and_values(model), {k: v.detach().clone() for k, v in model.state_dict().items()},
+            dict(getattr(model, "peft_config", None) or {}),
+            {name: {d: list(getattr(m, d).items()) for d in HOOK_DICTS} for name, m in model.named_modules()})
+
+
+def assert_full_state_unchanged(model, before):
+    assert_unchanged(model, before[0])
+    state = model.state_dict()
+    assert state.keys() == before[1].keys()
+    assert all(torch.equal(state[k], v) for k, v in before[1].items())
+    assert dict(getattr(model, "peft_config", None) or {}) == before[2]
+    assert {name: {d: list(getattr(m, d).items()) for d in HOOK_DICTS}
+            for name, m in model.named_modules()} == before[3]
+
+
+def two_adapters(target_modules=("q_proj", "v_proj")):
+    model = trained_looking(moslora(tiny_llama(), target_modules=list(target_modules)), seed=1).eval()
+    model.add_adapter("other", moslora_ext.MoSLoRAConfig(r=2, lora_alpha=4, target_modules=list(target_modules)))
+    return trained_looking(model, seed=2)
+
+
+@pytest.mark.parametrize("case", ["MoSLoRA embedding refusal", "PEFT's length check", "fails later (labels)"])
+def test_a_failed_mixed_batch_call_leaves_no_hooks_behind(case):
+    targets = ("q_proj", "embed_tokens") if case == "MoSLoRA embedding refusal" else ("q_proj", "v_proj")
+    model = two_adapters(targets)
+    ids = batch()
+    # the base's and each adapter's logits, before any call with adapter_names
+    with model.disable_adapter():
+        base = logits(model, ids)
+    expected = logits(model, ids)
+    model.set_adapter("other")
+    other = logits(model, ids)
+    model.set_adapter("default")
+    assert not torch.allclose(other, expected, atol=1e-3)
+    before = full_state(model)
+    names = {"MoSLoRA embedding refusal": ["other"] * 4, "PEFT's length check": ["other"] * 3,
+             "fails later (labels)": ["other"] * 4}[case]
+    error = {"MoSLoRA embedding refusal": "not supported on MoSLoRA embedding",
+             "PEFT's length check": "Length of `adapter_names` should be the same",
+             "fails later (labels)": "size|shape|Expected input batch_size"}[case]
+    with pytest.raises((ValueError, RuntimeError, IndexError), match=error):
+        model(input_ids=ids, adapter_names=names, labels=ids[:1] if case == "fails later (labels)" else None)
+    assert_full_state_unchanged(model, before)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=0)
+    if case != "MoSLoRA embedding refusal":  # a good mixed call still gives each row its adapter
+        mixed = logits(model, ids, adapter_names=["other", "default", "__base__", "other"])
+        for row, want in enumerate((other, expected, base, other)):
+            torch.testing.assert_close(mixed[row], want[row], rtol=1e-5, atol=1e-5)
+
+
+def test_stock_lora_on_moslora_layers_is_refused_before_anything_changes(tmp_path):
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["k_proj", "q_proj"])).save_pretrained(tmp_path)
+    model = trained_looking(peft.inject_adapter_in_model(moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj"]),
+                                                         tiny_llama()))
+    before = full_state(model)
+    # k_proj (a plain Linear) comes before q_proj in PEFT's walk of the model: it must not get a LoRA layer either
+    calls = {"inject_adapter_in_model": lambda: peft.inject_adapter_in_model(
+                 LoraConfig(r=2, target_modules=["k_proj", "q_proj"]), model, adapter_name="lora"),
+             "get_peft_model": lambda: get_peft_model(model, LoraConfig(r=2, target_modules=["k_proj", "q_proj"]),
+                                                      adapter_name="lora"),
+             "from_pretrained": lambda: PeftModel.from_pretrained(model, tmp_path, adapter_name="lora")}
+    for call in calls.values():
+        with pytest.raises(TypeError, match="'lora' is a LoraConfig, but the model holds MoSLoRA adapters"):
+            call()
+        assert_full_state_unchanged(model, before)
+
+
+def test_a_moslora_layer_refuses_a_stock_lora_config_before_it_changes():
+    # the model's peft_config taken away: the layer itself refuses, before it adds lora_A/lora_B
+    model = peft.inject_adapter_in_model(moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj"]), tiny_llama())
+    del model.peft_config
+    layer = model.model.layers[0].self_attn.q_proj
+    before = full_state(layer)
+    with pytest.raises(TypeError, match="'lora' is a LoraConfig, but the model holds MoSLoRA adapters"):
+        layer.update_layer("lora", 2, lora_alpha=4, config=LoraConfig(r=2))
+    assert_full_state_unchanged(layer, before)
+
+
+def test_moslora_onto_stock_lora_layers_is_refused_before_anything_changes(tmp_path):
+    trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    model = peft.inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj"]), tiny_llama())
+    before = full_state(model)
+    config = moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj", "v_proj"])
+    calls = {"from_pretrained": lambda: PeftModel.from_pretrained(model, tmp_path),
+             "get_peft_model": lambda: get_peft_model(model, config),
+             "inject_adapter_in_model": lambda: peft.inject_adapter_in_model(config, model, adapter_name="m")}
+    for call in calls.values():
+        with pytest.raises(TypeError, match=r"holds stock PEFT LoRA layers \(model.layers.0.self_attn.q_proj"):
+            call()
+        assert_full_state_unchanged(model, before)
+
+
+def saved_with(tmp_path, model, edit):
+    """``model`` saved by save_pretrained into ``tmp_path``, its tensors then changed by ``edit(tensors)``."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    return tmp_path
+
+
+MIXER = "base_model.model.model.layers.1.self_attn.q_proj.lora_mixer.weight"
+
+
+@pytest.mark.parametrize("fault, error", [
+    ("missing mixer", r"layers\.1\.self_attn\.q_proj\.lora_mixer\.\w+\.weight is missing"),
+    ("wrong-shape mixer", r"q_proj\.lora_mixer\.\w+\.weight has shape \(3, 3\) in the file, \(4, 4\) in the model"),
+])
+def test_an_incomplete_or_mismatched_folder_is_refused_and_the_model_left_as_it_was(tmp_path, fault, error):
+    def edit(tensors):
+        if fault == "missing mixer":
+            del tensors[MIXER]
+        else:
+            tensors[MIXER] = torch.eye(3)
+    folder = saved_with(tmp_path / "bad", trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"])),
+                        edit)
+    base = tiny_llama()
+    before = full_state(base)
+    with pytest.raises(ValueError, match=error):  # PEFT alone: a warning and a random mixer / a half-done load
+        PeftModel.from_pretrained(base, folder)
+    assert_full_state_unchanged(base, before)
+    # a second adapter of a PeftModel, and an existing adapter loaded again
+    model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"]))
+    before = full_state(model)
+    with pytest.raises(ValueError, match=error):
+        model.load_adapter(folder, adapter_name="second", is_trainable=True)
+    assert_full_state_unchanged(model, before)
+    with pytest.raises(ValueError, match=error):
+        model.load_adapter(folder, adapter_name="default")
+    assert_full_state_unchanged(model, before)
+    if fault == "missing mixer":  # our own loader gave that layer an identity frozen mixer
+        before = full_state(base)
+        with pytest.raises(ValueError, match="model.layers.1.self_attn.q_proj has no lora_mixer tensor, but a MOSLORA"):
+            moslora_ext.load_peft_adapter(base, folder)
+        assert_full_state_unchanged(base, before)
