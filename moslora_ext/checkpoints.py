@@ -37,6 +37,7 @@ from .checkpoint_names import checkpoint_renamings, model_key
 from .dispatch import adapter_class, check_adaptable
 from .experts import Experts, adapter_targets, split_target
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
+from .peft_folder import FUNCTIONAL_PEFT_TYPE
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,11 +51,14 @@ BASE_WEIGHT = ".base_layer.weight"  # an adapted layer's base weight, as PEFT's 
 
 def _adapter_config(model, adapter_name):
     """What ``save_adapter`` writes to adapter_config.json: the settings of
-    each layer's adapter ``adapter_name``, the names of the modules to save
-    and this library's version."""
+    each layer's adapter ``adapter_name``, the names of the modules to save,
+    this library's version and a ``peft_type`` that PEFT's loaders refuse by
+    name."""
     from . import __version__
 
-    return {"format": FORMAT, "version": __version__, "layers": _layer_settings(model, adapter_name),
+    # peft_type: PEFT's loaders, given this folder, name load_adapter (moslora_ext.peft_folder).
+    return {"format": FORMAT, "peft_type": FUNCTIONAL_PEFT_TYPE, "version": __version__,
+            "layers": _layer_settings(model, adapter_name),
             "modules_to_save": list(saved_modules(model))}
 
 
