@@ -69,11 +69,13 @@ def register_with_peft():
     after ``import moslora_ext`` whichever is imported first. Warns, at once, of an installed peft
     outside the supported range, which the route does not work with."""
     version = installed_peft_version()
-    if version is not None and not _supported(version):
+    if version is None:
+        return
+    if not _supported(version):
         warnings.warn(_another_version(version), stacklevel=3)
-    elif "peft" in sys.modules:
+    elif sys.modules.get("peft") is not None:
         _register()
-    elif version is not None and not any(isinstance(f, _AfterPeftImport) for f in sys.meta_path):
+    elif not any(isinstance(finder, _AfterPeftImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _AfterPeftImport())
 
 
