@@ -102,7 +102,9 @@ def build_info():
 
     Returns a dict with ``torch_version`` (the torch it was compiled against),
     ``with_cuda`` (whether the CUDA kernels were compiled), ``cuda_archs``
-    (the TORCH_CUDA_ARCH_LIST used, or None) and ``cuda_version``.
+    (the TORCH_CUDA_ARCH_LIST used, or None), ``cuda_version`` (that torch's
+    CUDA) and ``nvcc_version`` (the CUDA release of the nvcc that compiled
+    the kernels, which may be older; None for a build by an older setup.py).
     """
     return {
         "version": __version__,
@@ -110,6 +112,7 @@ def build_info():
         "with_cuda": _build_config.WITH_CUDA,
         "cuda_archs": _build_config.CUDA_ARCHS,
         "cuda_version": _build_config.CUDA_VERSION,
+        "nvcc_version": getattr(_build_config, "NVCC_VERSION", None),
     }
 
 

@@ -1,7 +1,9 @@
-"""What a user sees when the package cannot load: an unbuilt source tree, a
-build for another torch. Each case imports a copy of the package's Python
-files in a fresh interpreter."""
+"""What a user sees when the package cannot load (an unbuilt source tree, a
+build for another torch: each case imports a copy of the package's Python
+files in a fresh interpreter), what importing it costs and needs, what its
+folders tell PEFT, and what the build records."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -206,3 +208,33 @@ def test_peft_given_a_save_adapter_folder_names_load_adapter(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in base.state_dict().items()) and base[0].weight.requires_grad
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     moslora_ext.load_adapter(base, tmp_path)  # which still reads it
+
+
+def test_setup_records_the_nvcc_that_compiles_the_kernels_beside_torchs_cuda(tmp_path):
+    """setup.py run in a copy of the tree (only to write _build_config.py: `setup.py --version` builds nothing)."""
+    import re
+
+    import torch
+
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if torch.version.cuda is None or not nvcc.exists():
+        pytest.skip("needs a CUDA build of torch and nvcc")
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(PACKAGE.parent / name, tmp_path)
+    (tmp_path / "moslora_ext").mkdir()
+    env = dict(os.environ, MOSLORA_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0", CUDA_HOME=str(nvcc.parent.parent))
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recorded = {}
+    exec((tmp_path / "moslora_ext" / "_build_config.py").read_text(), recorded)
+    release = re.search(r"release (\d+\.\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                               text=True).stdout).group(1)
+    assert (recorded["CUDA_VERSION"], recorded["NVCC_VERSION"]) == (torch.version.cuda, release)
+
+
+def test_build_info_reports_torchs_cuda_and_the_nvcc_that_compiled_the_kernels():
+    info = moslora_ext.build_info()
+    assert {"cuda_version", "nvcc_version"} <= info.keys()
+    if not info["with_cuda"]:
+        assert info["cuda_version"] is None and info["nvcc_version"] is None
