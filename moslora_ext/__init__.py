@@ -83,7 +83,7 @@ from .experts import Experts  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
-from .peft_support import register_with_peft, unsupported_peft_reason  # noqa: E402
+from .peft_support import register_with_peft, supported_peft_installed, unsupported_peft_reason  # noqa: E402
 from .quantized import QuantizedLinear  # noqa: E402
 
 # The PEFT route (moslora_ext.MoSLoRAConfig) registers itself with PEFT when peft is imported (at once if it is
@@ -123,7 +123,7 @@ __all__ = [
     "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",
     "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter", "save_peft_adapter", "saved_modules",
     "set_adapter", "active_adapter", "list_adapters", "disable_adapters", "delete_adapter",
-]
+] + (["MoSLoRAConfig", "MoSLoRAModel"] if supported_peft_installed() else [])  # imported on use (__getattr__)
 
 
 def __getattr__(name):
@@ -132,7 +132,8 @@ def __getattr__(name):
         reason = unsupported_peft_reason()
         if reason is not None:
             raise ImportError(f"moslora_ext.{name}: {reason}")
-        from . import peft_method
+        from .peft_method import MoSLoRAConfig, MoSLoRAModel
 
-        return getattr(peft_method, name)
+        globals().update(MoSLoRAConfig=MoSLoRAConfig, MoSLoRAModel=MoSLoRAModel)  # found directly from now on
+        return globals()[name]
     raise AttributeError(f"module 'moslora_ext' has no attribute {name!r}")

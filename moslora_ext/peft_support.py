@@ -31,6 +31,12 @@ def installed_peft_version():
         return None
 
 
+def supported_peft_installed():
+    """Whether the installed peft's version (from its metadata: peft is not imported) is one the route supports."""
+    version = installed_peft_version()
+    return version is not None and _supported(version)
+
+
 def unsupported_peft_reason():
     """None when the PEFT route can be used; else why not, and what to install."""
     version = installed_peft_version()
