@@ -164,7 +164,12 @@ def _folder_lock(parent, name):
         return
     lock = os.path.join(parent, _hidden_name(name, ".lock"))
     while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except PermissionError as exc:
+            raise PermissionError(f"cannot create the lock file {lock} that saves to {os.path.join(parent, name)} "
+                                  f"take turns on ({exc.strerror}): make {parent} writable; nothing was written"
+                                  ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.path.samestat(os.fstat(fd), os.stat(lock)):
