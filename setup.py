@@ -10,6 +10,7 @@ which the package checks on import.
 
 import glob
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -106,6 +107,13 @@ def cuda_arch_list():
     return archs
 
 
+def nvcc_version():
+    """The CUDA release of the nvcc that compiles the kernels, e.g. "13.0": torch's own may differ."""
+    result = subprocess.run([os.path.join(_cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    match = re.search(r"release (\d+\.\d+)", result.stdout)
+    return match.group(1) if match else None
+
+
 def cuda_wheel_include_dirs():
     """Headers (cuBLAS, ...) that the nvidia-* pip wheels ship outside the toolkit."""
     roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
@@ -124,7 +132,8 @@ def write_build_config(with_cuda, archs):
             f"TORCH_VERSION = {torch.__version__!r}\n"
             f"WITH_CUDA = {with_cuda!r}\n"
             f"CUDA_ARCHS = {archs!r}\n"
-            f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+            f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}  # torch's\n"
+            f"NVCC_VERSION = {nvcc_version() if with_cuda else None!r}  # the nvcc that compiled the kernels\n"
         )
 
 

@@ -261,6 +261,10 @@ def launches(module, x, grad_y, device):
     """(forward, backward): how many operators (CPU) or CUDA kernels (GPU) the
     torch profiler records in one forward and in one backward of module."""
     from torch.profiler import ProfilerActivity, profile
+    if device.type != "cuda":
+        # Counting CPU operators needs none of kineto's messages, which a CUDA build of torch prints on every
+        # profile (profiler_start/stop lines, and without a GPU "gpuGetDeviceCount failed"); read at its first use.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     counted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     module(x).backward(grad_y)  # warm (torch.compile compiles for this shape)

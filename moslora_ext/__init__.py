@@ -16,7 +16,6 @@ extension was built with.
 
 import glob
 import os
-import warnings
 from importlib import metadata
 
 import torch
@@ -84,17 +83,13 @@ from .experts import Experts  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
-from .peft_support import installed_peft_version, unsupported_peft_reason  # noqa: E402
+from .peft_support import register_with_peft, supported_peft_installed, unsupported_peft_reason  # noqa: E402
 from .quantized import QuantizedLinear  # noqa: E402
 
-# The PEFT route (moslora_ext.MoSLoRAConfig), registered with PEFT on import when a supported peft is
-# installed; the functional API works without it, and under another peft or a broken one (which only
-# warns here).
-_peft_unavailable = unsupported_peft_reason()
-if _peft_unavailable is None:
-    from .peft_method import MoSLoRAConfig, MoSLoRAModel  # noqa: E402
-elif installed_peft_version() is not None:
-    warnings.warn(_peft_unavailable, stacklevel=2)
+# The PEFT route (moslora_ext.MoSLoRAConfig) registers itself with PEFT when peft is imported (at once if it is
+# already), so that importing moslora_ext does not import peft; the functional API works without peft, and
+# under another peft or a broken one (which only warns).
+register_with_peft()
 
 try:
     __version__ = metadata.version("moslora_ext")
@@ -107,7 +102,9 @@ def build_info():
 
     Returns a dict with ``torch_version`` (the torch it was compiled against),
     ``with_cuda`` (whether the CUDA kernels were compiled), ``cuda_archs``
-    (the TORCH_CUDA_ARCH_LIST used, or None) and ``cuda_version``.
+    (the TORCH_CUDA_ARCH_LIST used, or None), ``cuda_version`` (that torch's
+    CUDA) and ``nvcc_version`` (the CUDA release of the nvcc that compiled
+    the kernels, which may be older; None for a build by an older setup.py).
     """
     return {
         "version": __version__,
@@ -115,6 +112,7 @@ def build_info():
         "with_cuda": _build_config.WITH_CUDA,
         "cuda_archs": _build_config.CUDA_ARCHS,
         "cuda_version": _build_config.CUDA_VERSION,
+        "nvcc_version": getattr(_build_config, "NVCC_VERSION", None),
     }
 
 
@@ -125,10 +123,17 @@ __all__ = [
     "add_adapters", "adapted_layers", "trainable_parameters", "merge_adapters", "unmerge_adapters",
     "merge_and_unload", "save_adapter", "load_adapter", "load_peft_adapter", "save_peft_adapter", "saved_modules",
     "set_adapter", "active_adapter", "list_adapters", "disable_adapters", "delete_adapter",
-] + (["MoSLoRAConfig", "MoSLoRAModel"] if _peft_unavailable is None else [])
+] + (["MoSLoRAConfig", "MoSLoRAModel"] if supported_peft_installed() else [])  # imported on use (__getattr__)
 
 
 def __getattr__(name):
+    """``MoSLoRAConfig`` and ``MoSLoRAModel``, the PEFT route, imported (with peft) on first use."""
     if name in ("MoSLoRAConfig", "MoSLoRAModel"):
-        raise ImportError(f"moslora_ext.{name}: {_peft_unavailable}")
+        reason = unsupported_peft_reason()
+        if reason is not None:
+            raise ImportError(f"moslora_ext.{name}: {reason}")
+        from .peft_method import MoSLoRAConfig, MoSLoRAModel
+
+        globals().update(MoSLoRAConfig=MoSLoRAConfig, MoSLoRAModel=MoSLoRAModel)  # found directly from now on
+        return globals()[name]
     raise AttributeError(f"module 'moslora_ext' has no attribute {name!r}")

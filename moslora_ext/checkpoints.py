@@ -16,6 +16,11 @@ import uuid
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 from .adapters import (
     CONFIG_RECORD,
     FORMAT,
@@ -32,6 +37,7 @@ from .checkpoint_names import checkpoint_renamings, model_key
 from .dispatch import adapter_class, check_adaptable
 from .experts import Experts, adapter_targets, split_target
 from .layer import DEFAULT_ADAPTER, AdapterConfig, AdapterLayer, check_adapter_name
+from .peft_folder import FUNCTIONAL_PEFT_TYPE
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,11 +51,14 @@ BASE_WEIGHT = ".base_layer.weight"  # an adapted layer's base weight, as PEFT's 
 
 def _adapter_config(model, adapter_name):
     """What ``save_adapter`` writes to adapter_config.json: the settings of
-    each layer's adapter ``adapter_name``, the names of the modules to save
-    and this library's version."""
+    each layer's adapter ``adapter_name``, the names of the modules to save,
+    this library's version and a ``peft_type`` that PEFT's loaders refuse by
+    name."""
     from . import __version__
 
-    return {"format": FORMAT, "version": __version__, "layers": _layer_settings(model, adapter_name),
+    # peft_type: PEFT's loaders, given this folder, name load_adapter (moslora_ext.peft_folder).
+    return {"format": FORMAT, "peft_type": FUNCTIONAL_PEFT_TYPE, "version": __version__,
+            "layers": _layer_settings(model, adapter_name),
             "modules_to_save": list(saved_modules(model))}
 
 
@@ -86,13 +95,16 @@ def _unmerged_adapters(model, caller, adapter_name):
 def _write(path, tensors, config):
     """Write an adapter folder, all or nothing: the tensors and the JSON config.
 
-    The config is encoded before anything is written (a setting JSON cannot
-    hold is refused with nothing on disk). Both files are written under
-    temporary names, flushed to disk, then renamed into place: a new folder
-    is written whole under a temporary name and renamed, so it appears
-    complete or not at all; in an existing folder the previous adapter stays
-    whole until both new files are complete, and only a crash between the
-    two renames could pair the new tensors with the old config.
+    The config is encoded and the path checked before anything is written (a
+    setting JSON cannot hold, or a path that is a file or a dangling link, is
+    refused with nothing on disk). Both files are written under temporary
+    names, flushed to disk, then renamed into place: a new folder is written
+    whole under a temporary name and renamed, so it appears complete or not
+    at all; in an existing folder the previous adapter stays whole until both
+    new files are complete, and only a crash between the two renames could
+    pair the new tensors with the old config. Saves to one folder from several
+    processes or threads take turns (``_folder_lock``): the folder ends with
+    the last writer's complete adapter.
     """
     from safetensors.torch import save_file
 
@@ -101,29 +113,78 @@ def _write(path, tensors, config):
     except (TypeError, ValueError) as exc:
         raise ValueError(f"the adapter settings cannot be written as JSON ({exc}); nothing was written") from exc
     path = os.path.abspath(os.fspath(path))
+    _check_target(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    with _folder_lock(parent, name):
+        _check_target(path)  # again: another process may have changed it while this one waited
+        new_folder = not os.path.exists(path)
+        work = os.path.join(parent if new_folder else path, _hidden_name(name, f".tmp-{uuid.uuid4().hex}"))
+        os.mkdir(work)
+        try:
+            save_file(_unshared(tensors), os.path.join(work, WEIGHTS_NAME))
+            with open(os.path.join(work, CONFIG_NAME), "w") as f:
+                f.write(text)
+            for file in (WEIGHTS_NAME, CONFIG_NAME):
+                _fsync(os.path.join(work, file))
+            if new_folder:
+                os.rename(work, path)
+            else:
+                for file in (WEIGHTS_NAME, CONFIG_NAME):
+                    os.replace(os.path.join(work, file), os.path.join(path, file))
+                os.rmdir(work)
+            _fsync(parent if new_folder else path)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+def _check_target(path):
+    """Refuse, naming ``path``, a save target that is a file or a link to nothing."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: create "
+                                "that folder, or remove the link; nothing was written")
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path} exists and is not a folder; nothing was written")
-    new_folder = not os.path.exists(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    work = os.path.join(parent if new_folder else path, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    os.mkdir(work)
+
+
+def _hidden_name(name, suffix):
+    """A hidden file name beside or inside the folder ``name``: its first characters, then ``suffix``, so
+    that it stays within the 255 characters a file name may have whatever the folder's name."""
+    return f".{name[:100]}{suffix}"
+
+
+@contextlib.contextmanager
+def _folder_lock(parent, name):
+    """Hold an exclusive lock on saving to the folder ``name`` in ``parent``: a lock file beside it, locked
+    with flock (released by the system if the process dies) and removed on release. A writer that waited
+    on a lock file removed meanwhile locks the new one instead. (Without fcntl, as on Windows, no lock.)"""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = os.path.join(parent, _hidden_name(name, ".lock"))
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except PermissionError as exc:
+            raise PermissionError(f"cannot create the lock file {lock} that saves to {os.path.join(parent, name)} "
+                                  f"take turns on ({exc.strerror}): make {parent} writable; nothing was written"
+                                  ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:  # removed by the writer that held it
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
     try:
-        save_file(_unshared(tensors), os.path.join(work, WEIGHTS_NAME))
-        with open(os.path.join(work, CONFIG_NAME), "w") as f:
-            f.write(text)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync(os.path.join(work, name))
-        if new_folder:
-            os.rename(work, path)
-        else:
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(os.path.join(work, name), os.path.join(path, name))
-            os.rmdir(work)
-        _fsync(parent if new_folder else path)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        yield
+    finally:
+        os.unlink(lock)  # before unlocking: a writer that locks it afterwards sees it gone and retries
+        os.close(fd)
 
 
 def _fsync(path):

@@ -560,3 +560,11 @@ def _merged_weight(layer, adapters):
 PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoSLoRAConfig
 PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoSLoRAModel
 PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoSLoRAModel.prefix
+
+
+# --- what saved folders tell PEFT and their readers (moslora_ext.peft_folder) ------------------------------------
+from . import peft_folder  # noqa: E402
+
+MoSLoRAConfig.save_pretrained = peft_folder.save_pretrained(LoraConfig.save_pretrained)
+MoSLoRAConfig.__init__ = peft_folder.accepting_record(MoSLoRAConfig.__init__)
+PEFT_TYPE_TO_CONFIG_MAPPING[peft_folder.FUNCTIONAL_PEFT_TYPE] = peft_folder.FunctionalFolderConfig

@@ -1,12 +1,20 @@
-"""Which peft the PEFT route (``moslora_ext.MoSLoRAConfig``) works with.
+"""Which peft the PEFT route (``moslora_ext.MoSLoRAConfig``) works with, and
+its registration with PEFT when peft is imported.
 
 Kept apart from ``peft_method`` so that ``import moslora_ext`` can ask without
 importing the route: another peft, or one that fails to import, disables the
 route only, never the functional API, which does not use peft. The version is
-read from the installed package's metadata, so that another peft is not imported
-at all.
+read from the installed package's metadata, so that ``import moslora_ext``
+imports no peft at all (peft imports transformers, bitsandbytes and torchao:
+seconds, and their messages); the route registers itself with PEFT once peft is
+imported (``register_with_peft``).
 """
 
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 from importlib import metadata
 
 from packaging.version import InvalidVersion, Version
@@ -21,6 +29,12 @@ def installed_peft_version():
         return metadata.version("peft")
     except metadata.PackageNotFoundError:
         return None
+
+
+def supported_peft_installed():
+    """Whether the installed peft's version (from its metadata: peft is not imported) is one the route supports."""
+    version = installed_peft_version()
+    return version is not None and _supported(version)
 
 
 def unsupported_peft_reason():
@@ -53,3 +67,56 @@ def _another_version(version):
     return (f"moslora_ext's PEFT integration supports peft {SUPPORTED_PEFT}, but peft {version} is installed "
             f"(its LoRA variant and custom-layer hooks differ): install `peft{SUPPORTED_PEFT}` to use "
             "MoSLoRAConfig; moslora_ext's own API (add_adapters, save_adapter...) works without it")
+
+
+def register_with_peft():
+    """Register the PEFT route (peft_type "MOSLORA") with PEFT: now if peft is imported, else as soon as
+    peft is (an import hook), so that ``PeftModel.from_pretrained`` and transformers read MoSLoRA folders
+    after ``import moslora_ext`` whichever is imported first. Warns, at once, of an installed peft
+    outside the supported range, which the route does not work with."""
+    version = installed_peft_version()
+    if version is None:
+        return
+    if not _supported(version):
+        warnings.warn(_another_version(version), stacklevel=3)
+    elif sys.modules.get("peft") is not None:
+        _register()
+    elif not any(isinstance(finder, _AfterPeftImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterPeftImport())
+
+
+def _register():
+    """Import ``peft_method``, which registers the route; a peft it cannot work with only warns."""
+    try:
+        importlib.import_module("moslora_ext.peft_method")
+    except ImportError as exc:
+        warnings.warn(str(exc), stacklevel=2)
+
+
+class _AfterPeftImport(importlib.abc.MetaPathFinder):
+    """Finds peft as the other finders do, then registers the route once peft's ``__init__`` has run.
+    It removes itself on use, and hands peft its own loader back."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "peft":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """peft's loader, then ``_register()``."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _register()

@@ -1,7 +1,9 @@
-"""What a user sees when the package cannot load: an unbuilt source tree, a
-build for another torch. Each case imports a copy of the package's Python
-files in a fresh interpreter."""
+"""What a user sees when the package cannot load (an unbuilt source tree, a
+build for another torch: each case imports a copy of the package's Python
+files in a fresh interpreter), what importing it costs and needs, what its
+folders tell PEFT, and what the build records."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -76,17 +78,21 @@ USES_THE_FUNCTIONAL_API = ("import warnings; warnings.simplefilter('always')\nim
                            "__import__(name)\n    except ImportError as e:\n        print(name, e)\n")
 
 
-@pytest.mark.parametrize("version, init, expected", [
-    ("0.16.0", "raise ImportError('never imported')", "supports peft >=0.21,<0.22, but peft 0.16.0 is installed"),
+# warns: whether a warning says it too (at import for another version, read from metadata; when the route is
+# first asked for a shadowing one; a broken peft shows itself when imported).
+@pytest.mark.parametrize("version, init, expected, warns", [
+    ("0.16.0", "raise ImportError('never imported')", "supports peft >=0.21,<0.22, but peft 0.16.0 is installed",
+     True),
     ("0.21.9", "raise AttributeError('broken')", "peft 0.21.9 is installed but `import peft` fails "
-                                                  "(AttributeError: broken)"),
-    (None, "__version__ = '0.16.0'", "but peft 0.16.0 (imported from ")])
-def test_another_or_a_broken_peft_disables_only_the_peft_route_naming_the_range(version, init, expected, tmp_path):
+                                                  "(AttributeError: broken)", False),
+    (None, "__version__ = '0.16.0'", "but peft 0.16.0 (imported from ", True)])
+def test_another_or_a_broken_peft_disables_only_the_peft_route_naming_the_range(version, init, expected, warns,
+                                                                                 tmp_path):
     result = run_python(USES_THE_FUNCTIONAL_API, [fake_peft(tmp_path, version, init)])
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0] == "1", result.stdout
-    assert expected in result.stderr  # the warning at import
+    assert (expected in result.stderr) == warns
     assert lines[1].startswith("MoSLoRAConfig ") and expected in lines[1]
     assert lines[2].startswith("moslora_ext.peft_method ") and expected in lines[2]
 
@@ -102,3 +108,133 @@ def test_the_functional_api_works_without_peft():
     assert "UserWarning" not in result.stderr  # peft is not installed: nothing to warn of
 
 
+
+
+# --- what importing the package costs, and what it needs ------------------------------------------------------------
+
+
+def test_every_third_party_module_the_package_imports_is_a_declared_dependency():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    declared = {Requirement(r).name.lower() for r in pyproject["project"]["dependencies"]}
+    # ...and what those require in turn (torch brings sympy, triton...), without their extras.
+    allowed, todo = set(declared), list(declared)
+    while todo:
+        for r in metadata.requires(todo.pop()) or []:
+            requirement = Requirement(r)
+            name = requirement.name.lower()
+            if "extra" not in str(requirement.marker or "") and name not in allowed:
+                allowed.add(name)
+                todo.append(name)
+    result = run_python("import sys; import torch; before = set(sys.modules); import moslora_ext; "
+                        "print(' '.join(sorted({m.split('.')[0] for m in set(sys.modules) - before})))")
+    assert result.returncode == 0, result.stderr[-2000:]
+    distributions = metadata.packages_distributions()
+    imported = {d.lower() for m in result.stdout.split() if m not in sys.stdlib_module_names
+                for d in distributions.get(m, [])}
+    assert imported - {"moslora_ext", "moslora-ext"} <= allowed, f"undeclared: {imported - allowed}"
+
+
+def test_import_is_light_and_the_peft_route_registers_whichever_is_imported_first(tmp_path):
+    pytest.importorskip("peft")
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    base, x = torch.nn.Sequential(torch.nn.Linear(8, 8)), torch.randn(3, 8)
+    model = get_peft_model(base, moslora_ext.MoSLoRAConfig(r=2, target_modules=["0"]))
+    torch.nn.init.normal_(model.base_model.model[0].lora_B["default"].weight)
+    model.save_pretrained(tmp_path / "route")
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "expected.pt")
+    load = ("torch.manual_seed(0); base = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+            f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+            f"model = peft.PeftModel.from_pretrained(base, {str(tmp_path / 'route')!r})\n"
+            "assert torch.equal(model(expected['x']), expected['y'])\n")
+    heavy = ("peft", "transformers", "bitsandbytes", "torchao")
+    moslora_first = ("import sys, torch, moslora_ext\n"
+                     f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))\n"
+                     "import peft\n" + load)
+    result = run_python(moslora_first)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+    peft_first = "import torch, peft\nfrom peft import PeftModel\nimport moslora_ext\n" + load
+    result = run_python(peft_first)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_route_folder_tells_a_process_without_moslora_ext_what_to_install(tmp_path):
+    pytest.importorskip("peft")
+    import json
+
+    import torch
+    from peft import get_peft_model
+
+    from moslora_ext.peft_folder import INSTALL
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                           moslora_ext.MoSLoRAConfig(r=2, target_modules=["0"]))
+    model.save_pretrained(tmp_path)
+    without = ("import torch, peft\n"
+               f"try:\n    peft.PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(8, 8)), {str(tmp_path)!r})\n"
+               "except KeyError as e:\n    print('refused', e)\n")
+    result = run_python(without)
+    assert result.stdout.strip() == "refused 'MOSLORA'", result.stdout + result.stderr[-2000:]
+    card = (tmp_path / "README.md").read_text()
+    record = json.loads((tmp_path / "adapter_config.json").read_text())["moslora_ext"]
+    for text in (card, record["note"]):
+        assert "import moslora_ext" in text and INSTALL in text
+    assert record["install"] == INSTALL and card.count("## Loading this MoSLoRA adapter") == 1
+    model.save_pretrained(tmp_path)  # again, over the card: one section
+    assert (tmp_path / "README.md").read_text().count("## Loading this MoSLoRA adapter") == 1
+
+
+def test_peft_given_a_save_adapter_folder_names_load_adapter(tmp_path):
+    pytest.importorskip("peft")
+    import torch
+    from peft import PeftConfig, PeftModel
+
+    model = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], r=2)
+    moslora_ext.save_adapter(model, tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    for load in (lambda: PeftModel.from_pretrained(base, tmp_path), lambda: PeftConfig.from_pretrained(tmp_path)):
+        with pytest.raises(ValueError, match=r"written by moslora_ext\.save_adapter .* load it with "
+                                             r"moslora_ext\.load_adapter\(model, path\)"):
+            load()
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items()) and base[0].weight.requires_grad
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    moslora_ext.load_adapter(base, tmp_path)  # which still reads it
+
+
+def test_setup_records_the_nvcc_that_compiles_the_kernels_beside_torchs_cuda(tmp_path):
+    """setup.py run in a copy of the tree (only to write _build_config.py: `setup.py --version` builds nothing)."""
+    import re
+
+    import torch
+
+    nvcc = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"
+    if torch.version.cuda is None or not nvcc.exists():
+        pytest.skip("needs a CUDA build of torch and nvcc")
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(PACKAGE.parent / name, tmp_path)
+    (tmp_path / "moslora_ext").mkdir()
+    env = dict(os.environ, MOSLORA_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0", CUDA_HOME=str(nvcc.parent.parent))
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recorded = {}
+    exec((tmp_path / "moslora_ext" / "_build_config.py").read_text(), recorded)
+    release = re.search(r"release (\d+\.\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                               text=True).stdout).group(1)
+    assert (recorded["CUDA_VERSION"], recorded["NVCC_VERSION"]) == (torch.version.cuda, release)
+
+
+def test_build_info_reports_torchs_cuda_and_the_nvcc_that_compiled_the_kernels():
+    info = moslora_ext.build_info()
+    assert {"cuda_version", "nvcc_version"} <= info.keys()
+    if not info["with_cuda"]:
+        assert info["cuda_version"] is None and info["nvcc_version"] is None

@@ -101,3 +101,77 @@ def test_cuda_mixer_gradient_is_deterministic():
         grads.append(layer.lora_mixer.grad.clone())
     assert all(torch.equal(g, grads[0]) for g in grads)
     assert len({forward_backward_digest("cuda") for _ in range(3)}) == 1
+
+
+# --- saves to one folder from several processes --------------------------------------------------------
+
+SAVE_ROUNDS = 12
+
+
+def save_in_rounds(writer, root, barrier, errors):
+    """Writer ``writer``'s process: save its adapter (lora_alpha and lora_B of its own) to each round's folder,
+    all writers at once."""
+    try:
+        torch.manual_seed(writer)
+        model = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(256, 256)), ["0"], r=32,
+                                         lora_alpha=8 * (writer + 1))
+        with torch.no_grad():
+            model[0].lora_B.fill_(writer + 1)
+        for i in range(SAVE_ROUNDS):
+            barrier.wait(timeout=60)
+            moslora_ext.save_adapter(model, root / f"round{i}")
+    except BaseException as exc:
+        errors.put(f"writer {writer}: {type(exc).__name__}: {exc}")
+        barrier.abort()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks writer processes")
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "over-an-adapter"])
+def test_processes_saving_to_one_folder_at_once_leave_one_writers_complete_adapter(existing, tmp_path):
+    import json
+    import multiprocessing
+
+    from safetensors.torch import load_file
+
+    if existing:  # an adapter there already, which every writer overwrites
+        first = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(256, 256)), ["0"], r=32)
+        for i in range(SAVE_ROUNDS):
+            moslora_ext.save_adapter(first, tmp_path / f"round{i}")
+    context = multiprocessing.get_context("fork")
+    writers, barrier, errors = 3, context.Barrier(3), context.Queue()
+    processes = [context.Process(target=save_in_rounds, args=(w, tmp_path, barrier, errors)) for w in range(writers)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=300)
+    failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert not failures and all(p.exitcode == 0 for p in processes), failures
+    for i in range(SAVE_ROUNDS):
+        folder = tmp_path / f"round{i}"
+        alpha = json.loads((folder / "adapter_config.json").read_text())["layers"]["0"]["lora_alpha"]
+        writer = int(load_file(folder / "adapter_model.safetensors")["0.lora_B"][0, 0]) - 1
+        assert alpha == 8 * (writer + 1), f"round {i}: writer {writer}'s tensors with another writer's config"
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"round{i}" for i in sorted(range(SAVE_ROUNDS), key=str)]
+
+
+def test_save_adapter_writes_a_folder_whose_name_has_the_most_characters_a_name_may_have(tmp_path):
+    model = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], r=2)
+    torch.nn.init.normal_(model[0].lora_B)
+    folder = tmp_path / ("a" * 255)
+    moslora_ext.save_adapter(model, folder)
+    moslora_ext.save_adapter(model, folder)  # over the saved one
+    fresh = moslora_ext.load_adapter(torch.nn.Sequential(torch.nn.Linear(8, 8)), folder)
+    fresh[0].load_state_dict(model[0].state_dict())  # the base weights, which the adapter does not hold
+    assert torch.equal(fresh[0].lora_B, model[0].lora_B) and torch.equal(fresh[0].lora_mixer, model[0].lora_mixer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+
+
+def test_save_adapter_to_a_dangling_link_names_the_link_and_writes_nothing(tmp_path):
+    model = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], r=2)
+    link = tmp_path / "adapter"
+    link.symlink_to(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=f"{link} is a symbolic link to {tmp_path / 'missing'}, which does "
+                                                 "not exist"):
+        moslora_ext.save_adapter(model, link)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and link.is_symlink()

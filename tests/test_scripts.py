@@ -229,3 +229,14 @@ def test_gpu_check_sanitizer_refused_by_the_device_is_a_skip(tmp_path):
     assert lines[0].startswith("preflight  PASS") and len(lines) == 2
     assert lines[1].startswith("sanitizer  SKIP") and "refuses compute-sanitizer" in lines[1]
     assert "Device not supported" in (out / "sanitizer.log").read_text()
+
+
+def test_latency_benchmark_on_cpu_prints_no_profiler_messages(tmp_path):
+    """A CUDA build of torch without a GPU made kineto print ~50 lines that looked like failures."""
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "latency.py"), "--small", "--device", "cpu",
+                             "--shapes", "attn 4096x4096", "--tokens", "16", "--ranks", "2", "--contenders", "ours",
+                             "--reps", "1", "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    noise = [line for line in result.stderr.splitlines() if "profiler_st" in line or "DeviceCount" in line]
+    assert not noise, noise
