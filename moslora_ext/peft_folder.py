@@ -8,12 +8,8 @@ format) says ``"peft_type": FUNCTIONAL_PEFT_TYPE``, which the PEFT route
 registers as a config that refuses to load, naming ``moslora_ext.load_adapter``.
 """
 
-import functools
-import json
 import os
 
-CONFIG_NAME = "adapter_config.json"
-RECORD = "moslora_ext"  # the key of adapter_config.json's note, dropped again when a config is read
 INSTALL = 'pip install --no-build-isolation "moslora_ext[peft]"'
 NOTE = (f"This adapter is MoSLoRA (LoRA with an r x r mixer, peft_type MOSLORA), written by moslora_ext's PEFT "
         f"route. PEFT and transformers read it only after `import moslora_ext` (without it they raise "
@@ -35,32 +31,11 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/folder")
 FUNCTIONAL_PEFT_TYPE = "moslora_ext.save_adapter (load with moslora_ext.load_adapter)"
 
 
-def save_pretrained(save_pretrained_of_peft):
-    """``save_pretrained`` of MoSLoRAConfig: PEFT's, then the note in adapter_config.json and the model card."""
+def record():
+    """The ``"moslora_ext"`` entry of a route folder's adapter_config.json: what a reader must install."""
+    from . import __version__
 
-    @functools.wraps(save_pretrained_of_peft)
-    def save_pretrained(self, save_directory, **kwargs):
-        save_pretrained_of_peft(self, save_directory, **kwargs)
-        config_file = os.path.join(save_directory, CONFIG_NAME)
-        with open(config_file) as f:
-            config = json.load(f)
-        config[RECORD] = {"note": NOTE, "install": INSTALL, "version": _version()}
-        with open(config_file, "w") as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True))
-        write_card_section(save_directory)
-
-    return save_pretrained
-
-
-def accepting_record(init):
-    """MoSLoRAConfig's ``__init__``, taking (and dropping) adapter_config.json's note when PEFT reads a folder."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        kwargs.pop(RECORD, None)
-        init(self, *args, **kwargs)
-
-    return __init__
+    return {"note": NOTE, "install": INSTALL, "version": __version__}
 
 
 def write_card_section(folder):
@@ -93,8 +68,3 @@ class FunctionalFolderConfig:
                 "load it with moslora_ext.load_adapter(model, path); to use it with PEFT, load it so and save it "
                 "with moslora_ext.save_peft_adapter (a PEFT LoRA adapter), or train with moslora_ext.MoSLoRAConfig")
 
-
-def _version():
-    from . import __version__
-
-    return __version__

@@ -40,7 +40,7 @@ from peft.tuners.lora.variants import _register_frozen_peft_weight  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from . import ops  # noqa: E402
+from . import ops, peft_folder  # noqa: E402
 from .conv import CONV_FUNCTIONS, Conv  # noqa: E402
 from .embedding import Embedding  # noqa: E402
 from .layer import MIXER_INITS, AdapterConfig, check_adapter_name, init_mixer_  # noqa: E402
@@ -115,11 +115,19 @@ class MoSLoRAConfig(LoraConfig):
 
     mixer_init: str = field(default="kaiming", metadata={"help": f"How the r x r mixer starts: one of {MIXER_INITS}"})
     train_mixer: bool = field(default=True, metadata={"help": "Whether the mixer trains (False: frozen)"})
+    # Saved in adapter_config.json for a reader without moslora_ext: what to install (always this version's).
+    moslora_ext: dict = field(default=None, metadata={"help": "What to install to read this adapter (set on save)"})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
+        self.moslora_ext = peft_folder.record()
         self.check()
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """PEFT's save, then the model card's section on loading (``moslora_ext.peft_folder``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        peft_folder.write_card_section(save_directory)
 
     def check(self):
         """Raise ValueError, naming the field and why, for a setting MoSLoRA does not support (TypeError for
@@ -560,11 +568,5 @@ def _merged_weight(layer, adapters):
 PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoSLoRAConfig
 PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoSLoRAModel
 PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoSLoRAModel.prefix
-
-
-# --- what saved folders tell PEFT and their readers (moslora_ext.peft_folder) ------------------------------------
-from . import peft_folder  # noqa: E402
-
-MoSLoRAConfig.save_pretrained = peft_folder.save_pretrained(LoraConfig.save_pretrained)
-MoSLoRAConfig.__init__ = peft_folder.accepting_record(MoSLoRAConfig.__init__)
+# save_adapter's folders: PEFT's loaders refuse them naming moslora_ext.load_adapter.
 PEFT_TYPE_TO_CONFIG_MAPPING[peft_folder.FUNCTIONAL_PEFT_TYPE] = peft_folder.FunctionalFolderConfig
