@@ -100,6 +100,15 @@ def test_mixed_batch_under_autocast_matches_each_row_alone():
         torch.testing.assert_close(mixed, each_row_alone(layer, x, ROWS), rtol=1e-2, atol=1e-2)  # bf16 ulps
 
 
+@pytest.mark.parametrize("kind", LAYERS)
+def test_mixed_batch_under_autocast_on_bfloat16_inputs(kind):
+    # Inside a model under autocast, a layer's input is bfloat16 already while its weight is float32.
+    layer, x = layer_and_input(kind)
+    x = x.bfloat16() if x.is_floating_point() else x
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x, adapter_names=ROWS), each_row_alone(layer, x, ROWS), rtol=1e-2, atol=1e-2)
+
+
 def test_training_without_dropout_gives_each_rows_gradients():
     layer, x = layer_and_input("linear")
     layer.train()
@@ -182,6 +191,16 @@ def test_llama_mixed_batch_logits_equal_each_row_alone():
         assert (mixed[0] - logits(moslora_ext.set_adapter(model, "a"), input_ids[:1])[0]).abs().max() > 0.1
 
 
+def test_llama_mixed_batch_under_autocast_matches_each_row_alone():
+    model, rows = llama_with_adapters(), ["a", "b", "__base__"]
+    input_ids = ids(len(rows))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = logits(model, input_ids, adapter_names=rows)
+        alone = rows_alone(model, input_ids, rows, logits)
+    torch.testing.assert_close(mixed, alone, rtol=2e-2, atol=2e-2)  # bf16 ulps
+    assert (alone[0] - alone[1]).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("search", [{}, {"num_beams": 2, "num_return_sequences": 2}])
 def test_llama_generate_with_adapter_names_gives_each_rows_tokens(search):
     model, input_ids = llama_with_adapters(), ids(len(ROWS), seed=1)
@@ -251,20 +270,6 @@ def test_compiled_model_gives_each_row_its_adapter():
             torch.testing.assert_close(logits(compiled, input_ids, **kwargs), expected, **AS_ALONE)
         mixed = logits(compiled, input_ids, adapter_names=["b", "a"])
         torch.testing.assert_close(mixed, rows_alone(model, input_ids, ["b", "a"], logits), **AS_ALONE)
-
-
-def test_mixed_batch_under_autocast_on_half_precision_inputs():
-    # Past the first layer, the layers' inputs are bfloat16 already while their weights are float32.
-    layer, x = layer_and_input("linear")
-    rows = ["a", "b", "__base__"]
-    model, input_ids = llama_with_adapters(), ids(len(rows))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = layer(x[:3].bfloat16(), adapter_names=rows)
-        torch.testing.assert_close(mixed, each_row_alone(layer, x[:3].bfloat16(), rows), rtol=1e-2, atol=1e-2)
-        mixed = logits(model, input_ids, adapter_names=rows)
-        alone = rows_alone(model, input_ids, rows, logits)
-    torch.testing.assert_close(mixed, alone, rtol=2e-2, atol=2e-2)  # bf16 ulps
-    assert (alone[0] - alone[1]).abs().max() > 0.1
 
 
 def test_a_submodule_call_takes_adapter_names():
