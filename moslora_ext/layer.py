@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .mixed_batch import row_groups
+from .mixed_batch import names_of_call, row_groups
 
 MIXER_INITS = ("kaiming", "orthogonal", "identity", "braid")
 DEFAULT_ADAPTER = "default"  # the adapter name when none is given, as in PEFT
@@ -347,7 +347,10 @@ class AdapterLayer(nn.Module):
     def forward(self, x, adapter_names=None):
         """The base output plus the active adapter's; with ``adapter_names``
         (one adapter name per row of x's first dimension), each row's own
-        adapter's (see ``mixed_batch_forward``)."""
+        adapter's (see ``mixed_batch_forward``): given here, or by a mixed call
+        of a model holding this layer (``moslora_ext.mixed_batch``)."""
+        if adapter_names is None:
+            adapter_names = names_of_call(self, x)
         if adapter_names is not None:
             return self.mixed_batch_forward(x, adapter_names)
         adapter = self.applied_adapter()

@@ -170,7 +170,8 @@ class Linear(AdapterLayer):
             out = self.bias.to(dtype).expand(out_shape).contiguous()
         flat = self._add_outputs_by_rows(out, x, groups).view(-1, self.out_features)
         x2 = x.reshape(-1, self.in_features)
-        if dtype != x.dtype:  # under autocast: out of place, which autocast casts
+        if ops.autocast_dtype(x.device.type) is not None:
+            # Out of place, which autocast casts (x2 may be in its dtype already, the weight not).
             return torch.addmm(flat, x2, weight.t()).view(out_shape)
         return flat.addmm_(x2, weight.t()).view(out_shape)
 

@@ -2,24 +2,44 @@
 
     out = model(input_ids, adapter_names=["math", "code", "__base__"])   # one adapter name per batch row
     tokens = model.generate(input_ids, adapter_names=["math", "code", "__base__"])
+    hidden = model.model(input_ids, adapter_names=[...])                 # any module holding adapted layers
 
-``add_adapters`` (and every load that adds adapters) gives the model a
-forward pre-hook that takes ``adapter_names`` out of the call's keyword
-arguments, so that the model's own forward never sees it, checks it against
-the model's adapters, and hands each adapted layer its names for the length
-of that call (``AdapterLayer.mixed_batch_forward``); ``model.generate``
-does the same for the length of the generation, with each name repeated
-for the rows that beam search or ``num_return_sequences`` make of its row.
+``add_adapters`` (and every load that adds adapters) gives the model, and
+each of its modules that holds adapted layers, a forward pre-hook that takes
+``adapter_names`` out of the call's keyword arguments, so that the module's
+own forward never sees it, checks it against the module's adapters, and sets
+it as the names of the call in progress; each adapted layer that the call
+runs reads them (``names_of_call``), until the module's forward hook ends
+the call. ``model.generate`` does the same for the length of the generation,
+with each name repeated for the rows that beam search or
+``num_return_sequences`` make of its row.
+
+The names of a call live in a ``contextvars.ContextVar``, not on the shared
+modules: each thread (and asyncio task) sees only its own calls' names, and
+Dynamo guards a compiled graph on the value it read, so a model compiled on
+plain calls recompiles for a mixed one rather than reusing the plain graph.
 """
 
-import functools
+import contextvars
+from typing import NamedTuple
 
 import torch
 
 BASE_ROWS = "__base__"  # in adapter_names, the rows that get the base model alone, as in PEFT
-# Marks a model that has the hooks; the handles of one call's layer hooks live beside it.
-HOOKED = "_moslora_ext_takes_adapter_names"
-LAYER_HOOKS = "_moslora_ext_adapter_names_hooks"
+HOOKED = "_moslora_ext_takes_adapter_names"  # marks a module that has the hooks
+
+
+class _Call(NamedTuple):
+    """The adapter names of a call in progress, and what to restore when it ends."""
+
+    owner: object  # the module whose forward (or the _Generate whose generation) set them
+    names: tuple  # one per batch row
+    expand_rows: bool  # whether a layer's batch may be a multiple of len(names) (generate's beams)
+    outer: "_Call | None"  # the call this one runs inside
+
+
+# Per thread and per asyncio task, read by every adapted layer's forward (see the module docstring).
+_CALL = contextvars.ContextVar("moslora_ext_adapter_names", default=None)
 
 
 def _check_names(adapter_names, known, holder):
@@ -57,64 +77,79 @@ def row_groups(layer, x, adapter_names):
     return [(layer.adapters[name], torch.tensor(indices, device=x.device)) for name, indices in rows.items()]
 
 
+def names_of_call(layer, x):
+    """The names that the call in progress gives ``layer`` for its input
+    ``x`` (None outside a mixed-adapter call): "__base__" for the adapters
+    it lacks, each name repeated for generate's extra rows."""
+    call = _CALL.get()
+    if call is None:
+        return None
+    names = [name if name in layer.adapters else BASE_ROWS for name in call.names]
+    rows = x.shape[0] if x.dim() else len(names)
+    if call.expand_rows and rows != len(names) and rows % len(names) == 0:
+        names = [name for name in names for _ in range(rows // len(names))]
+    return names
+
+
 def take_adapter_names(model):
-    """Let ``model(..., adapter_names=[...])`` and ``model.generate(...,
+    """Let ``model(..., adapter_names=[...])``, the same call on any of its
+    modules that hold adapted layers, and ``model.generate(...,
     adapter_names=[...])`` run mixed-adapter batches (see the module
-    docstring); called once per model, by ``add_adapters``."""
-    if getattr(model, HOOKED, False):
-        return
-    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
-    model.register_forward_hook(_after_forward, always_call=True)
-    if callable(getattr(type(model), "generate", None)):
-        # An object on the instance that holds the model: deepcopy and pickle carry it along.
-        model.generate = _Generate(model)
-    setattr(model, HOOKED, True)
-
-
-def _hand_to_layers(model, adapter_names, expand_rows=False):
-    """Check ``adapter_names`` against ``model`` and give each adapted layer
-    its names (a forward pre-hook); returns the hooks' handles. With
-    ``expand_rows``, a layer whose batch is k times as long (generate's
-    beams and return sequences) gets each name k times, as generate
-    repeats each row."""
+    docstring); called by ``add_adapters`` after each change of the model's
+    adapted layers (modules hooked already are left as they are)."""
     from .layer import AdapterLayer  # here: layer.py imports this module
 
-    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    holders = {""}
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            parts = name.split(".")
+            holders.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    for name in sorted(holders):
+        module = model.get_submodule(name)
+        if getattr(module, HOOKED, False):
+            continue
+        module.register_forward_pre_hook(_before_forward, with_kwargs=True)
+        module.register_forward_hook(_after_forward, always_call=True)
+        if module is model and callable(getattr(type(model), "generate", None)):
+            # An object on the instance that holds the model: deepcopy and pickle carry it along.
+            model.generate = _Generate(model)
+        setattr(module, HOOKED, True)
+
+
+def _enter(module, adapter_names, owner, expand_rows=False):
+    """Check ``adapter_names`` against the adapted layers of ``module``, then
+    make them the names of the call in progress, until ``_leave(owner)``."""
+    from .layer import AdapterLayer  # here: layer.py imports this module
+
+    layers = [m for m in module.modules() if isinstance(m, AdapterLayer)]
     _check_names(adapter_names, {name for layer in layers for name in layer.adapters}, "the model")
     unsupported = sorted({type(layer).__name__ for layer in layers if not layer.takes_mixed_batches})
     if unsupported:
         raise NotImplementedError(f"adapter_names (mixed-adapter batches) is not supported on {unsupported} layers "
                                   "(adapters on expert parameters and routers); run each adapter in its own batch")
-    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    if module.training and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()):
         raise RuntimeError("adapter_names with gradient checkpointing in training mode: the recomputed forward "
                            "would not see the names; call model.eval() or disable gradient checkpointing")
-    handles = []
-    for layer in layers:
-        # A layer without one of the model's adapters computes its base output for those rows.
-        names = [name if name in layer.adapters else BASE_ROWS for name in adapter_names]
-        hook = functools.partial(_give_names, names=names, expand_rows=expand_rows)
-        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
+    _CALL.set(_Call(owner, tuple(adapter_names), expand_rows, _CALL.get()))
 
 
-def _give_names(layer, args, kwargs, names, expand_rows):
-    rows = args[0].shape[0] if args and args[0].dim() else len(names)
-    if expand_rows and rows != len(names) and rows % len(names) == 0:
-        names = [name for name in names for _ in range(rows // len(names))]
-    return args, {**kwargs, "adapter_names": names}
+def _leave(owner):
+    """End the call that ``owner`` began, if it began one (its checks may have refused the names)."""
+    call = _CALL.get()
+    if call is not None and call.owner is owner:
+        _CALL.set(call.outer)
 
 
-def _before_forward(model, args, kwargs):
+def _before_forward(module, args, kwargs):
     adapter_names = kwargs.pop("adapter_names", None)
     if adapter_names is not None:
-        setattr(model, LAYER_HOOKS, _hand_to_layers(model, adapter_names))
+        _enter(module, adapter_names, module)
     return args, kwargs
 
 
-def _after_forward(model, args, output):
-    for handle in getattr(model, LAYER_HOOKS, ()):
-        handle.remove()
-    setattr(model, LAYER_HOOKS, [])
+def _after_forward(module, args, output):
+    # always_call: it runs whether forward returned or raised, so no names outlive their call.
+    _leave(module)
 
 
 class _Generate:
@@ -127,9 +162,8 @@ class _Generate:
         model = self.model
         if adapter_names is None:
             return type(model).generate(model, *args, **kwargs)
-        handles = _hand_to_layers(model, adapter_names, expand_rows=True)
+        _enter(model, adapter_names, self, expand_rows=True)
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:
-            for handle in handles:
-                handle.remove()
+            _leave(self)

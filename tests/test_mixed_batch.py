@@ -1,6 +1,8 @@
 """Mixed-adapter batches (``adapter_names=``, one adapter per batch row), against each row run alone and PEFT."""
 
+import contextlib
 import copy
+import threading
 
 import pytest
 import torch
@@ -98,6 +100,15 @@ def test_mixed_batch_under_autocast_matches_each_row_alone():
         torch.testing.assert_close(mixed, each_row_alone(layer, x, ROWS), rtol=1e-2, atol=1e-2)  # bf16 ulps
 
 
+@pytest.mark.parametrize("kind", LAYERS)
+def test_mixed_batch_under_autocast_on_bfloat16_inputs(kind):
+    # Inside a model under autocast, a layer's input is bfloat16 already while its weight is float32.
+    layer, x = layer_and_input(kind)
+    x = x.bfloat16() if x.is_floating_point() else x
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(layer(x, adapter_names=ROWS), each_row_alone(layer, x, ROWS), rtol=1e-2, atol=1e-2)
+
+
 def test_training_without_dropout_gives_each_rows_gradients():
     layer, x = layer_and_input("linear")
     layer.train()
@@ -180,6 +191,16 @@ def test_llama_mixed_batch_logits_equal_each_row_alone():
         assert (mixed[0] - logits(moslora_ext.set_adapter(model, "a"), input_ids[:1])[0]).abs().max() > 0.1
 
 
+def test_llama_mixed_batch_under_autocast_matches_each_row_alone():
+    model, rows = llama_with_adapters(), ["a", "b", "__base__"]
+    input_ids = ids(len(rows))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = logits(model, input_ids, adapter_names=rows)
+        alone = rows_alone(model, input_ids, rows, logits)
+    torch.testing.assert_close(mixed, alone, rtol=2e-2, atol=2e-2)  # bf16 ulps
+    assert (alone[0] - alone[1]).abs().max() > 0.1
+
+
 @pytest.mark.parametrize("search", [{}, {"num_beams": 2, "num_return_sequences": 2}])
 def test_llama_generate_with_adapter_names_gives_each_rows_tokens(search):
     model, input_ids = llama_with_adapters(), ids(len(ROWS), seed=1)
@@ -213,6 +234,65 @@ def test_a_layer_without_one_of_the_adapters_gives_those_rows_its_base():
         mixed = logits(model, input_ids, adapter_names=["only_q0", "a"])
         torch.testing.assert_close(mixed, rows_alone(model, input_ids, ["only_q0", "a"], logits),
                                    **AS_ALONE)
+
+
+def test_threads_each_get_their_own_names():
+    # One thread runs mixed batches while another runs plain calls on the same model: neither sees
+    # the other's names (README, "Threads": forwards may run concurrently).
+    model, input_ids = llama_with_adapters(), ids(2)
+    calls = {"mixed": {"adapter_names": ["b", "b"]}, "plain": {}}
+    with torch.no_grad():
+        expected = {kind: logits(model, input_ids, **kwargs) for kind, kwargs in calls.items()}
+    start, right = threading.Barrier(len(calls)), {kind: 0 for kind in calls}
+
+    def loop(kind):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(40):
+                right[kind] += torch.allclose(logits(model, input_ids, **calls[kind]), expected[kind], **AS_ALONE)
+
+    threads = [threading.Thread(target=loop, args=(kind,)) for kind in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert right == {"mixed": 40, "plain": 40}  # (a call that raised counts as wrong)
+    assert (expected["mixed"] - expected["plain"]).abs().max() > 0.1  # the two calls do differ
+
+
+def test_compiled_model_gives_each_row_its_adapter():
+    model, input_ids = llama_with_adapters(), ids(2)
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        calls = [{}, {"adapter_names": ["b", "a"]}, {"adapter_names": ["a", "__base__"]}, {}]
+        for kwargs in calls:  # a plain call first: its graph must not serve the mixed ones
+            expected = logits(model, input_ids, **kwargs)
+            torch.testing.assert_close(logits(compiled, input_ids, **kwargs), expected, **AS_ALONE)
+        mixed = logits(compiled, input_ids, adapter_names=["b", "a"])
+        torch.testing.assert_close(mixed, rows_alone(model, input_ids, ["b", "a"], logits), **AS_ALONE)
+
+
+def test_a_submodule_call_takes_adapter_names():
+    model, input_ids = llama_with_adapters(), ids(3)
+    rows = ["b", "__base__", "a"]
+
+    def hidden(model, input_ids, **kwargs):
+        return model.model(input_ids=input_ids, **kwargs).last_hidden_state
+
+    with torch.no_grad():
+        mixed = hidden(model, input_ids, adapter_names=rows)
+        torch.testing.assert_close(mixed, rows_alone(model, input_ids, rows, hidden), **AS_ALONE)
+        layer = model.model.layers[1]
+        hidden_in = torch.randn(3, 8, 32)
+        position = model.model.rotary_emb(hidden_in, torch.arange(8)[None])
+        mixed = layer(hidden_in, position_embeddings=position, adapter_names=rows)
+        for i, name in enumerate(rows):
+            with moslora_ext.disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
+                moslora_ext.set_adapter(model, "a" if name == "__base__" else name)
+                alone = layer(hidden_in[i:i + 1], position_embeddings=position)
+            torch.testing.assert_close(mixed[i:i + 1], alone, **AS_ALONE)
+        with pytest.raises(ValueError, match=r"\['typo'\], but"):
+            hidden(model, input_ids, adapter_names=["a", "typo", "b"])
 
 
 def test_model_refusals():
