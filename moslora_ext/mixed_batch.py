@@ -2,10 +2,11 @@
 
     out = model(input_ids, adapter_names=["math", "code", "__base__"])   # one adapter name per batch row
     tokens = model.generate(input_ids, adapter_names=["math", "code", "__base__"])
-    hidden = model.model(input_ids, adapter_names=[...])                 # any module holding adapted layers
+    hidden = model.model(input_ids, adapter_names=[...])                 # a module holding adapted layers
 
 ``add_adapters`` (and every load that adds adapters) gives the model, and
-each of its modules that holds adapted layers, a forward pre-hook that takes
+each of its modules that holds adapted layers and whose forward takes
+``**kwargs`` (the others refuse ``adapter_names`` with a TypeError), a forward pre-hook that takes
 ``adapter_names`` out of the call's keyword arguments, so that the module's
 own forward never sees it, checks it against the module's adapters, and sets
 it as the names of the call in progress; each adapted layer that the call
@@ -21,6 +22,7 @@ plain calls recompiles for a mixed one rather than reusing the plain graph.
 """
 
 import contextvars
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -106,7 +108,8 @@ def take_adapter_names(model):
             holders.update(".".join(parts[:i]) for i in range(1, len(parts)))
     for name in sorted(holders):
         module = model.get_submodule(name)
-        if getattr(module, HOOKED, False):
+        # A forward without **kwargs refuses adapter_names itself (TypeError): no hooks, which cost every call.
+        if getattr(module, HOOKED, False) or (module is not model and not _takes_keywords(module)):
             continue
         module.register_forward_pre_hook(_before_forward, with_kwargs=True)
         module.register_forward_hook(_after_forward, always_call=True)
@@ -114,6 +117,15 @@ def take_adapter_names(model):
             # An object on the instance that holds the model: deepcopy and pickle carry it along.
             model.generate = _Generate(model)
         setattr(module, HOOKED, True)
+
+
+def _takes_keywords(module):
+    """Whether ``module``'s forward takes arbitrary keyword arguments, where adapter_names would pass unseen."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: hook it, to be safe
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _enter(module, adapter_names, owner, expand_rows=False):
