@@ -33,10 +33,10 @@ from .dispatch import adapter_class
 from .experts import Experts, split_target
 from .layer import DEFAULT_ADAPTER, check_adapter_name, class_path
 from .linear import Linear
+from .peft_folder import MOSLORA_PEFT_TYPE
 from .routers import RouterWeight
 
 PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
-MOSLORA_PEFT_TYPE = "MOSLORA"  # the peft_type of moslora_ext.MoSLoRAConfig folders (peft_method needs peft)
 # PEFT's tensor names (and the released MoSLoRA code's lora_AB, the mixer) -> ours.
 FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer",
                    "lora_mixer": "lora_mixer",  # moslora_ext.MoSLoRAConfig's folders

@@ -10,6 +10,7 @@ registers as a config that refuses to load, naming ``moslora_ext.load_adapter``.
 
 import os
 
+MOSLORA_PEFT_TYPE = "MOSLORA"  # the peft_type of MoSLoRAConfig's folders (PEFT route)
 INSTALL = 'pip install --no-build-isolation "moslora_ext[peft]"'
 NOTE = (f"This adapter is MoSLoRA (LoRA with an r x r mixer, peft_type MOSLORA), written by moslora_ext's PEFT "
         f"route. PEFT and transformers read it only after `import moslora_ext` (without it they raise "

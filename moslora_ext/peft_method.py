@@ -68,7 +68,7 @@ class PeftTypeName(str):
         return type(self), (self.value,)
 
 
-PEFT_TYPE = PeftTypeName("MOSLORA")
+PEFT_TYPE = PeftTypeName(peft_folder.MOSLORA_PEFT_TYPE)
 
 # LoraConfig fields that keep their PEFT meaning on MoSLoRA layers.
 KEPT_FIELDS = {
