@@ -95,28 +95,35 @@ def _register():
 
 class _AfterPeftImport(importlib.abc.MetaPathFinder):
     """Finds peft as the other finders do, then registers the route once peft's ``__init__`` has run.
-    It removes itself on use, and hands peft its own loader back."""
+    It stays until peft is imported (a mere lookup, such as transformers' ``is_peft_available()``, is no
+    import), then removes itself and hands peft its own loader back."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "peft":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        index = sys.meta_path.index(self)
+        del sys.meta_path[index]  # the other finders find peft's spec
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(index, self)
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _RegisteringLoader(spec.loader)
+            spec.loader = _RegisteringLoader(spec.loader, self)
         return spec
 
 
 class _RegisteringLoader(importlib.abc.Loader):
     """peft's loader, then ``_register()``."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, finder):
+        self.loader, self.finder = loader, finder
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
         module.__loader__ = module.__spec__.loader = self.loader
         self.loader.exec_module(module)
         _register()

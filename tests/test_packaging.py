@@ -160,6 +160,12 @@ def test_import_is_light_and_the_peft_route_registers_whichever_is_imported_firs
     result = run_python(moslora_first)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+    # A lookup of peft before its import (transformers' is_peft_available(), which from_pretrained asks) is no import.
+    looked_up_first = ("import importlib.util, torch, moslora_ext, transformers\n"
+                       "assert transformers.utils.is_peft_available() and importlib.util.find_spec('peft')\n"
+                       "import peft\n" + load)
+    result = run_python(looked_up_first)
+    assert result.returncode == 0, result.stderr[-2000:]
     peft_first = "import torch, peft\nfrom peft import PeftModel\nimport moslora_ext\n" + load
     result = run_python(peft_first)
     assert result.returncode == 0, result.stderr[-2000:]
