@@ -516,7 +516,7 @@ class MoSLoRAModel(TunerGuards, AllOrNothingInjection, lora.LoraModel):
         base weight that other modules share (GPT-2's tied ``wte`` and
         ``lm_head``) is untied (``moslora_ext.merging.untie_weights``)."""
         layers = {name: (layer, adapters) for name, layer in self.model.named_modules()
-                  if isinstance(layer, BaseTunerLayer) and (adapters := _adapters_to_merge(layer, adapter_names))}
+                  if isinstance(layer, MoSLoRALayer) and (adapters := _adapters_to_merge(layer, adapter_names))}
         if safe_merge:
             for name, (layer, adapters) in layers.items():
                 if not torch.isfinite(_merged_weight(layer, adapters)).all():

@@ -666,6 +666,19 @@ def test_merging_into_a_tied_weight_unties_it_first(tmp_path, target, merge):
         torch.testing.assert_close(logits(reloaded, ids), adapted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("safe_merge", [True, False])
+def test_merging_beside_trainable_tokens_keeps_them_tied_and_exact(safe_merge):
+    # PEFT's trainable tokens merge into a tied embedding correctly: only MoSLoRA layers are checked and untied.
+    model = trained_looking(moslora(tiny_gpt2(), target_modules=["c_attn"], trainable_token_indices=[1, 2])).eval()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n).normal_()
+    ids = batch()
+    adapted = logits(model, ids)
+    merged = model.merge_and_unload(safe_merge=safe_merge)
+    assert merged.lm_head.weight is merged.transformer.wte.weight
+    torch.testing.assert_close(logits(merged, ids), adapted, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("unmerge_inside", [True, False])
 def test_a_safe_merge_under_inference_mode_leaves_the_model_trainable(unmerge_inside):
     ids = batch()
