@@ -151,6 +151,18 @@ def test_expert_op_compiles_without_graph_breaks(device):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+def test_expert_op_refuses_double_backward(device):
+    """A second backward through the expert op's backward gave zero gradients
+    (its backward op has no derivative) where the per-expert reference gives
+    non-zero ones: refused, as the dense op refuses it."""
+    case = expert_case(device=device)
+    grad_B, = torch.autograd.grad(reference_experts(*case, 0.7).square().sum(), case[5], create_graph=True)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(grad_B.square().sum(), (case[1], case[3])))
+    y = expert_ops.add_experts_moslora(*case, scale=0.7)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), case[5], create_graph=True)
+
+
 def test_an_adapted_moe_model_compiles_as_one_graph_like_its_base():
     # transformers' grouped experts forward stays in one graph (histc, not bincount); the adapted one must
     # too. (Forward only: on CPU, transformers 5.17's grouped GEMM fallback does not compile its backward.)
