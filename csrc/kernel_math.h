@@ -166,8 +166,8 @@ MOSLORA_HOST_DEVICE void apply_dropout(const DropoutMask<acc_t>& mask, uint64_t 
 
 // ---------------------------------------------------------------------------
 // Mixer step. All three products of the mixer are dot products of length r
-// with strides: V[n,i] = s*<U[n,:], M[i,:]>, dU[n,j] = s*<dV[n,:], M[:,j]>,
-// dM[i,j] = s*sum_n dV[n,i] U[n,j]. Accumulation is in acc_t (fp32 for
+// with strides: V[n,i] = <U[n,:], M[i,:]>, dU[n,j] = <dV[n,:], M[:,j]>,
+// dM[i,j] = sum_n dV[n,i] U[n,j]. Accumulation is in acc_t (fp32 for
 // half precision).
 // ---------------------------------------------------------------------------
 template <typename acc_t, typename scalar_t>

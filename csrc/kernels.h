@@ -45,15 +45,18 @@ inline int64_t rows_per_block(int64_t cols) {
 
 // Declared once for every device; cpu/ and cuda/ define the specialisations.
 
-// v = scale * u @ mixer^T, u (N, r) and mixer (r, r) contiguous.
-template <c10::DeviceType device>
-at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer, double scale);
+// The mixer step carries no scale: the ops apply it as the alpha of a GEMM
+// (moslora.cpp), so no half-precision intermediate holds a scaled value.
 
-// (du, dmixer) = (scale * dv @ mixer, scale * dv^T @ u) in one pass over the
-// rows; dmixer is undefined unless need_dmixer.
+// v = u @ mixer^T, u (N, r) and mixer (r, r) contiguous.
+template <c10::DeviceType device>
+at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer);
+
+// (du, dmixer) = (dv @ mixer, dv^T @ u) in one pass over the rows; dmixer is
+// undefined unless need_dmixer.
 template <c10::DeviceType device>
 std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
-                                                  const at::Tensor& mixer, double scale, bool need_dmixer);
+                                                  const at::Tensor& mixer, bool need_dmixer);
 
 // out = dropout of the rows first_row, first_row + 1, ... of the (rows, cols)
 // matrix x (unit column stride); out has x's shape and dtype and contiguous rows.

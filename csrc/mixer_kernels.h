@@ -2,10 +2,10 @@
 // kernel's block and thread indices, and their launches. cuda/mixer.cu
 // launches them; testing.cpp runs every body on the host over the same grids.
 //
-//   V  = s U M^T        mixer_forward_element, one thread per element of V
-//   dU = s dV M         } mixer_backward_thread, one block per row chunk
-//   dM partials         }   (mixer_row_chunks), unscaled dV^T U per chunk
-//   dM = s sum partials reduce_partials_element, chunks added in order
+//   V  = U M^T          mixer_forward_element, one thread per element of V
+//   dU = dV M           } mixer_backward_thread, one block per row chunk
+//   dM partials         }   (mixer_row_chunks), dV^T U per chunk
+//   dM = sum partials   reduce_partials_element, chunks added in order
 #pragma once
 
 #include "kernel_math.h"
@@ -13,27 +13,27 @@
 
 namespace moslora {
 
-// Element idx of the N x r output V = scale * U M^T.
+// Element idx of the N x r output V = U M^T.
 template <typename acc_t, typename scalar_t>
 MOSLORA_HOST_DEVICE void mixer_forward_element(const scalar_t* u, const scalar_t* mixer, scalar_t* v, int64_t r,
-                                               acc_t scale, int64_t idx) {
+                                               int64_t idx) {
   const int64_t row = idx / r, i = idx % r;
-  v[idx] = static_cast<scalar_t>(scale * strided_dot<acc_t>(u + row * r, 1, mixer + i * r, 1, r));
+  v[idx] = static_cast<scalar_t>(strided_dot<acc_t>(u + row * r, 1, mixer + i * r, 1, r));
 }
 
 // Thread `thread` of the `threads` of block `chunk_index`, which owns rows
 // chunk_index * chunk ...: dU for those rows, then (partials not null) the
-// chunk's unscaled dV^T U (r x r) into partials[chunk_index]. The two loops
+// chunk's dV^T U (r x r) into partials[chunk_index]. The two loops
 // read only dV, U and M, so the threads need no synchronisation.
 template <typename acc_t, typename scalar_t>
 MOSLORA_HOST_DEVICE void mixer_backward_thread(const scalar_t* dv, const scalar_t* u, const scalar_t* mixer,
                                                scalar_t* du, acc_t* partials, int64_t n, int64_t r, int64_t chunk,
-                                               acc_t scale, int64_t chunk_index, int64_t thread, int64_t threads) {
+                                               int64_t chunk_index, int64_t thread, int64_t threads) {
   const int64_t first = chunk_index * chunk;
   const int64_t rows = chunk < n - first ? chunk : n - first;
   for (int64_t idx = thread; idx < rows * r; idx += threads) {
     const int64_t row = first + idx / r, j = idx % r;
-    du[row * r + j] = static_cast<scalar_t>(scale * strided_dot<acc_t>(dv + row * r, 1, mixer + j, r, r));
+    du[row * r + j] = static_cast<scalar_t>(strided_dot<acc_t>(dv + row * r, 1, mixer + j, r, r));
   }
   if (partials == nullptr) return;
   for (int64_t idx = thread; idx < r * r; idx += threads) {
@@ -42,13 +42,13 @@ MOSLORA_HOST_DEVICE void mixer_backward_thread(const scalar_t* dv, const scalar_
   }
 }
 
-// Element idx of dM (r x r = rr elements): scale times the chunks' sum, in chunk order.
+// Element idx of dM (r x r = rr elements): the chunks' sum, in chunk order.
 template <typename acc_t, typename scalar_t>
 MOSLORA_HOST_DEVICE void reduce_partials_element(const acc_t* partials, scalar_t* dmixer, int64_t n_chunks,
-                                                 int64_t rr, acc_t scale, int64_t idx) {
+                                                 int64_t rr, int64_t idx) {
   acc_t sum = acc_t(0);
   for (int64_t c = 0; c < n_chunks; ++c) sum += partials[c * rr + idx];
-  dmixer[idx] = static_cast<scalar_t>(scale * sum);
+  dmixer[idx] = static_cast<scalar_t>(sum);
 }
 
 // mixer_backward_kernel: one block of kThreads per row chunk.

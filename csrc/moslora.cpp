@@ -145,6 +145,14 @@ int64_t leading_rows(const Tensor& x) {
   return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
 }
 
+// scale * a @ b, the scale applied to the GEMM's accumulator (fp32 for half
+// precision) as its alpha: no half-precision intermediate holds a scaled
+// value, so nothing overflows that the result does not (s = 64 times an fp16
+// U of 2000 would). beta = 0: the uninitialised output is not read.
+Tensor scaled_mm(const Tensor& a, const Tensor& b, double scale) {
+  return at::empty({a.size(0), b.size(1)}, a.options()).addmm_(a, b, /*beta=*/0, /*alpha=*/scale);
+}
+
 // x as (N, d) rows with unit column stride, as the dropout kernels read it
 // (a copy only for an x whose last dimension is strided).
 Tensor unit_column_rows(const Tensor& x2) {
@@ -194,7 +202,7 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>&
   const bool cuda = x.is_cuda();
   auto u = dropout_p == 0.0 ? at::mm(x2, lora_A.t())
                             : dropout_project_down(unit_column_rows(x2), lora_A.contiguous(), dropout);
-  const auto v = ON_DEVICE(cuda, mixer_forward, u, mixer.contiguous(), scale);
+  const auto v = ON_DEVICE(cuda, mixer_forward, u, mixer.contiguous());
   // y is allocated in its final shape and filled through a 2-D view, so the op
   // returns a tensor of its own rather than a view: callers may change it in
   // place (y += residual), as they may nn.Linear's output.
@@ -203,12 +211,13 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>&
   // The small adapter GEMM writes y (with the bias, or on top of the caller's
   // base output) and the base GEMM accumulates into it (beta = 1): y is
   // written once and read once, with no separate add, scale or bias pass.
+  // The scale is that GEMM's alpha (see scaled_mm).
   if (base_out.defined()) {
-    at::addmm_out(y2, base_out.reshape({n, k}), v, lora_B.t());
+    at::addmm_out(y2, base_out.reshape({n, k}), v, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
   } else if (has_bias) {
-    at::addmm_out(y2, *bias, v, lora_B.t());
+    at::addmm_out(y2, *bias, v, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
   } else {
-    at::mm_out(y2, v, lora_B.t());
+    y2.addmm_(v, lora_B.t(), /*beta=*/0, /*alpha=*/scale);
   }
   if (weight.defined()) y2.addmm_(x2, weight.t());
   return {y, u};
@@ -246,11 +255,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
     dx2 = dx.view({n, d});
   }
   const bool cuda = x.is_cuda();
-  if (need_dB) dB = at::mm(g.t(), ON_DEVICE(cuda, mixer_forward, u_c, mixer_c, scale));
+  // The scale enters as the alpha of the two GEMMs that read G, dB = s G^T V
+  // and dV = s G B, so that G's products carry it from their accumulator on
+  // and the mixer step, dA and dX need no scale of their own.
+  if (need_dB) dB = scaled_mm(g.t(), ON_DEVICE(cuda, mixer_forward, u_c, mixer_c), scale);
   if (need_dx || need_dA || need_dmixer) {
-    const auto dv = at::mm(g, lora_B);
+    const auto dv = scaled_mm(g, lora_B, scale);
     Tensor du;
-    std::tie(du, dmixer) = ON_DEVICE(cuda, mixer_backward, dv, u_c, mixer_c, scale, need_dmixer);
+    std::tie(du, dmixer) = ON_DEVICE(cuda, mixer_backward, dv, u_c, mixer_c, need_dmixer);
     if (dropout_p == 0.0) {
       if (need_dA) dA = at::mm(du.t(), x2);
       if (need_dx) at::mm_out(dx2, du, lora_A);

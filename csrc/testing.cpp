@@ -92,25 +92,25 @@ at::Tensor dropout_op(const at::Tensor& x, double p, int64_t seed) {
   return out;
 }
 
-// Every thread of mixer_forward_kernel's grid: v = scale * u mixer^T.
-at::Tensor mixer_v(const at::Tensor& u, const at::Tensor& mixer, double scale) {
+// Every thread of mixer_forward_kernel's grid: v = u mixer^T.
+at::Tensor mixer_v(const at::Tensor& u, const at::Tensor& mixer) {
   TORCH_CHECK_VALUE(u.is_contiguous() && mixer.is_contiguous(), "cuda_bodies_on_host: contiguous u and mixer");
   const int64_t n = u.size(0), r = u.size(1);
   auto v = poisoned(u.sizes(), u.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "mixer_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_grid_stride(grid_stride_launch(n * r), n * r, [&](int64_t idx) {
-      mixer_forward_element(u.const_data_ptr<scalar_t>(), mixer.const_data_ptr<scalar_t>(),
-                            v.mutable_data_ptr<scalar_t>(), r, static_cast<acc_t>(scale), idx);
+      mixer_forward_element<acc_t>(u.const_data_ptr<scalar_t>(), mixer.const_data_ptr<scalar_t>(),
+                                   v.mutable_data_ptr<scalar_t>(), r, idx);
     });
   });
   return v;
 }
 
 // Every thread of mixer_backward_kernel's grid, then of reduce_partials_kernel's:
-// (du, dmixer) = (scale * dv mixer, scale * dv^T u).
+// (du, dmixer) = (dv mixer, dv^T u).
 std::tuple<at::Tensor, at::Tensor> mixer_grads(const at::Tensor& dv, const at::Tensor& u,
-                                                  const at::Tensor& mixer, double scale) {
+                                                  const at::Tensor& mixer) {
   TORCH_CHECK_VALUE(dv.is_contiguous() && u.is_contiguous() && mixer.is_contiguous(),
                     "cuda_bodies_on_host: contiguous dv, u and mixer");
   const int64_t n = dv.size(0), r = dv.size(1);
@@ -125,12 +125,11 @@ std::tuple<at::Tensor, at::Tensor> mixer_grads(const at::Tensor& dv, const at::T
       for (int64_t t = 0; t < launch.block; ++t) {
         mixer_backward_thread(dv.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(),
                               mixer.const_data_ptr<scalar_t>(), du.mutable_data_ptr<scalar_t>(), partials.data(),
-                              n, r, chunks.rows, static_cast<acc_t>(scale), block, t, launch.block);
+                              n, r, chunks.rows, block, t, launch.block);
       }
     }
     for_grid_stride(grid_stride_launch(r * r), r * r, [&](int64_t idx) {
-      reduce_partials_element(partials.data(), dmixer.mutable_data_ptr<scalar_t>(), chunks.count, r * r,
-                              static_cast<acc_t>(scale), idx);
+      reduce_partials_element(partials.data(), dmixer.mutable_data_ptr<scalar_t>(), chunks.count, r * r, idx);
     });
   });
   return {du, dmixer};
@@ -167,8 +166,8 @@ void add_testing_functions(PyObject* module) {
                              "For the tests: the CUDA kernels' bodies run on the host over their grids.");
   sub.def("dropout_pair", &dropout_pair, "(dropout(x), dropout(dx)) with mask rows from first_row");
   sub.def("dropout", &dropout_op, "out = dropout(x)");
-  sub.def("mixer_forward", &mixer_v, "v = scale * u mixer^T");
-  sub.def("mixer_backward", &mixer_grads, "(scale * dv mixer, scale * dv^T u)");
+  sub.def("mixer_forward", &mixer_v, "v = u mixer^T");
+  sub.def("mixer_backward", &mixer_grads, "(dv mixer, dv^T u)");
   sub.def("launches", &launches, "every kernel's ((grid x, y, z), block) for x (n, d) and rank r");
 }
 

@@ -95,6 +95,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_u):
+    ops.refuse_double_backward()
     x, offsets, lora_A, mixer, lora_B, u, dropout_seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_x, grad_A, grad_mixer, grad_B = _C_OPS.experts_backward(

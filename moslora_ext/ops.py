@@ -237,10 +237,17 @@ def _forward_setup_context(ctx, inputs, output):
     ctx.scale, ctx.dropout_p = scale, dropout_p
 
 
-def _forward_backward(ctx, grad_y, grad_u):
-    if torch.is_grad_enabled():  # backward(create_graph=True): the fused backward op has no derivative
+def refuse_double_backward():
+    """Raises NotImplementedError inside a backward run with create_graph=True:
+    the fused backward ops have no derivative, so their gradients would be
+    constants to a second backward (silently zero gradients)."""
+    if torch.is_grad_enabled():
         raise NotImplementedError("moslora_ext: double backward (create_graph=True, higher-order gradients) "
-                                  "is not supported")
+                                  "is not supported; take first-order gradients (create_graph=False)")
+
+
+def _forward_backward(ctx, grad_y, grad_u):
+    refuse_double_backward()
     x, weight, lora_A, mixer, lora_B, u, dropout_seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[3], needs[4], needs[5]]

@@ -11,6 +11,7 @@ from moslora_ext import expert_ops
 from moslora_ext.experts import Experts
 from moslora_ext.peft_experts import PEFT_REMAPPED_LEAF_NAMES
 from moslora_ext.routers import RouterWeight
+from reference import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,6 +125,32 @@ def test_expert_op_matches_a_per_expert_reference_with_gradients(dtype, device):
     assert got[2][1].abs().sum() == 0  # the expert no row was routed to gets no gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expert_op_with_a_large_scale_in_half_precision_stays_finite(dtype, device):
+    """s = 64 and an input feature near the dtype's largest value / 20: s·U
+    overflows the dtype, y and the gradients do not (as PEFT LoRA's dense
+    layer, test_peft_route.py): the scale is applied in the GEMMs' accumulators."""
+    base, x, offsets, A, M, B = (t.detach() for t in expert_case(counts=(3, 4), r=4, d=16, k=8))
+    x[:, 0] = torch.finfo(dtype).max / 20
+    A.mul_(0.1)[:, :, 0] = 0.5  # U ≈ x[:, 0] / 2
+    B.mul_(0.01)
+    M.copy_(torch.eye(4))
+    grad = torch.randn_like(base) * 1e-3  # dB = s·Gᵀ U: within the dtype's range
+
+    def run(function, to):
+        inputs = [t.to(to, copy=True).requires_grad_() for t in (base, x, A, M, B)]
+        y = function(*inputs[:2], offsets.to(to.device), *inputs[2:], 64.0)
+        y.backward(grad.to(to))
+        return [y.detach(), *(t.grad for t in inputs)]
+
+    expected = run(reference_experts, torch.empty((), dtype=torch.float64))
+    assert expected[0].abs().max() > 1000
+    for got, want in zip(run(expert_ops.add_experts_moslora, torch.empty((), dtype=dtype, device=device)), expected,
+                         strict=True):
+        assert got.isfinite().all()
+        assert_close_to_reference(got, want, dtype)
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_expert_op_gradcheck_and_opcheck(dropout_p, device):
     base, x, offsets, A, M, B = expert_case(device=device)
@@ -149,6 +176,18 @@ def test_expert_op_compiles_without_graph_breaks(device):
     want = torch.autograd.grad(reference_experts(*case, 0.7).square().sum(), case[3:])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_expert_op_refuses_double_backward(device):
+    """A second backward through the expert op's backward gave zero gradients
+    (its backward op has no derivative) where the per-expert reference gives
+    non-zero ones: refused, as the dense op refuses it."""
+    case = expert_case(device=device)
+    grad_B, = torch.autograd.grad(reference_experts(*case, 0.7).square().sum(), case[5], create_graph=True)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(grad_B.square().sum(), (case[1], case[3])))
+    y = expert_ops.add_experts_moslora(*case, scale=0.7)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), case[5], create_graph=True)
 
 
 def test_an_adapted_moe_model_compiles_as_one_graph_like_its_base():

@@ -1,5 +1,6 @@
 """MoSLoRA inside PEFT (moslora_ext.MoSLoRAConfig): against PEFT itself and moslora_ext's own layers."""
 
+import copy
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import torch
 
 import moslora_ext
 from conftest import require_peft_route, run_python
+from reference import assert_close_to_reference
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -149,6 +151,50 @@ def test_identity_frozen_mixer_gives_peft_lora_outputs_and_gradients(make_model,
     assert our_grads.keys() == their_grads.keys()
     for name, grad in our_grads.items():
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_scales_in_half_precision_give_peft_lora_outputs_and_gradients(device, dtype):
+    """rsLoRA with r=4, lora_alpha=128 (s = 64) on a half-precision base and an
+    input feature near the dtype's largest value / 20: U = A x (about max / 40)
+    fits, s·U does not; y and the gradients do. PEFT LoRA applies s after B, so
+    it is finite; the fused op applies it as a GEMM's alpha, so it must be too
+    (it folded s into the mixer step: fp16 gave inf)."""
+    big = torch.finfo(dtype).max / 20
+    settings = dict(r=4, lora_alpha=128, use_rslora=True, target_modules=["0"])
+    linear = torch.nn.Linear(64, 32, device=device, dtype=dtype)
+    base = lambda: torch.nn.Sequential(copy.deepcopy(linear))  # noqa: E731
+    theirs = get_peft_model(base(), LoraConfig(**settings))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn_like(p) * 0.1).select(1, 0).fill_(0.5)  # U ≈ x[:, 0] / 2
+            elif "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.01)
+    route = get_peft_model(base(), moslora_ext.MoSLoRAConfig(mixer_init="identity", train_mixer=False, **settings))
+    copy_lora_factors(theirs, route)
+    layer = theirs.base_model.model[0]
+    own = moslora_ext.Linear.from_linear(base()[0], r=4, lora_alpha=128, use_rslora=True, mixer_init="identity",
+                                         train_mixer=False)
+    with torch.no_grad():
+        own.lora_A.copy_(layer.lora_A["default"].weight), own.lora_B.copy_(layer.lora_B["default"].weight)
+    x = torch.randn(4, 64, device=device, dtype=dtype)
+    x[:, 0] = big
+    grad = torch.randn(4, 32, device=device) * 1e-3  # dB = s·Gᵀ U: within the dtype's range
+
+    def run(model):
+        x_in = x.clone().requires_grad_()
+        y = model(x_in)
+        (y.float() * grad).sum().backward()
+        adapter = [p.grad for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+        return [y.detach(), x_in.grad, *adapter]
+
+    expected = run(theirs)
+    assert all(t.isfinite().all() for t in expected) and expected[0].abs().max() > 1000
+    for model in (route, own):
+        for got, want in zip(run(model), expected, strict=True):
+            assert got.isfinite().all()
+            assert_close_to_reference(got, want.double(), dtype)
 
 
 def test_peft_route_layer_gives_add_adapters_outputs_with_dropout():
