@@ -12,9 +12,14 @@ refused call:
   ``set_peft_model_state_dict``): PEFT only warns about a missing ``lora_mixer``
   (keeping a freshly drawn one) and copies part of a file before it finds a tensor
   of the wrong shape; the file is checked first, and a refused load leaves the
-  model as it was before the load, the layers that the load put in included.
+  model as it was before the load, the layers that the load put in included;
+- transformers' own ``model.load_adapter(folder)``, which injects the adapter and
+  loads its file with transformers' loader (a missing mixer stays freshly drawn, a
+  wrong shape raises after the layers are in): a MoSLoRA adapter is refused in the
+  same words when its file was incomplete, and a failed load leaves the model as it was.
 """
 
+import functools
 import sys
 from contextlib import contextmanager
 
@@ -108,17 +113,67 @@ class TunerGuards:
         tuner = getattr(model, "base_model", None)
         injected = (tuner.__dict__.get("_injected_by_load", {}).pop(adapter_name, None)
                     if isinstance(tuner, TunerGuards) else None)
-        problems = load_problems(model, adapter_name, state_dict)
+        problems = load_problems(model, adapter_name, {key: tensor.shape for key, tensor in state_dict.items()})
         if problems:
             if injected is not None and _on_stack(injected[0]):  # the layers this load put in go too
                 injected[1].restore()
                 tuner.peft_config.pop(adapter_name, None)
-            raise ValueError(f"the MoSLoRA adapter {adapter_name!r} cannot be loaded (the model is left as it was "
-                             f"before the load): "
-                             f"{'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''} (a MoSLoRA adapter "
-                             "needs each layer's lora_A, lora_B and lora_mixer, in the model's shapes: the file is "
-                             "incomplete, corrupt, or saved from another model or with other settings)")
+            raise _load_refusal(adapter_name, problems)
         return state_dict
+
+
+def guard_transformers_load_adapter():
+    """Wraps transformers' ``PeftAdapterMixin.load_adapter`` (``model.load_adapter(folder)`` on a transformers
+    model), which loads the file with transformers' loader, never PEFT's: a MoSLoRA adapter it loads is checked
+    against what the loader reports (``load_problems``) and refused by name if a tensor was missing or of another
+    shape, and any failed MoSLoRA load leaves the model as it was before it. Other adapters load as before."""
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError:  # a transformers without adapter methods
+        return
+    load_adapter = PeftAdapterMixin.load_adapter
+    if getattr(load_adapter, "__wrapped__", None) is not None:  # already wrapped (a reloaded moslora_ext)
+        return
+
+    @functools.wraps(load_adapter)
+    def guarded_load_adapter(self, *args, **kwargs):
+        from .peft_method import MoSLoRAConfig
+
+        held = set(getattr(self, "peft_config", None) or ())
+        before = _Snapshot(list(self.modules()))
+        reports = []
+
+        def load_weights(*load_args, **load_kwargs):  # keeps the loader's report, also for a load that then raises
+            result = type(self)._load_pretrained_model(*load_args, **load_kwargs)
+            reports.append(result[0])
+            return result
+
+        def new_moslora_adapter():
+            """The MoSLoRA adapter this call put in and what its file lacked, as the loader reported; or None."""
+            for name, config in (getattr(self, "peft_config", None) or {}).items():
+                if name not in held and isinstance(config, MoSLoRAConfig):
+                    return name, _reported_problems(self, name, reports[-1]) if reports else []
+            return None
+
+        self.__dict__["_load_pretrained_model"] = load_weights  # this model's load only
+        try:
+            try:
+                loading_info = load_adapter(self, *args, **kwargs)
+            except BaseException as error:
+                if (new := new_moslora_adapter()) is None:
+                    raise
+                before.restore()
+                if new[1]:
+                    raise _load_refusal(*new) from error
+                raise
+            if (new := new_moslora_adapter()) is not None and new[1]:
+                before.restore()
+                raise _load_refusal(*new)
+            return loading_info
+        finally:
+            self.__dict__.pop("_load_pretrained_model", None)
+
+    PeftAdapterMixin.load_adapter = guarded_load_adapter
 
 
 def adapter_tensors(model, adapter_name):
@@ -137,17 +192,33 @@ def adapter_tensors(model, adapter_name):
     return {key: tensor for key, tensor in model.state_dict(keep_vars=True).items() if id(tensor) in ours}
 
 
-def load_problems(model, adapter_name, state_dict):
-    """What keeps ``state_dict`` (keys as the model's) from being a complete MoSLoRA adapter ``adapter_name``
-    of ``model``: each missing tensor and each tensor of another shape, named."""
+def load_problems(model, adapter_name, shapes):
+    """What keeps a file whose tensors have ``shapes`` ({key as the model's: shape}) from being a complete
+    MoSLoRA adapter ``adapter_name`` of ``model``: each missing tensor and each tensor of another shape, named."""
     problems = []
     for key, tensor in adapter_tensors(model, adapter_name).items():
-        loaded = state_dict.get(key)
-        if loaded is None:
+        shape = shapes.get(key)
+        if shape is None:
             problems.append(f"{key} is missing")
-        elif loaded.shape != tensor.shape:
-            problems.append(f"{key} has shape {tuple(loaded.shape)} in the file, {tuple(tensor.shape)} in the model")
+        elif shape != tensor.shape:
+            problems.append(f"{key} has shape {tuple(shape)} in the file, {tuple(tensor.shape)} in the model")
     return problems
+
+
+def _reported_problems(model, adapter_name, loading_info):
+    """``load_problems`` from transformers' report of a load (its missing keys, and its mismatched keys with
+    their shapes in the file)."""
+    shapes = {key: tensor.shape for key, tensor in adapter_tensors(model, adapter_name).items()
+              if key not in loading_info.missing_keys}
+    shapes.update({key: shape for key, shape, _ in loading_info.mismatched_keys})
+    return load_problems(model, adapter_name, shapes)
+
+
+def _load_refusal(adapter_name, problems):
+    return ValueError(f"the MoSLoRA adapter {adapter_name!r} cannot be loaded (the model is left as it was before "
+                      f"the load): {'; '.join(problems[:4])}{'; ...' if len(problems) > 4 else ''} (a MoSLoRA adapter "
+                      "needs each layer's lora_A, lora_B and lora_mixer, in the model's shapes: the file is "
+                      "incomplete, corrupt, or saved from another model or with other settings)")
 
 
 def _enclosing_peft_load():
