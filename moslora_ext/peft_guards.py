@@ -7,7 +7,8 @@ refused call:
   layer cannot compute a stock LoRA config's adapter);
 - the forward hooks of mixed-adapter batches (``adapter_names=``): PEFT removes
   them only when the call succeeds, so that after a failed call every later one
-  would run with that call's adapter names;
+  would run with that call's adapter names; the tuner registers them as PEFT
+  does and removes exactly those whatever happens;
 - loading adapter weights (``PeftModel.from_pretrained``, ``load_adapter``,
   ``set_peft_model_state_dict``): PEFT only warns about a missing ``lora_mixer``
   (keeping a freshly drawn one) and copies part of a file before it finds a tensor
@@ -26,14 +27,13 @@ from contextlib import contextmanager
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.model import _adapter_names_pre_forward_hook, _get_encoder
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 from .peft_injection import _Snapshot
 
 # PEFT's loads: an adapter injected inside one of them is part of that load.
 _PEFT_LOADS = (PeftModel.from_pretrained.__func__.__code__, PeftModel.load_adapter.__code__)
-# A module's hook dicts that a forward adds to, and the per-hook dicts kept beside them (same keys).
-_HOOK_DICTS = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
-               "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
 
 
 def refuse_other_config(config, adapter_name):
@@ -95,17 +95,45 @@ class TunerGuards:
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is None and kwargs.get("alora_offsets") is None:
-            with super()._enable_peft_forward_hooks(*args, **kwargs):  # adds no hook
-                yield
-            return
-        before = _hook_keys(self)
+        """PEFT's (0.21.2), removing the hooks it registers whatever happens, and exactly those (a concurrent
+        call's stay): PEFT removes them only after a call that succeeded. ``alora_offsets`` are not passed
+        on: MoSLoRA adapters have no aLoRA (``alora_invocation_tokens`` is refused), and PEFT's layers ignore
+        them for adapters without it."""
+        adapter_names = kwargs.get("adapter_names")
+        handles = []
         try:
-            with super()._enable_peft_forward_hooks(*args, **kwargs):
-                yield
-        except BaseException:  # PEFT removes its hooks only after a call that succeeded
-            _remove_hooks_added(self, before)
-            raise
+            if adapter_names is not None:
+                for module, names in self._adapter_names_targets(adapter_names, kwargs.get("num_beams")):
+                    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _adapter_names_targets(self, adapter_names, num_beams):
+        """[(module, the adapter names its forward gets)], with PEFT's checks of ``adapter_names``."""
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        # PEFT's check that each name is some layer's adapter (a typo would otherwise give the base's rows)
+        held = set()
+        for layer in self.modules():
+            if isinstance(layer, LoraLayer):
+                held |= layer.lora_A.keys() | layer.lora_embedding_A.keys()
+        unexpected = {name for name in adapter_names if name != "__base__"} - held
+        if unexpected:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}")
+        hooked = (LoraLayer, AuxiliaryTrainingWrapper)
+        if not (isinstance(num_beams, int) and num_beams > 1):
+            return [(m, adapter_names) for m in self.modules() if isinstance(m, hooked)]
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"Got adapter names of type {type(adapter_names)}, expected a list of str.")
+        # beam search repeats each row num_beams times, except in an encoder (hooked again: its hooks run last)
+        targets = [(m, [n for n in adapter_names for _ in range(num_beams)])
+                   for m in self.modules() if isinstance(m, hooked)]
+        encoder = _get_encoder(self.model)
+        return targets + [(m, adapter_names[:]) for m in (encoder.modules() if encoder is not None else ())
+                          if isinstance(m, hooked)]
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -236,17 +264,3 @@ def _on_stack(target):
     while frame is not None and frame is not target:
         frame = frame.f_back
     return frame is not None
-
-
-def _hook_keys(model):
-    return {(id(module), name): set(getattr(module, name)) for module in model.modules() for name in _HOOK_DICTS}
-
-
-def _remove_hooks_added(model, before):
-    for module in model.modules():
-        for name, companions in _HOOK_DICTS.items():
-            hooks = getattr(module, name)
-            for key in set(hooks) - before.get((id(module), name), set()):
-                del hooks[key]
-                for companion in companions:
-                    getattr(module, companion).pop(key, None)

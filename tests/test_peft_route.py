@@ -210,12 +210,13 @@ def test_trainable_token_indices_keep_their_peft_meaning(tmp_path):
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
 
 
-def test_generate_with_mixed_adapters_gives_each_rows_own_generation():
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_mixed_adapters_gives_each_rows_own_generation(num_beams):
     model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"]), seed=1).eval()
     model.add_adapter("other", moslora_ext.MoSLoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     trained_looking(model, seed=2)
     ids = batch(rows=2)
-    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "num_beams": num_beams}
     mixed = model.generate(input_ids=ids, adapter_names=["other", "default"], **settings)
     for row, name in enumerate(["other", "default"]):
         model.set_adapter(name)
@@ -748,6 +749,30 @@ def test_a_failed_mixed_batch_call_leaves_no_hooks_behind(case):
         mixed = logits(model, ids, adapter_names=["other", "default", "__base__", "other"])
         for row, want in enumerate((other, expected, base, other)):
             torch.testing.assert_close(mixed[row], want[row], rtol=1e-5, atol=1e-5)
+
+
+def test_a_failed_mixed_batch_call_removes_its_own_hooks_only():
+    # a hook that another caller (another thread) registers while the call runs is not the call's to remove
+    model = two_adapters()
+    layers = model.base_model.model.model.layers
+    before = full_state(model)
+    others = []
+
+    def other_callers_hook(module, args):
+        others.append(module)
+
+    def meanwhile(module, args):  # runs in the failing call, before the layer that refuses it
+        if not others:
+            others.append(layers[1].self_attn.q_proj.register_forward_pre_hook(other_callers_hook))
+
+    during = layers[0].register_forward_pre_hook(meanwhile)
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+        model(input_ids=batch(), adapter_names=["other"] * 3)
+    during.remove()
+    logits(model, batch())
+    assert others[1:] == [layers[1].self_attn.q_proj]  # the other caller's hook is still there and runs
+    others[0].remove()
+    assert_full_state_unchanged(model, before)
 
 
 def test_stock_lora_on_moslora_layers_is_refused_before_anything_changes(tmp_path):
