@@ -46,7 +46,7 @@ from .embedding import Embedding  # noqa: E402
 from .layer import MIXER_INITS, AdapterConfig, check_adapter_name, init_mixer_  # noqa: E402
 from .linear import Linear, TransposedLinear, not_plain_linear_reason, quantized_kind  # noqa: E402
 from .merging import untie_weights  # noqa: E402
-from .peft_guards import TunerGuards, refuse_other_config  # noqa: E402
+from .peft_guards import TunerGuards, guard_transformers_load_adapter, refuse_other_config  # noqa: E402
 from .peft_injection import AllOrNothingInjection  # noqa: E402
 
 
@@ -568,5 +568,6 @@ def _merged_weight(layer, adapters):
 PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MoSLoRAConfig
 PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MoSLoRAModel
 PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MoSLoRAModel.prefix
+guard_transformers_load_adapter()  # transformers' model.load_adapter loads MoSLoRA files as PEFT's loads do
 # save_adapter's folders: PEFT's loaders refuse them naming moslora_ext.load_adapter.
 PEFT_TYPE_TO_CONFIG_MAPPING[peft_folder.FUNCTIONAL_PEFT_TYPE] = peft_folder.FunctionalFolderConfig

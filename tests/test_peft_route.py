@@ -256,12 +256,13 @@ def test_trainable_token_indices_keep_their_peft_meaning(tmp_path):
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
 
 
-def test_generate_with_mixed_adapters_gives_each_rows_own_generation():
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_mixed_adapters_gives_each_rows_own_generation(num_beams):
     model = trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"]), seed=1).eval()
     model.add_adapter("other", moslora_ext.MoSLoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     trained_looking(model, seed=2)
     ids = batch(rows=2)
-    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "num_beams": num_beams}
     mixed = model.generate(input_ids=ids, adapter_names=["other", "default"], **settings)
     for row, name in enumerate(["other", "default"]):
         model.set_adapter(name)
@@ -809,6 +810,30 @@ def test_a_failed_mixed_batch_call_leaves_no_hooks_behind(case):
             torch.testing.assert_close(mixed[row], want[row], rtol=1e-5, atol=1e-5)
 
 
+def test_a_failed_mixed_batch_call_removes_its_own_hooks_only():
+    # a hook that another caller (another thread) registers while the call runs is not the call's to remove
+    model = two_adapters()
+    layers = model.base_model.model.model.layers
+    before = full_state(model)
+    others = []
+
+    def other_callers_hook(module, args):
+        others.append(module)
+
+    def meanwhile(module, args):  # runs in the failing call, before the layer that refuses it
+        if not others:
+            others.append(layers[1].self_attn.q_proj.register_forward_pre_hook(other_callers_hook))
+
+    during = layers[0].register_forward_pre_hook(meanwhile)
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+        model(input_ids=batch(), adapter_names=["other"] * 3)
+    during.remove()
+    logits(model, batch())
+    assert others[1:] == [layers[1].self_attn.q_proj]  # the other caller's hook is still there and runs
+    others[0].remove()
+    assert_full_state_unchanged(model, before)
+
+
 def test_stock_lora_on_moslora_layers_is_refused_before_anything_changes(tmp_path):
     get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["k_proj", "q_proj"])).save_pretrained(tmp_path)
     model = trained_looking(peft.inject_adapter_in_model(moslora_ext.MoSLoRAConfig(r=2, target_modules=["q_proj"]),
@@ -865,18 +890,22 @@ def saved_with(tmp_path, model, edit):
 MIXER = "base_model.model.model.layers.1.self_attn.q_proj.lora_mixer.weight"
 
 
-@pytest.mark.parametrize("fault, error", [
-    ("missing mixer", r"layers\.1\.self_attn\.q_proj\.lora_mixer\.\w+\.weight is missing"),
-    ("wrong-shape mixer", r"q_proj\.lora_mixer\.\w+\.weight has shape \(3, 3\) in the file, \(4, 4\) in the model"),
-])
-def test_an_incomplete_or_mismatched_folder_is_refused_and_the_model_left_as_it_was(tmp_path, fault, error):
+def faulty_folder(path, fault):
+    """A saved q_proj/v_proj adapter whose layer-1 q_proj mixer is then missing, or 3 x 3 instead of 4 x 4."""
     def edit(tensors):
         if fault == "missing mixer":
             del tensors[MIXER]
         else:
             tensors[MIXER] = torch.eye(3)
-    folder = saved_with(tmp_path / "bad", trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"])),
-                        edit)
+    return saved_with(path, trained_looking(moslora(tiny_llama(), target_modules=["q_proj", "v_proj"])), edit)
+
+
+@pytest.mark.parametrize("fault, error", [
+    ("missing mixer", r"layers\.1\.self_attn\.q_proj\.lora_mixer\.\w+\.weight is missing"),
+    ("wrong-shape mixer", r"q_proj\.lora_mixer\.\w+\.weight has shape \(3, 3\) in the file, \(4, 4\) in the model"),
+])
+def test_an_incomplete_or_mismatched_folder_is_refused_and_the_model_left_as_it_was(tmp_path, fault, error):
+    folder = faulty_folder(tmp_path / "bad", fault)
     base = tiny_llama()
     before = full_state(base)
     with pytest.raises(ValueError, match=error):  # PEFT alone: a warning and a random mixer / a half-done load
@@ -896,3 +925,38 @@ def test_an_incomplete_or_mismatched_folder_is_refused_and_the_model_left_as_it_
         with pytest.raises(ValueError, match="model.layers.1.self_attn.q_proj has no lora_mixer tensor, but a MOSLORA"):
             moslora_ext.load_peft_adapter(base, folder)
         assert_full_state_unchanged(base, before)
+
+
+def attributes_and_modes(model):
+    """What a transformers adapter load sets besides the state: the model's attributes (``peft_config``,
+    ``_hf_peft_config_loaded``) and every module's train/eval mode."""
+    return set(vars(model)), getattr(model, "_hf_peft_config_loaded", False), [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("fault, error", [
+    ("missing mixer", r"layers\.1\.self_attn\.q_proj\.lora_mixer\.\w+\.weight is missing"),
+    ("wrong-shape mixer", r"q_proj\.lora_mixer\.\w+\.weight has shape \(3, 3\) in the file, \(4, 4\) in the model"),
+])
+def test_transformers_load_adapter_refuses_an_incomplete_or_mismatched_folder_by_name(tmp_path, fault, error):
+    # transformers alone: a missing mixer stays freshly drawn (only its load report says so); a wrong shape
+    # raises a size-mismatch RuntimeError (or, with ignore_mismatched_sizes, keeps a drawn mixer) with the
+    # MoSLoRA layers and peft_config left on the model
+    folder = faulty_folder(tmp_path / "bad", fault)
+    good = tmp_path / "good"
+    trained_looking(moslora(tiny_llama(), target_modules=["q_proj"]), seed=3).save_pretrained(good)
+    base = tiny_llama()
+    loaded = tiny_llama()
+    loaded.load_adapter(str(good), adapter_name="first", is_trainable=True)
+    for model, settings in ((base, {}), (base, {"ignore_mismatched_sizes": True}), (loaded, {"is_trainable": True})):
+        before, attributes = full_state(model), attributes_and_modes(model)
+        with pytest.raises(ValueError, match=error):
+            model.load_adapter(str(folder), adapter_name="second", **settings)
+        assert_full_state_unchanged(model, before)
+        assert attributes_and_modes(model) == attributes
+    # the adapter loaded first still computes what it did, and the refused model takes a good folder as PEFT does
+    want = logits(PeftModel.from_pretrained(tiny_llama(), good), batch())
+    torch.testing.assert_close(logits(loaded, batch()), want, rtol=0, atol=0)
+    info = base.load_adapter(str(good))
+    assert not info.missing_keys and not info.mismatched_keys and "_load_pretrained_model" not in vars(base)
+    assert isinstance(base.peft_config["default"], moslora_ext.MoSLoRAConfig) and base._hf_peft_config_loaded
+    torch.testing.assert_close(logits(base, batch()), want, rtol=0, atol=0)
