@@ -421,8 +421,10 @@ def test_export_matches_eager():
 
 def test_from_linear_refusal_leaves_the_base_layer_untouched():
     base = nn.Linear(16, 8)
-    with pytest.raises(ValueError, match="even rank"):
+    with pytest.raises(ValueError, match="braid_subspaces .*dividing the rank r, got braid_subspaces=2, r=3"):
         moslora_ext.Linear.from_linear(base, r=3, mixer_init="braid")
+    with pytest.raises(ValueError, match="braid_subspaces .*dividing the rank r, got braid_subspaces=3, r=8"):
+        moslora_ext.Linear.from_linear(base, r=8, mixer_init="braid", braid_subspaces=3)
     assert base.weight.requires_grad and base.bias.requires_grad
     with pytest.raises(TypeError, match="from_linear's argument is a torch.nn.Conv1d, not a torch.nn.Linear"):
         moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1))
