@@ -97,7 +97,7 @@ def _is_all_linear(target_modules):
 
 def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
                  train_mixer=True, use_rslora=False, modules_to_save=None, autocast_adapter_dtype=True,
-                 adapter_name=DEFAULT_ADAPTER, target_parameters=None):
+                 adapter_name=DEFAULT_ADAPTER, target_parameters=None, braid_subspaces=2):
     """Put a MoSLoRA adapter named ``adapter_name`` on every module of
     ``model`` that ``target_modules`` selects (see ``matching_names``) and
     freeze every other parameter. Linear layers, GPT-2's ``Conv1D``,
@@ -114,6 +114,8 @@ def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.
     "all-linear" leaves their linear layers out of the targets.
     ``autocast_adapter_dtype`` (default True, as PEFT) keeps adapters on
     float16/bfloat16 layers in float32 (see ``moslora_ext.Linear``).
+    ``braid_subspaces``: the number k of subspaces of ``mixer_init="braid"``
+    (default 2; k must divide r), see ``moslora_ext.Linear``.
 
     ``target_parameters``, as in PEFT, is a list of parameter names (matched
     as a ``target_modules`` list, e.g. ``["mlp.experts.gate_up_proj",
@@ -132,7 +134,8 @@ def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.
     or a bad ``adapter_name`` (see ``check_adapter_name``), or one that the
     selected layers hold already; on any error the model is left untouched.
     """
-    config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora, autocast_adapter_dtype)
+    config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora, autocast_adapter_dtype,
+                           braid_subspaces)
     check_adapter_name(adapter_name)
     _refuse_peft_model(model)
     to_save = []

@@ -5,11 +5,15 @@ vLLM (checked against vLLM 0.32.0 by tools/serving_check.py, and its ``PEFTHelpe
 ``VLLM_MAX_LORA_RANKS`` at least r (smaller ranks are padded); LoRA on linear layers (also fused
 ones: q/k/v, gate/up) and on the embeddings a model lists (Llama: ``embed_tokens``, ``lm_head``),
 not on convolutions; ``modules_to_save`` only a classification head named "classifier" or
-"score", and one at most. DoRA, ``lora_bias``, ``bias`` other than "none" and initialisations
+"score", and one at most. Adapters on fused MoE expert parameters (``Experts``, PEFT's
+``target_parameters``) are refused: vLLM's MoE LoRA reads the expert deltas transposed relative
+to PEFT's ``target_parameters`` layout that ``save_peft_adapter`` writes, so it would serve
+them wrong without an error. DoRA, ``lora_bias``, ``bias`` other than "none" and initialisations
 that change the base weights are refused too, but ``save_peft_adapter`` never writes them.
 """
 
 from .conv import Conv
+from .experts import Experts
 
 ENGINES = ("vllm",)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,4 +44,10 @@ def refusals(engine, config, layers):
     if convolutions:
         reasons.append(f"adapters on convolutions ({', '.join(convolutions)}): vLLM's LoRA takes linear and "
                        "embedding layers only")
+    experts = sorted(name for name, layer in layers.items() if isinstance(layer, Experts))
+    if experts:
+        reasons.append(f"adapters on fused MoE expert parameters ({', '.join(experts)}): vLLM reads expert LoRA "
+                       "deltas transposed relative to PEFT's target_parameters layout that this folder would hold, "
+                       "so it would load them without an error and serve wrong outputs; serve the merged model "
+                       "(moslora_ext.merge_and_unload) instead, or save without engine= for PEFT")
     return reasons

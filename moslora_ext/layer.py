@@ -62,12 +62,14 @@ def adapter_dtype(base_dtype, autocast_adapter_dtype=True):
     return base_dtype
 
 
-def init_mixer_(mixer, mixer_init):
+def init_mixer_(mixer, mixer_init, braid_subspaces=2):
     """Initialise an (r, r) mixer in place.
 
     "kaiming": Kaiming-uniform with a = sqrt(5), as the released MoSLoRA code;
     "orthogonal": a random orthogonal matrix; "identity": vanilla LoRA;
-    "braid": the two-subspace butterfly [[I, I], [I, I]] (even r only).
+    "braid": the braid of k = ``braid_subspaces`` subspaces, ones(k, k) ⊗ I_{r/k}
+    (k dividing r): s B M A = s (B_1+...+B_k)(A_1+...+A_k), the sums of the
+    k rank-r/k branches mixed; k = 2 is the butterfly [[I, I], [I, I]].
     """
     r = mixer.shape[0]
     with torch.no_grad():
@@ -80,12 +82,19 @@ def init_mixer_(mixer, mixer_init):
         elif mixer_init == "identity":
             mixer.copy_(torch.eye(r))
         elif mixer_init == "braid":
-            if r % 2:
-                raise ValueError(f"mixer_init='braid' needs an even rank r, got r={r}")
-            mixer.copy_(torch.eye(r // 2).repeat(2, 2))
+            _check_braid(r, braid_subspaces)
+            mixer.copy_(torch.eye(r // braid_subspaces).repeat(braid_subspaces, braid_subspaces))
         else:
             raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
     return mixer
+
+
+def _check_braid(r, braid_subspaces):
+    """ValueError unless ``braid_subspaces`` (k) is a positive integer dividing the rank ``r``."""
+    k = braid_subspaces
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 or r % k:
+        raise ValueError(f"mixer_init='braid' needs braid_subspaces (the number of subspaces k) to be a positive "
+                         f"integer dividing the rank r, got braid_subspaces={k!r}, r={r}")
 
 
 def refuse_non_finite(merged):
@@ -114,9 +123,11 @@ class AdapterConfig:
     Checked and normalised where they enter (ValueError naming the setting):
     ``r`` a positive integer, ``lora_alpha`` a finite real number,
     ``lora_dropout`` a real number in [0, 1), ``mixer_init`` one of
-    ``MIXER_INITS``, the flags bools. numpy numbers are accepted and become
-    Python numbers, so the settings always fit in JSON; strings such as
-    ``"16"`` or ``"false"`` are refused.
+    ``MIXER_INITS``, the flags bools, ``braid_subspaces`` (the k of
+    ``init_mixer_``'s braid) a positive integer dividing r, and not other
+    than its default 2 unless ``mixer_init`` is "braid". numpy numbers are
+    accepted and become Python numbers, so the settings always fit in JSON;
+    strings such as ``"16"`` or ``"false"`` are refused.
     """
 
     r: int = 8
@@ -126,6 +137,7 @@ class AdapterConfig:
     train_mixer: bool = True
     use_rslora: bool = False
     autocast_adapter_dtype: bool = True
+    braid_subspaces: int = 2
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
@@ -143,6 +155,13 @@ class AdapterConfig:
             raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
         for flag in ("train_mixer", "use_rslora", "autocast_adapter_dtype"):
             setattr(self, flag, _flag(flag, getattr(self, flag)))
+        k = self.braid_subspaces
+        if self.mixer_init == "braid":
+            _check_braid(self.r, k)
+        elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or k != 2:
+            raise ValueError(f"braid_subspaces={k!r} is the number of subspaces of mixer_init='braid', but mixer_init "
+                             f"is {self.mixer_init!r}: leave braid_subspaces out or set mixer_init='braid'")
+        self.braid_subspaces = int(k)
 
     @property
     def scale(self):
@@ -169,8 +188,9 @@ class Adapter(nn.Module):
 
     def extra_repr(self):
         c = self.config
-        return (f"r={c.r}, lora_alpha={c.lora_alpha}, lora_dropout={c.lora_dropout}, mixer_init={c.mixer_init!r}, "
-                f"train_mixer={c.train_mixer}, use_rslora={c.use_rslora}")
+        braid = f", braid_subspaces={c.braid_subspaces}" if c.mixer_init == "braid" else ""
+        return (f"r={c.r}, lora_alpha={c.lora_alpha}, lora_dropout={c.lora_dropout}, mixer_init={c.mixer_init!r}"
+                f"{braid}, train_mixer={c.train_mixer}, use_rslora={c.use_rslora}")
 
 
 def _of_active(attribute, doc):
@@ -291,12 +311,11 @@ class AdapterLayer(nn.Module):
     @classmethod
     def build_adapter(cls, weight, config):
         """A new ``Adapter`` with ``config`` for a base of this ``weight``,
-        attached to nothing yet (``config`` is checked by ``AdapterConfig``;
-        ValueError for a braid mixer of odd rank)."""
+        attached to nothing yet (``config`` is checked by ``AdapterConfig``)."""
         dtype = adapter_dtype(cls.base_dtype(weight), config.autocast_adapter_dtype)
         factory = {"device": weight.device, "dtype": dtype}
         shapes = cls.factor_shapes(weight, config.r)
-        mixer = init_mixer_(torch.empty(shapes["lora_mixer"], **factory), config.mixer_init)
+        mixer = init_mixer_(torch.empty(shapes["lora_mixer"], **factory), config.mixer_init, config.braid_subspaces)
         lora_A, lora_B = torch.empty(shapes["lora_A"], **factory), torch.empty(shapes["lora_B"], **factory)
         cls.init_factors_(lora_A, lora_B)
         return Adapter(config, lora_A, mixer, lora_B)

@@ -77,8 +77,11 @@ class Linear(AdapterLayer):
         lora_dropout: dropout on the adapter input, in [0, 1); active in
             training mode only.
         mixer_init: "kaiming" (default, as released), "orthogonal",
-            "identity" (vanilla LoRA) or "braid" (butterfly of two
-            subspaces, even r).
+            "identity" (vanilla LoRA) or "braid" (the braid of
+            ``braid_subspaces`` = k subspaces: M = ones(k, k) ⊗ I_{r/k}, so
+            B M A = (B_1+...+B_k)(A_1+...+A_k) of the k rank-r/k branches).
+        braid_subspaces: k of the braid, a divisor of r (default 2, the
+            butterfly [[I, I], [I, I]]); only with mixer_init="braid".
         train_mixer: False freezes the mixer (identity + frozen = LoRA).
         use_rslora: rank-stabilised scale lora_alpha / sqrt(r).
         autocast_adapter_dtype: on a float16/bfloat16 base, keep the adapter
@@ -101,16 +104,16 @@ class Linear(AdapterLayer):
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True,
                  mixer_init="kaiming", train_mixer=True, use_rslora=False, autocast_adapter_dtype=True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, braid_subspaces=2):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
-                               autocast_adapter_dtype)
+                               autocast_adapter_dtype, braid_subspaces)
         self._adopt(base, DEFAULT_ADAPTER, self.build_adapter(base.weight, config))
 
     @classmethod
     def from_linear(cls, linear, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming", train_mixer=True,
-                    use_rslora=False, autocast_adapter_dtype=True):
+                    use_rslora=False, autocast_adapter_dtype=True, braid_subspaces=2):
         """Wrap an existing ``nn.Linear`` (see ``AdapterLayer.from_module``):
         its weight and bias Parameters are shared (not copied) and frozen; the
         adapter "default" is created on their device, in their dtype (float32
@@ -121,7 +124,7 @@ class Linear(AdapterLayer):
         ``moslora_ext.check_adaptable``)."""
         return cls.from_module(linear, _caller="from_linear", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                mixer_init=mixer_init, train_mixer=train_mixer, use_rslora=use_rslora,
-                               autocast_adapter_dtype=autocast_adapter_dtype)
+                               autocast_adapter_dtype=autocast_adapter_dtype, braid_subspaces=braid_subspaces)
 
     @classmethod
     def refusal_reason(cls, module):

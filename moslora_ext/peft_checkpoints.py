@@ -171,7 +171,7 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     Also read: the ``<layer>.base_layer.weight`` that PEFT's ``save_embedding_layers`` ("auto" when embeddings are
     targeted) writes, restored into that layer's base weight as PEFT
     restores it; and folders of ``moslora_ext.MoSLoRAConfig`` (peft_type
-    "MOSLORA", ``lora_mixer`` tensors), whose mixer_init and train_mixer are kept; a
+    "MOSLORA", ``lora_mixer`` tensors), whose mixer_init (and braid_subspaces) and train_mixer are kept; a
     layer without its ``lora_mixer`` there is refused (ValueError, naming it).
     """
     _check_folder(path)
@@ -233,7 +233,8 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
                              "incomplete or corrupt")
         # A trained mixer: a MoSLoRAConfig folder says how it started and whether it trains.
         mixer = ({"mixer_init": peft_config.get("mixer_init", "kaiming"), "train_mixer": peft_config.get("train_mixer",
-                 True)} if has_mixer else {"mixer_init": "identity", "train_mixer": False})
+                 True), "braid_subspaces": peft_config.get("braid_subspaces", 2)} if has_mixer
+                 else {"mixer_init": "identity", "train_mixer": False})
         settings[name] = _settings(path, f"layer {name}", **{
             **dataclasses.asdict(shared), "r": r, "lora_alpha": alpha,
             **mixer})

@@ -103,7 +103,9 @@ class MoSLoRAConfig(LoraConfig):
     for ``get_peft_model``, ``PeftModel.from_pretrained``, TRL's trainers (``peft_config=``).
 
     Adds ``mixer_init`` ("kaiming", the default, as the released MoSLoRA code;
-    "orthogonal"; "identity"; "braid", even r only) and ``train_mixer``
+    "orthogonal"; "identity"; "braid"), ``braid_subspaces`` (the number k of
+    subspaces of "braid", default 2, dividing r and every rank of
+    ``rank_pattern``; see ``moslora_ext.Linear``) and ``train_mixer``
     (False freezes the mixer: "identity" + False is PEFT LoRA). The fields in
     ``KEPT_FIELDS`` keep their PEFT meaning (``target_modules`` with
     "all-linear", ``rank_pattern``, ``modules_to_save``, ``init_lora_weights``
@@ -115,6 +117,8 @@ class MoSLoRAConfig(LoraConfig):
 
     mixer_init: str = field(default="kaiming", metadata={"help": f"How the r x r mixer starts: one of {MIXER_INITS}"})
     train_mixer: bool = field(default=True, metadata={"help": "Whether the mixer trains (False: frozen)"})
+    braid_subspaces: int = field(default=2, metadata={"help": "The number k of subspaces of mixer_init='braid' (k "
+                                                               "divides every rank)"})
     # Saved in adapter_config.json for a reader without moslora_ext: what to install (always this version's).
     moslora_ext: dict = field(default=None, metadata={"help": "What to install to read this adapter (set on save)"})
 
@@ -142,30 +146,28 @@ class MoSLoRAConfig(LoraConfig):
         self._check_adapter_settings()
         if self._custom_modules:  # set without _register_custom_module
             self._register_custom_module(self._custom_modules)
-        ranks = {self.r, *self.rank_pattern.values()}
-        if self.mixer_init == "braid" and any(r % 2 for r in ranks):
-            raise ValueError(f"MoSLoRAConfig: mixer_init='braid' needs even ranks, got {sorted(ranks)} "
-                             "(r and rank_pattern)")
 
     def _check_adapter_settings(self):
-        """r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora and
-        the values of rank_pattern and alpha_pattern, by the functional API's
-        checks (``AdapterConfig``: the same ValueErrors), normalised as there
-        (numpy numbers become Python numbers)."""
+        """r, lora_alpha, lora_dropout, mixer_init, braid_subspaces, train_mixer,
+        use_rslora and the values of rank_pattern and alpha_pattern (each rank
+        with mixer_init and braid_subspaces), by the functional API's checks
+        (``AdapterConfig``: the same ValueErrors), normalised as there (numpy
+        numbers become Python numbers)."""
         def checked(where, **settings):
             try:
                 return AdapterConfig(**settings)
             except ValueError as error:
                 raise ValueError(f"MoSLoRAConfig: {where}{error}") from None
 
+        mixer = {"mixer_init": self.mixer_init, "braid_subspaces": self.braid_subspaces}
         adapter = checked("", r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          mixer_init=self.mixer_init, train_mixer=self.train_mixer, use_rslora=self.use_rslora)
-        for name in ("r", "lora_alpha", "lora_dropout", "train_mixer", "use_rslora"):
+                          train_mixer=self.train_mixer, use_rslora=self.use_rslora, **mixer)
+        for name in ("r", "lora_alpha", "lora_dropout", "train_mixer", "use_rslora", "braid_subspaces"):
             setattr(self, name, getattr(adapter, name))
-        for pattern, setting in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        for pattern, setting, others in (("rank_pattern", "r", mixer), ("alpha_pattern", "lora_alpha", {})):
             values = getattr(self, pattern)
             for key, value in values.items():
-                values[key] = getattr(checked(f"{pattern}[{key!r}]: ", **{setting: value}), setting)
+                values[key] = getattr(checked(f"{pattern}[{key!r}]: ", **{setting: value}, **others), setting)
 
     def _register_custom_module(self, mapping):
         raise TypeError(f"MoSLoRAConfig._register_custom_module({mapping!r}) is not supported: MoSLoRA layers are "
@@ -199,7 +201,7 @@ class MixerVariant(LoraVariant):
         r = module.r[adapter_name]
         mixer = nn.Linear(r, r, bias=False, device="meta")  # no default draw: init_mixer_ alone uses the RNG
         mixer.weight = nn.Parameter(init_mixer_(torch.empty(r, r, device=lora_A.device, dtype=lora_A.dtype),
-                                                config.mixer_init))
+                                                config.mixer_init, config.braid_subspaces))
         module.lora_mixer[adapter_name] = mixer
         module.record_train_mixer(adapter_name, config.train_mixer)
 

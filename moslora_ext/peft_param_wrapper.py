@@ -48,8 +48,8 @@ class ParamWrapper(MoSLoRALayer, lora_layer.ParamWrapper):
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         lora_A = self.lora_A[adapter_name].weight  # already on the parameter's device and dtype
-        mixers = [init_mixer_(torch.empty(r, r, device=lora_A.device, dtype=lora_A.dtype), config.mixer_init)
-                  for _ in range(self.num_experts)]
+        mixers = [init_mixer_(torch.empty(r, r, device=lora_A.device, dtype=lora_A.dtype), config.mixer_init,
+                              config.braid_subspaces) for _ in range(self.num_experts)]
         # a 2-D parameter (a router's weight) has one (r, r) mixer, as a linear layer's
         self.lora_mixer[adapter_name] = ExpertMixers(torch.stack(mixers) if self._param_ndim == 3 else mixers[0])
         self.record_train_mixer(adapter_name, config.train_mixer)

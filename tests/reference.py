@@ -23,6 +23,15 @@ def adapter_reference(x, lora_A, mixer, lora_B, scale, keep_mask=None, p=0.0):
     return scale * F.linear(F.linear(F.linear(dropped, lora_A), mixer), lora_B)
 
 
+def braid_reference(x, weight, bias, lora_A, lora_B, scale, k):
+    """The braid of k subspaces written out with k separate branches, in float64:
+    x W^T + b + s (B_1+...+B_k)(A_1+...+A_k) x, A_i the r/k-row blocks of A, B_i the r/k-column blocks of B."""
+    x, weight, lora_A, lora_B = (t.detach().double() for t in (x, weight, lora_A, lora_B))
+    sum_A, sum_B = sum(lora_A.chunk(k, dim=0)), sum(lora_B.chunk(k, dim=1))
+    bias = None if bias is None else bias.detach().double()
+    return F.linear(x, weight, bias) + scale * (x @ sum_A.t()) @ sum_B.t()
+
+
 def make_adapter(k, d, r, dtype=torch.float32, device="cpu", bias=True, seed=0):
     """Random base and adapter tensors (B and the mixer nonzero, unlike a fresh layer)."""
     g = torch.Generator().manual_seed(seed)

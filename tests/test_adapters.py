@@ -176,7 +176,8 @@ def test_save_and_load_roundtrip_into_a_fresh_model(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["layers"]["layers.0.q_proj"] == {"r": 4, "lora_alpha": 4, "lora_dropout": 0.0,
                                                    "mixer_init": "orthogonal", "train_mixer": True,
-                                                   "use_rslora": True, "autocast_adapter_dtype": True}
+                                                   "use_rslora": True, "autocast_adapter_dtype": True,
+                                                   "braid_subspaces": 2}
     # Only the adapter tensors are saved: 4 layers x (A, M, B).
     from safetensors.torch import load_file
     assert len(load_file(tmp_path / "adapter_model.safetensors")) == 12
@@ -186,6 +187,27 @@ def test_save_and_load_roundtrip_into_a_fresh_model(tmp_path):
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), model(x))
     assert moslora_ext.trainable_parameters(fresh) == moslora_ext.trainable_parameters(model)
+
+
+def test_braid_of_k_subspaces_is_saved_and_loaded_and_older_folders_load_with_two(tmp_path):
+    model = moslora_ext.add_adapters(tiny_model(), ["q_proj"], r=8, mixer_init="braid", braid_subspaces=4)
+    braid = torch.kron(torch.ones(4, 4), torch.eye(2))
+    assert all(torch.equal(layer.lora_mixer, braid) for layer in moslora_ext.adapted_layers(model).values())
+    moslora_ext.save_adapter(randomize_adapters(model), tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert {settings["braid_subspaces"] for settings in config["layers"].values()} == {4}
+    x = torch.randn(6, 4)
+    loaded = moslora_ext.load_adapter(tiny_model(), tmp_path).eval()
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+    assert {layer.active.config.braid_subspaces for layer in moslora_ext.adapted_layers(loaded).values()} == {4}
+    # A folder written before braid_subspaces existed: the braid of two subspaces, as it was then.
+    for settings in config["layers"].values():
+        del settings["braid_subspaces"]
+    config_file.write_text(json.dumps(config))
+    older = moslora_ext.load_adapter(tiny_model(), tmp_path).eval()
+    assert {layer.active.config.braid_subspaces for layer in moslora_ext.adapted_layers(older).values()} == {2}
+    torch.testing.assert_close(older(x), model(x))
 
 
 def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):

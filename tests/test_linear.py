@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import moslora_ext
-from reference import assert_close_to_reference, moslora_reference
+from reference import assert_close_to_reference, braid_reference, moslora_reference
 
 
 def randomize_adapter(layer, seed=0):
@@ -70,6 +70,17 @@ def test_every_mixer_init_in_every_dtype(dtype, mixer_init):
     layer = moslora_ext.Linear(16, 8, r=4, mixer_init=mixer_init, dtype=dtype, autocast_adapter_dtype=False)
     assert layer.lora_mixer.dtype == dtype and torch.isfinite(layer.lora_mixer).all()
     assert torch.linalg.matrix_rank(layer.lora_mixer.double()) >= 2
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_braid_of_k_subspaces_mixes_the_sums_of_k_branches(device, k):
+    layer = moslora_ext.Linear(16, 8, r=8, mixer_init="braid", braid_subspaces=k, dtype=torch.float64, device=device)
+    with torch.no_grad():  # A and B drawn, the mixer as initialised
+        layer.lora_A.normal_(), layer.lora_B.normal_()
+    assert torch.equal(layer.lora_mixer, torch.kron(torch.ones(k, k), torch.eye(8 // k)).to(layer.lora_mixer))
+    x = torch.randn(5, 16, dtype=torch.float64, device=device)
+    expected = braid_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale, k)
+    torch.testing.assert_close(layer(x), expected)
 
 
 def test_scale_and_rslora():
@@ -410,8 +421,10 @@ def test_export_matches_eager():
 
 def test_from_linear_refusal_leaves_the_base_layer_untouched():
     base = nn.Linear(16, 8)
-    with pytest.raises(ValueError, match="even rank"):
+    with pytest.raises(ValueError, match="braid_subspaces .*dividing the rank r, got braid_subspaces=2, r=3"):
         moslora_ext.Linear.from_linear(base, r=3, mixer_init="braid")
+    with pytest.raises(ValueError, match="braid_subspaces .*dividing the rank r, got braid_subspaces=3, r=8"):
+        moslora_ext.Linear.from_linear(base, r=8, mixer_init="braid", braid_subspaces=3)
     assert base.weight.requires_grad and base.bias.requires_grad
     with pytest.raises(TypeError, match="from_linear's argument is a torch.nn.Conv1d, not a torch.nn.Linear"):
         moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1))

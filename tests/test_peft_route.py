@@ -11,7 +11,7 @@ import torch
 
 import moslora_ext
 from conftest import require_peft_route, run_python
-from reference import assert_close_to_reference
+from reference import assert_close_to_reference, braid_reference
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -85,8 +85,12 @@ def test_data_driven_initialisations_are_refused(init):
 def test_mixer_settings_are_checked():
     with pytest.raises(ValueError, match="mixer_init must be one of"):
         moslora_ext.MoSLoRAConfig(mixer_init="random")
-    with pytest.raises(ValueError, match="needs even ranks, got \\[3, 4\\]"):
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]: .*braid_subspaces=2, r=3"):
         moslora_ext.MoSLoRAConfig(r=4, mixer_init="braid", rank_pattern={"q_proj": 3})
+    with pytest.raises(ValueError, match="braid_subspaces .*dividing the rank r, got braid_subspaces=3, r=8"):
+        moslora_ext.MoSLoRAConfig(r=8, mixer_init="braid", braid_subspaces=3)
+    with pytest.raises(ValueError, match="braid_subspaces=4 .*but mixer_init is 'orthogonal'"):
+        moslora_ext.MoSLoRAConfig(r=8, mixer_init="orthogonal", braid_subspaces=4)
     with pytest.raises(ValueError, match="Cannot combine adapters with different peft types"):
         moslora(tiny_llama()).add_adapter("plain", LoraConfig(target_modules=["q_proj"]))
 
@@ -382,6 +386,36 @@ def test_save_pretrained_round_trip_and_stock_peft_refuses(tmp_path):
         "num_attention_heads=4, num_key_value_heads=2)\n"
         f"peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM(config), {str(tmp_path)!r})")
     assert stock.returncode != 0 and "MOSLORA" in stock.stderr, stock.stderr[-2000:]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_braid_of_k_subspaces_mixes_the_sums_of_k_branches_and_is_saved(tmp_path, k):
+    model = moslora(tiny_llama().double(), r=8, mixer_init="braid", braid_subspaces=k, target_modules=["q_proj"])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.lora_mixer["default"].weight, torch.kron(torch.ones(k, k), torch.eye(8 // k)).double())
+    with torch.no_grad():  # A and B drawn (B starts at zero), the mixer as initialised
+        for name, p in model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.normal_(std=0.2)
+    model.eval()
+    x = torch.randn(5, 32, dtype=torch.float64)
+    expected = braid_reference(x, layer.base_layer.weight, None, layer.lora_A["default"].weight,
+                               layer.lora_B["default"].weight, layer.scaling["default"], k)
+    torch.testing.assert_close(layer(x), expected)
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    assert json.loads(config_file.read_text())["braid_subspaces"] == k
+    ids = batch()
+    reloaded = PeftModel.from_pretrained(tiny_llama().double(), tmp_path).eval()
+    assert reloaded.peft_config["default"].braid_subspaces == k
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), rtol=0, atol=0)
+    functional = moslora_ext.load_peft_adapter(tiny_llama(), tmp_path)
+    assert functional.model.layers[0].self_attn.q_proj.active.config.braid_subspaces == k
+    # A folder written before braid_subspaces existed: the braid of two subspaces, as it was then.
+    config = json.loads(config_file.read_text())
+    del config["braid_subspaces"]
+    config_file.write_text(json.dumps(config))
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path).peft_config["default"].braid_subspaces == 2
 
 
 def test_frozen_mixers_stay_frozen_through_reloading(tmp_path):

@@ -68,3 +68,17 @@ def test_an_unknown_engine_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"engine must be one of \('vllm',\)"):
         moslora_ext.save_peft_adapter(model, tmp_path / "adapter", engine="sglang")
     assert not os.path.exists(tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_adapters_on_fused_experts_are_refused_and_dense_ones_of_the_same_model_export(tmp_path, kind):
+    from test_experts import tiny
+
+    experts = moslora_ext.add_adapters(tiny(kind), ["q_proj"], r=2,
+                                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    assert_refused(experts, tmp_path, r"adapters on fused MoE expert parameters \(model\.layers\.0\.mlp\.experts, "
+                   r".*\): vLLM reads expert LoRA deltas transposed relative to PEFT's target_parameters layout")
+    moslora_ext.save_peft_adapter(experts, tmp_path / "for-peft")  # no engine: PEFT reads that layout
+    dense = moslora_ext.add_adapters(tiny(kind), ["q_proj", "o_proj"], r=2)
+    moslora_ext.save_peft_adapter(dense, tmp_path / "dense", engine="vllm")
+    assert sorted(os.listdir(tmp_path / "dense")) == ["adapter_config.json", "adapter_model.safetensors"]
