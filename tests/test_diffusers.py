@@ -52,6 +52,11 @@ def trained_unet(adapter_name="default", seed=0, unet=None):
     unet = unet if unet is not None else tiny_unet()
     torch.manual_seed(seed)
     unet.add_adapter(moslora_ext.MoSLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS), adapter_name)
+    return train(unet)
+
+
+def train(unet):
+    """A few AdamW steps on the active adapter's trainable tensors; the UNet, in eval mode."""
     unet.train()
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -188,3 +193,18 @@ def test_set_adapters_with_two_adapters_and_weights():
                                atol=1e-5, rtol=1e-5)
     unet.set_adapters("second", weights=0.5)
     torch.testing.assert_close(run(unet), run(hand_merged(unet, {"second": 0.5})), atol=1e-5, rtol=1e-5)
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    example = readme.split("### Diffusers", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    before_training, after_training = example.split("# ... train unet ...\n")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"unet": tiny_unet(), "pipe": tiny_sdxl_pipeline(tiny_unet())}
+    exec(compile(before_training, "README.md", "exec"), namespace)
+    unet = namespace["unet"]
+    train(unet)
+    exec(compile(after_training, "README.md", "exec"), namespace)
+    assert namespace["pipe"].unet.peft_config["subject"].mixer_init == "kaiming"
+    torch.testing.assert_close(run(namespace["pipe"].unet), run(hand_merged(unet, {"default": 1.0})),
+                               atol=1e-5, rtol=1e-5)
