@@ -83,13 +83,29 @@ from .experts import Experts  # noqa: E402
 from .layer import AdapterConfig, AdapterLayer  # noqa: E402
 from .linear import Linear, TransposedLinear  # noqa: E402
 from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
-from .peft_support import register_with_peft, supported_peft_installed, unsupported_peft_reason  # noqa: E402
+from .peft_support import (  # noqa: E402
+    after_import,
+    register_with_peft,
+    supported_peft_installed,
+    unsupported_peft_reason,
+)
 from .quantized import QuantizedLinear  # noqa: E402
 
 # The PEFT route (moslora_ext.MoSLoRAConfig) registers itself with PEFT when peft is imported (at once if it is
 # already), so that importing moslora_ext does not import peft; the functional API works without peft, and
 # under another peft or a broken one (which only warns).
 register_with_peft()
+
+
+def _register_with_diffusers():
+    from .diffusers_support import register_with_diffusers
+
+    register_with_diffusers()
+
+
+# diffusers' LoRA loads build a MoSLoRAConfig from MoSLoRA files once diffusers' PEFT helpers are imported
+# (moslora_ext.diffusers_support), which `import moslora_ext` does not import.
+after_import("diffusers.utils.peft_utils", _register_with_diffusers)
 
 try:
     __version__ = metadata.version("moslora_ext")

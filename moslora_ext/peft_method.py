@@ -121,6 +121,10 @@ class MoSLoRAConfig(LoraConfig):
                                                                "divides every rank)"})
     # Saved in adapter_config.json for a reader without moslora_ext: what to install (always this version's).
     moslora_ext: dict = field(default=None, metadata={"help": "What to install to read this adapter (set on save)"})
+    # diffusers writes this config, its keys sorted, into a LoRA file's metadata, and without moslora_ext builds
+    # a LoraConfig from it: this name sorts first, so that the TypeError diffusers raises names it (says what to do).
+    MOSLORA_adapter_import_moslora_ext_before_loading: bool = field(
+        default=True, metadata={"help": "Refuses a load by PEFT's LoraConfig (diffusers) with what to do"})
 
     def __post_init__(self):
         super().__post_init__()

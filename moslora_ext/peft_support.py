@@ -79,10 +79,8 @@ def register_with_peft():
         return
     if not _supported(version):
         warnings.warn(_another_version(version), stacklevel=3)
-    elif sys.modules.get("peft") is not None:
-        _register()
-    elif not any(isinstance(finder, _AfterPeftImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AfterPeftImport())
+    else:
+        after_import("peft", _register)
 
 
 def _register():
@@ -93,13 +91,25 @@ def _register():
         warnings.warn(str(exc), stacklevel=2)
 
 
-class _AfterPeftImport(importlib.abc.MetaPathFinder):
-    """Finds peft as the other finders do, then registers the route once peft's ``__init__`` has run.
-    It stays until peft is imported (a mere lookup, such as transformers' ``is_peft_available()``, is no
-    import), then removes itself and hands peft its own loader back."""
+def after_import(name, then):
+    """Call ``then()`` once module ``name`` is imported: now if it is, else right after its import (an
+    import hook, one per module name), so that ``import moslora_ext`` imports neither peft nor diffusers."""
+    if sys.modules.get(name) is not None:
+        then()
+    elif not any(isinstance(finder, _AfterImport) and finder.name == name for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds module ``name`` as the other finders do, then calls ``then()`` once the module has run.
+    It stays until the module is imported (a mere lookup, such as transformers' ``is_peft_available()``, is
+    no import), then removes itself and hands the module its own loader back."""
+
+    def __init__(self, name, then):
+        self.name, self.then = name, then
 
     def find_spec(self, name, path=None, target=None):
-        if name != "peft":
+        if name != self.name:
             return None
         index = sys.meta_path.index(self)
         del sys.meta_path[index]  # the other finders find peft's spec
@@ -113,7 +123,7 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder):
 
 
 class _RegisteringLoader(importlib.abc.Loader):
-    """peft's loader, then ``_register()``."""
+    """The module's loader, then the finder's ``then()``."""
 
     def __init__(self, loader, finder):
         self.loader, self.finder = loader, finder
@@ -126,4 +136,4 @@ class _RegisteringLoader(importlib.abc.Loader):
             sys.meta_path.remove(self.finder)
         module.__loader__ = module.__spec__.loader = self.loader
         self.loader.exec_module(module)
-        _register()
+        self.finder.then()

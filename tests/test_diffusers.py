@@ -1,0 +1,210 @@
+"""MoSLoRA adapters in diffusers (moslora_ext.diffusers_support), through the PEFT route, on a tiny
+UNet2DConditionModel built from a config: adapter state dict, disable, save and load (UNet and SDXL
+pipeline), refusals of MoSLoRA files that diffusers would read as plain LoRA, fuse, two weighted adapters.
+References are hand-merged plain-PyTorch weights (W + w s B M A) in a fresh UNet."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
+pytest.importorskip("peft", reason="peft is not installed")
+
+import moslora_ext  # noqa: E402
+
+if not moslora_ext.supported_peft_installed():
+    pytest.skip(moslora_ext.unsupported_peft_reason(), allow_module_level=True)
+
+from peft.utils import get_peft_model_state_dict  # noqa: E402
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+UNET_CONFIG = dict(
+    block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, norm_num_groups=32)
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(**UNET_CONFIG).eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 32, 32, generator=g), torch.tensor([1, 10]), torch.randn(2, 7, 32, generator=g)
+
+
+def run(unet):
+    with torch.no_grad():
+        return unet(*inputs()).sample
+
+
+def trained_unet(adapter_name="default", seed=0, unet=None):
+    """A tiny UNet with a MoSLoRA adapter trained for a few steps (B and the mixer moved off their init)."""
+    unet = unet if unet is not None else tiny_unet()
+    torch.manual_seed(seed)
+    unet.add_adapter(moslora_ext.MoSLoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS), adapter_name)
+    return train(unet)
+
+
+def train(unet):
+    """A few AdamW steps on the active adapter's trainable tensors; the UNet, in eval mode."""
+    unet.train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    for _ in range(3):
+        unet(*inputs()).sample.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return unet.eval()
+
+
+def hand_merged(unet, weights):
+    """A fresh tiny UNet whose adapted weights are W + sum of w * (alpha / r) * B M A over ``weights``
+    ({adapter name: w}), the factors read from ``unet``'s PEFT state dict: plain PyTorch."""
+    reference = tiny_unet()
+    modules = dict(reference.named_modules())
+    for adapter, weight in weights.items():
+        config = unet.peft_config[adapter]
+        state = get_peft_model_state_dict(unet, adapter_name=adapter)
+        for key in [k for k in state if k.endswith(".lora_A.weight")]:
+            name = key[: -len(".lora_A.weight")]
+            A, M, B = (state[f"{name}.{part}.weight"] for part in ("lora_A", "lora_mixer", "lora_B"))
+            with torch.no_grad():
+                modules[name].weight += weight * config.lora_alpha / config.r * (B @ M @ A)
+    return reference
+
+
+def test_adapter_state_dict_holds_the_mixers_and_disable_gives_the_base():
+    unet = trained_unet()
+    state = get_peft_model_state_dict(unet)
+    mixers = [k for k in state if k.endswith(".lora_mixer.weight")]
+    assert mixers and len(mixers) == len([k for k in state if k.endswith(".lora_A.weight")])
+    assert all(state[k].shape == (4, 4) for k in mixers)
+    assert not all(torch.equal(state[k], torch.eye(4)) for k in mixers)
+    torch.testing.assert_close(run(unet), run(hand_merged(unet, {"default": 1.0})), atol=1e-5, rtol=1e-5)
+    unet.disable_lora()
+    torch.testing.assert_close(run(unet), run(tiny_unet()), atol=0, rtol=0)
+    unet.enable_lora()
+    torch.testing.assert_close(run(unet), run(hand_merged(unet, {"default": 1.0})), atol=1e-5, rtol=1e-5)
+
+
+def test_save_lora_adapter_and_load_lora_adapter_give_equal_outputs(tmp_path):
+    unet = trained_unet()
+    unet.save_lora_adapter(tmp_path)
+    loaded = tiny_unet()
+    loaded.load_lora_adapter(tmp_path, prefix=None, weight_name=WEIGHT_NAME, adapter_name="loaded")
+    assert isinstance(loaded.peft_config["loaded"], moslora_ext.MoSLoRAConfig)
+    assert (run(loaded) - run(unet)).abs().max() <= 1e-6
+
+
+def tiny_sdxl_pipeline(unet):
+    """An SDXL pipeline around ``unet`` (the LoRA loader needs no text encoders or tokenizers)."""
+    vae = diffusers.AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    return diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                               tokenizer_2=None, unet=unet, scheduler=diffusers.EulerDiscreteScheduler())
+
+
+def save_with_pipeline(unet, folder, with_metadata=True):
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict() if with_metadata else None)
+
+
+def test_pipeline_save_lora_weights_and_load_lora_weights_give_equal_outputs(tmp_path):
+    unet = trained_unet()
+    save_with_pipeline(unet, tmp_path)
+    pipe = tiny_sdxl_pipeline(tiny_unet())
+    pipe.load_lora_weights(tmp_path, adapter_name="subject")
+    assert isinstance(pipe.unet.peft_config["subject"], moslora_ext.MoSLoRAConfig)
+    assert (run(pipe.unet) - run(unet)).abs().max() <= 1e-6
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(run(pipe.unet), run(tiny_unet()), atol=0, rtol=0)
+
+
+def test_a_file_with_mixers_but_no_metadata_is_refused_before_the_unet_changes(tmp_path):
+    save_with_pipeline(trained_unet(), tmp_path, with_metadata=False)
+    pipe = tiny_sdxl_pipeline(tiny_unet())
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(ValueError, match="lora_mixer.*no MoSLoRA adapter metadata.*unet_lora_adapter_metadata"):
+        pipe.load_lora_weights(tmp_path)
+    after = pipe.unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not getattr(pipe.unet, "peft_config", None)
+
+
+def load_in_subprocess(folder, import_moslora_ext):
+    """Load a saved UNet adapter into a fresh tiny UNet in a new process (importing moslora_ext after
+    diffusers, or not at all); returns the process."""
+    code = textwrap.dedent(f"""
+        import diffusers
+        import diffusers.loaders.peft  # diffusers' PEFT helpers first: moslora_ext must still take effect
+        {"import moslora_ext" if import_moslora_ext else ""}
+        unet = diffusers.UNet2DConditionModel(**{UNET_CONFIG!r})
+        unet.load_lora_adapter({str(folder)!r}, prefix=None, weight_name={WEIGHT_NAME!r})
+        print(type(unet.peft_config["default_0"]).__name__)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_diffusers_without_moslora_ext_refuses_a_moslora_file_saying_what_to_do(tmp_path):
+    trained_unet().save_lora_adapter(tmp_path)
+    without = load_in_subprocess(tmp_path, import_moslora_ext=False)
+    assert without.returncode != 0
+    assert "unexpected keyword argument 'MOSLORA_adapter_import_moslora_ext_before_loading'" in without.stderr
+    with_ = load_in_subprocess(tmp_path, import_moslora_ext=True)
+    assert with_.returncode == 0, with_.stderr
+    assert with_.stdout.strip().splitlines()[-1] == "MoSLoRAConfig"
+
+
+def test_import_moslora_ext_imports_no_diffusers():
+    code = "import sys, moslora_ext; print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_fuse_lora_equals_the_unfused_output_and_unfuse_restores_it():
+    unet = trained_unet()
+    unfused = run(unet)
+    unet.fuse_lora()
+    torch.testing.assert_close(run(unet), unfused, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(unet), run(hand_merged(unet, {"default": 1.0})), atol=1e-5, rtol=1e-5)
+    unet.unfuse_lora()
+    torch.testing.assert_close(run(unet), unfused, atol=1e-5, rtol=1e-5)
+
+
+def test_set_adapters_with_two_adapters_and_weights():
+    unet = trained_unet("first", seed=0)
+    trained_unet("second", seed=1, unet=unet)
+    unet.set_adapters(["first", "second"], weights=[0.7, -0.4])
+    torch.testing.assert_close(run(unet), run(hand_merged(unet, {"first": 0.7, "second": -0.4})),
+                               atol=1e-5, rtol=1e-5)
+    unet.set_adapters("second", weights=0.5)
+    torch.testing.assert_close(run(unet), run(hand_merged(unet, {"second": 0.5})), atol=1e-5, rtol=1e-5)
+
+
+def test_readme_example_runs_as_written(tmp_path, monkeypatch):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    example = readme.split("### Diffusers", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    before_training, after_training = example.split("# ... train unet ...\n")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"unet": tiny_unet(), "pipe": tiny_sdxl_pipeline(tiny_unet())}
+    exec(compile(before_training, "README.md", "exec"), namespace)
+    unet = namespace["unet"]
+    train(unet)
+    exec(compile(after_training, "README.md", "exec"), namespace)
+    assert namespace["pipe"].unet.peft_config["subject"].mixer_init == "kaiming"
+    torch.testing.assert_close(run(namespace["pipe"].unet), run(hand_merged(unet, {"default": 1.0})),
+                               atol=1e-5, rtol=1e-5)
