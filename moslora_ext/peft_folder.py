@@ -2,7 +2,7 @@
 
 A PEFT-route folder (``"peft_type": "MOSLORA"``) opened without ``import
 moslora_ext`` makes PEFT raise ``KeyError: 'MOSLORA'``: its model card
-(README.md) and adapter_config.json (the ``"moslora_ext"`` record) therefore say
+(README.md) and adapter_config.json (the ``RECORD_FIELD`` record) therefore say
 what to install and import. A ``save_adapter`` folder (the functional API's
 format) says ``"peft_type": FUNCTIONAL_PEFT_TYPE``, which the PEFT route
 registers as a config that refuses to load, naming ``moslora_ext.load_adapter``.
@@ -11,6 +11,7 @@ registers as a config that refuses to load, naming ``moslora_ext.load_adapter``.
 import os
 
 MOSLORA_PEFT_TYPE = "MOSLORA"  # the peft_type of MoSLoRAConfig's folders (PEFT route)
+RECORD_FIELD = "MOSLORA_adapter_import_moslora_ext_before_loading"  # MoSLoRAConfig's field of that name
 INSTALL = 'pip install --no-build-isolation "moslora_ext[peft]"'
 NOTE = (f"This adapter is MoSLoRA (LoRA with an r x r mixer, peft_type MOSLORA), written by moslora_ext's PEFT "
         f"route. PEFT and transformers read it only after `import moslora_ext` (without it they raise "
@@ -33,7 +34,7 @@ FUNCTIONAL_PEFT_TYPE = "moslora_ext.save_adapter (load with moslora_ext.load_ada
 
 
 def record():
-    """The ``"moslora_ext"`` entry of a route folder's adapter_config.json: what a reader must install."""
+    """The ``RECORD_FIELD`` entry of a route folder's adapter_config.json: what a reader must install."""
     from . import __version__
 
     return {"note": NOTE, "install": INSTALL, "version": __version__}

@@ -119,17 +119,16 @@ class MoSLoRAConfig(LoraConfig):
     train_mixer: bool = field(default=True, metadata={"help": "Whether the mixer trains (False: frozen)"})
     braid_subspaces: int = field(default=2, metadata={"help": "The number k of subspaces of mixer_init='braid' (k "
                                                                "divides every rank)"})
-    # Saved in adapter_config.json for a reader without moslora_ext: what to install (always this version's).
-    moslora_ext: dict = field(default=None, metadata={"help": "What to install to read this adapter (set on save)"})
-    # diffusers writes this config, its keys sorted, into a LoRA file's metadata, and without moslora_ext builds
-    # a LoraConfig from it: this name sorts first, so that the TypeError diffusers raises names it (says what to do).
-    MOSLORA_adapter_import_moslora_ext_before_loading: bool = field(
-        default=True, metadata={"help": "Refuses a load by PEFT's LoraConfig (diffusers) with what to do"})
+    # Saved in adapter_config.json (and by diffusers in a LoRA file's metadata) for a reader without moslora_ext:
+    # what to install (always this version's record, peft_folder.record). Its name sorts first, so that PEFT's
+    # LoraConfig(**config), which diffusers calls without moslora_ext, raises a TypeError naming it.
+    MOSLORA_adapter_import_moslora_ext_before_loading: dict = field(
+        default=None, metadata={"help": "What to install and import to read this adapter (set on creation)"})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        self.moslora_ext = peft_folder.record()
+        self.MOSLORA_adapter_import_moslora_ext_before_loading = peft_folder.record()
         self.check()
 
     def save_pretrained(self, save_directory, **kwargs):

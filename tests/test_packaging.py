@@ -178,7 +178,7 @@ def test_a_route_folder_tells_a_process_without_moslora_ext_what_to_install(tmp_
     import torch
     from peft import get_peft_model
 
-    from moslora_ext.peft_folder import INSTALL
+    from moslora_ext.peft_folder import INSTALL, RECORD_FIELD
 
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
                            moslora_ext.MoSLoRAConfig(r=2, target_modules=["0"]))
@@ -189,7 +189,7 @@ def test_a_route_folder_tells_a_process_without_moslora_ext_what_to_install(tmp_
     result = run_python(without)
     assert result.stdout.strip() == "refused 'MOSLORA'", result.stdout + result.stderr[-2000:]
     card = (tmp_path / "README.md").read_text()
-    record = json.loads((tmp_path / "adapter_config.json").read_text())["moslora_ext"]
+    record = json.loads((tmp_path / "adapter_config.json").read_text())[RECORD_FIELD]
     for text in (card, record["note"]):
         assert "import moslora_ext" in text and INSTALL in text
     assert record["install"] == INSTALL and card.count("## Loading this MoSLoRA adapter") == 1
