@@ -97,6 +97,19 @@ def test_another_or_a_broken_peft_disables_only_the_peft_route_naming_the_range(
     assert lines[2].startswith("moslora_ext.peft_method ") and expected in lines[2]
 
 
+def test_the_peft_route_is_offered_exactly_where_peft_has_the_tuner_hooks_it_needs():
+    """The route saves through the tuner's _get_adapter_state_dict and checks loads in its
+    _remap_adapter_state_dict_for_load; peft 0.20 has neither (README, Supported versions), so the
+    supported range must leave it out. CI runs this under peft 0.20.0 as well."""
+    pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from moslora_ext.peft_support import unsupported_peft_reason
+
+    hooks = all(hasattr(BaseTuner, hook) for hook in ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load"))
+    assert (unsupported_peft_reason() is None) == hooks, unsupported_peft_reason()
+
+
 def test_the_functional_api_works_without_peft():
     hide_peft = ("import importlib.metadata as md, sys\nsys.modules['peft'] = None\nversion = md.version\n"
                  "def hidden(name):\n    if name == 'peft':\n        raise md.PackageNotFoundError(name)\n"
