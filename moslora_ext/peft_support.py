@@ -65,8 +65,9 @@ def _supported(version):
 
 def _another_version(version):
     return (f"moslora_ext's PEFT integration supports peft {SUPPORTED_PEFT}, but peft {version} is installed "
-            f"(its LoRA variant and custom-layer hooks differ): install `peft{SUPPORTED_PEFT}` to use "
-            "MoSLoRAConfig; moslora_ext's own API (add_adapters, save_adapter...) works without it")
+            "(PEFT's hooks that the route relies on differ: moslora_ext's README, Supported versions): install "
+            f"`peft{SUPPORTED_PEFT}` to use MoSLoRAConfig; moslora_ext's own API (add_adapters, save_adapter...) "
+            "works without it")
 
 
 def register_with_peft():

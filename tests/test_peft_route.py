@@ -246,6 +246,34 @@ def test_half_precision_base_gets_float32_adapters_as_peft_does():
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("train_mixer", [True, False])
+def test_float32_cast_keeps_the_mixer_a_trained_parameter_as_a_and_b(train_mixer):
+    """PEFT's cast of a half-precision model's new adapter to float32 (``cast_adapter_dtype``; since peft 0.21.2
+    it replaces the parameters with new ones): the mixer ends as A and B do, in float32 with its requires_grad
+    (frozen for train_mixer=False), and the parameters an optimizer takes from the model are the ones the
+    forward uses; adding a second adapter casts that one only, so the optimizer's parameters stay the model's."""
+    model = trained_looking(moslora(tiny_llama().to(torch.bfloat16), train_mixer=train_mixer))
+    layers = [m for m in model.modules() if isinstance(m, moslora_ext.peft_method.MoSLoRALayer)]
+    factors = [layer.variant_class.factors(layer, "default") for layer in layers]
+    assert len(layers) == 7
+    for lora_A, mixer, lora_B in factors:
+        assert lora_A.dtype == mixer.dtype == lora_B.dtype == torch.float32
+        assert lora_A.requires_grad and lora_B.requires_grad and mixer.requires_grad == train_mixer
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.add_adapter("other", moslora_ext.MoSLoRAConfig(r=4, target_modules=LLAMA_TARGETS))
+    assert [layer.variant_class.factors(layer, "default") for layer in layers] == factors  # the same objects
+    before = [[t.detach().clone() for t in f] for f in factors]
+    ids = batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for (lora_A, mixer, lora_B), old in zip(factors, before, strict=True):
+        for tensor, was, trains in zip((lora_A, mixer, lora_B), old, (True, train_mixer, True), strict=True):
+            assert (id(tensor) in in_optimizer) == trains
+            assert (tensor.grad is not None and bool(tensor.grad.abs().sum() > 0)) == trains  # the forward used it
+            assert (not torch.equal(tensor, was)) == trains  # and the step changed it
+
+
 def test_trainable_token_indices_keep_their_peft_meaning(tmp_path):
     model = moslora(tiny_llama(), target_modules=["q_proj"], trainable_token_indices=[3, 5])
     ids = batch()
