@@ -4,12 +4,11 @@ pipeline), refusals of MoSLoRA files that diffusers would read as plain LoRA, fu
 References are hand-merged plain-PyTorch weights (W + w s B M A) in a fresh UNet."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import run_python
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
 pytest.importorskip("peft", reason="peft is not installed")
@@ -153,8 +152,7 @@ def load_in_subprocess(folder, import_moslora_ext):
         unet.load_lora_adapter({str(folder)!r}, prefix=None, weight_name={WEIGHT_NAME!r})
         print(type(unet.peft_config["default_0"]).__name__)
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return run_python(code)
 
 
 def test_diffusers_without_moslora_ext_refuses_a_moslora_file_saying_what_to_do(tmp_path):
@@ -169,8 +167,7 @@ def test_diffusers_without_moslora_ext_refuses_a_moslora_file_saying_what_to_do(
 
 def test_import_moslora_ext_imports_no_diffusers():
     code = "import sys, moslora_ext; print('diffusers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=REPO))
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
 

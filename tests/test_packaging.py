@@ -16,6 +16,7 @@ import moslora_ext
 from conftest import require_peft_route, run_python
 
 PACKAGE = Path(moslora_ext.__file__).parent
+SOURCE = Path(__file__).resolve().parent.parent  # the repository (the installed package has no pyproject.toml)
 
 
 def import_copy(tmp_path, build_config=None):
@@ -133,7 +134,7 @@ def test_every_third_party_module_the_package_imports_is_a_declared_dependency()
 
     from packaging.requirements import Requirement
 
-    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((SOURCE / "pyproject.toml").read_text())
     declared = {Requirement(r).name.lower() for r in pyproject["project"]["dependencies"]}
     # ...and what those require in turn (torch brings sympy, triton...), without their extras.
     allowed, todo = set(declared), list(declared)
@@ -247,7 +248,7 @@ def test_setup_records_the_nvcc_that_compiles_the_kernels_beside_torchs_cuda(tmp
     if torch.version.cuda is None or not nvcc.exists():
         pytest.skip("needs a CUDA build of torch and nvcc")
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(PACKAGE.parent / name, tmp_path)
+        shutil.copy(SOURCE / name, tmp_path)
     (tmp_path / "moslora_ext").mkdir()
     env = dict(os.environ, MOSLORA_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0", CUDA_HOME=str(nvcc.parent.parent))
     result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=tmp_path, env=env, capture_output=True,
