@@ -23,6 +23,7 @@ plain calls recompiles for a mixed one rather than reusing the plain graph.
 
 import contextvars
 import inspect
+import threading
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,10 @@ class _Call(NamedTuple):
 
 # Per thread and per asyncio task, read by every adapted layer's forward (see the module docstring).
 _CALL = contextvars.ContextVar("moslora_ext_adapter_names", default=None)
+# Mixed calls in progress in all threads: while none is, plain calls never read _CALL, which Dynamo
+# before torch 2.14 cannot trace (a plain forward compiles as one graph there too).
+_active_calls = 0
+_ACTIVE_CALLS_LOCK = threading.Lock()
 
 
 def _check_names(adapter_names, known, holder):
@@ -83,6 +88,8 @@ def names_of_call(layer, x):
     """The names that the call in progress gives ``layer`` for its input
     ``x`` (None outside a mixed-adapter call): "__base__" for the adapters
     it lacks, each name repeated for generate's extra rows."""
+    if not _active_calls:
+        return None
     call = _CALL.get()
     if call is None:
         return None
@@ -142,14 +149,22 @@ def _enter(module, adapter_names, owner, expand_rows=False):
     if module.training and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()):
         raise RuntimeError("adapter_names with gradient checkpointing in training mode: the recomputed forward "
                            "would not see the names; call model.eval() or disable gradient checkpointing")
+    global _active_calls
     _CALL.set(_Call(owner, tuple(adapter_names), expand_rows, _CALL.get()))
+    with _ACTIVE_CALLS_LOCK:
+        _active_calls += 1
 
 
 def _leave(owner):
     """End the call that ``owner`` began, if it began one (its checks may have refused the names)."""
+    global _active_calls
+    if not _active_calls:
+        return
     call = _CALL.get()
     if call is not None and call.owner is owner:
         _CALL.set(call.outer)
+        with _ACTIVE_CALLS_LOCK:
+            _active_calls -= 1
 
 
 def _before_forward(module, args, kwargs):
