@@ -119,7 +119,7 @@ def peft_lora(base, r, lora_dropout):
 
 def ours_peft(base, r, lora_dropout):
     try:
-        from moslora_ext.peft_method import MoSLoRALinear
+        from moslora_ext.peft.layers import MoSLoRALinear
     except ImportError:
         return None
     config = moslora_ext.MoSLoRAConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=lora_dropout)

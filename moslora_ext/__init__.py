@@ -63,7 +63,8 @@ except ImportError as exc:
     raise ImportError(f"moslora_ext's compiled extension failed to load ({exc}); {_REBUILD_HINT}") from exc
 
 from . import ops  # noqa: E402
-from .adapters import (  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .model.adapters import (  # noqa: E402
     active_adapter,
     adapted_layers,
     add_adapters,
@@ -74,22 +75,22 @@ from .adapters import (  # noqa: E402
     set_adapter,
     trainable_parameters,
 )
-from .checkpoints import load_adapter, save_adapter  # noqa: E402
-from .peft_checkpoints import load_peft_adapter, save_peft_adapter  # noqa: E402
-from .conv import Conv  # noqa: E402
-from .dispatch import check_adaptable  # noqa: E402
-from .embedding import Embedding  # noqa: E402
-from .experts import Experts  # noqa: E402
-from .layer import AdapterConfig, AdapterLayer  # noqa: E402
-from .linear import Linear, TransposedLinear  # noqa: E402
-from .merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
-from .peft_support import (  # noqa: E402
+from .formats.native import load_adapter, save_adapter  # noqa: E402
+from .formats.peft_lora import load_peft_adapter, save_peft_adapter  # noqa: E402
+from .layers.conv import Conv  # noqa: E402
+from .layers.dispatch import check_adaptable  # noqa: E402
+from .layers.embedding import Embedding  # noqa: E402
+from .layers.experts import Experts  # noqa: E402
+from .layers.base import AdapterConfig, AdapterLayer  # noqa: E402
+from .layers.linear import Linear, TransposedLinear  # noqa: E402
+from .model.merging import merge_adapters, merge_and_unload, unmerge_adapters  # noqa: E402
+from .peft.compat import (  # noqa: E402
     after_import,
     register_with_peft,
     supported_peft_installed,
     unsupported_peft_reason,
 )
-from .quantized import QuantizedLinear  # noqa: E402
+from .layers.quantized import QuantizedLinear  # noqa: E402
 
 # The PEFT route (moslora_ext.MoSLoRAConfig) registers itself with PEFT when peft is imported (at once if it is
 # already), so that importing moslora_ext does not import peft; the functional API works without peft, and
@@ -98,7 +99,7 @@ register_with_peft()
 
 
 def _register_with_diffusers():
-    from .diffusers_support import register_with_diffusers
+    from .peft.diffusers import register_with_diffusers
 
     register_with_diffusers()
 
@@ -106,11 +107,6 @@ def _register_with_diffusers():
 # diffusers' LoRA loads build a MoSLoRAConfig from MoSLoRA files once diffusers' PEFT helpers are imported
 # (moslora_ext.diffusers_support), which `import moslora_ext` does not import.
 after_import("diffusers.utils.peft_utils", _register_with_diffusers)
-
-try:
-    __version__ = metadata.version("moslora_ext")
-except metadata.PackageNotFoundError:  # pragma: no cover - built in place, not installed
-    __version__ = "unknown"
 
 
 def build_info():
@@ -148,7 +144,8 @@ def __getattr__(name):
         reason = unsupported_peft_reason()
         if reason is not None:
             raise ImportError(f"moslora_ext.{name}: {reason}")
-        from .peft_method import MoSLoRAConfig, MoSLoRAModel
+        from .peft.config import MoSLoRAConfig
+        from .peft.tuner import MoSLoRAModel
 
         globals().update(MoSLoRAConfig=MoSLoRAConfig, MoSLoRAModel=MoSLoRAModel)  # found directly from now on
         return globals()[name]

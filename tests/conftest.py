@@ -25,7 +25,7 @@ def device(request):
 
 def require_peft_route():
     """Skip (module-level where called at import) unless moslora_ext's PEFT route can be used here."""
-    from moslora_ext.peft_support import unsupported_peft_reason
+    from moslora_ext.peft.compat import unsupported_peft_reason
 
     reason = unsupported_peft_reason()
     if reason is not None:

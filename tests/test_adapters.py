@@ -215,8 +215,8 @@ def test_load_into_a_model_that_already_has_the_same_adapters(tmp_path):
     moslora_ext.save_adapter(model, tmp_path)
     other = moslora_ext.add_adapters(tiny_model(), ["v_proj"], r=2)
     moslora_ext.load_adapter(other, tmp_path, replace=True)
-    for name, t in moslora_ext.checkpoints.adapter_state_dict(model).items():
-        assert torch.equal(moslora_ext.checkpoints.adapter_state_dict(other)[name], t)
+    for name, t in moslora_ext.formats.native.adapter_state_dict(model).items():
+        assert torch.equal(moslora_ext.formats.native.adapter_state_dict(other)[name], t)
 
 
 def test_load_into_adapters_with_other_training_settings_keeps_them(tmp_path):
@@ -431,7 +431,7 @@ def test_a_layer_that_fails_to_wrap_leaves_the_others_trainable():
     model = tiny_model()
     # The second layer (odd rank for a braid mixer) fails after the first was built.
     with pytest.raises(ValueError, match="braid"):
-        moslora_ext.adapters._wrap(model, {"layers.0.q_proj": moslora_ext.AdapterConfig(r=2, mixer_init="braid"),
+        moslora_ext.model.adapters.wrap_targets(model, {"layers.0.q_proj": moslora_ext.AdapterConfig(r=2, mixer_init="braid"),
                                            "layers.1.q_proj": moslora_ext.AdapterConfig(r=3, mixer_init="braid")})
     assert all(p.requires_grad for p in model.parameters())
     assert not moslora_ext.adapted_layers(model)

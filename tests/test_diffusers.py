@@ -1,4 +1,4 @@
-"""MoSLoRA adapters in diffusers (moslora_ext.diffusers_support), through the PEFT route, on a tiny
+"""MoSLoRA adapters in diffusers (moslora_ext.peft.diffusers), through the PEFT route, on a tiny
 UNet2DConditionModel built from a config: adapter state dict, disable, save and load (UNet and SDXL
 pipeline), refusals of MoSLoRA files that diffusers would read as plain LoRA, fuse, two weighted adapters.
 References are hand-merged plain-PyTorch weights (W + w s B M A) in a fresh UNet."""

@@ -40,7 +40,7 @@ def train(model, x, target):
 
 
 def adapter_weights(model):
-    return {name: t.detach().clone() for name, t in moslora_ext.checkpoints.adapter_state_dict(model).items()}
+    return {name: t.detach().clone() for name, t in moslora_ext.formats.native.adapter_state_dict(model).items()}
 
 
 def worker(rank, init_file, wrapper, result_file):

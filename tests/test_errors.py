@@ -339,7 +339,7 @@ MISUSES = [
     Misuse("a corrupt weights file", World.load_edited, ValueError, "adapter_model.safetensors cannot be read",
            setup=lambda w: w.saved_copy(weights=lambda b: b"\xff" * len(b))),
     Misuse("from_linear of an adapted layer", lambda w: moslora_ext.Linear.from_linear(w.layer), TypeError,
-           "Linear.from_linear's argument is a moslora_ext.linear.Linear, not a torch.nn.Linear"),
+           "Linear.from_linear's argument is a moslora_ext.layers.linear.Linear, not a torch.nn.Linear"),
     Misuse("a single-string target that matches no full name", lambda w: moslora_ext.add_adapters(w.fresh, "0x"),
            ValueError, r"a single string is a regular expression that must match a module's full name.*\['0x'\]"),
     Misuse("all-linear on a model that is itself a Linear",
@@ -400,7 +400,7 @@ def peft_route_injection(world, settings=None, adapter_name="default"):
     get_peft_model(world.fresh, config, adapter_name=adapter_name)
 
 
-if importlib.util.find_spec("peft") is not None and moslora_ext.peft_support.unsupported_peft_reason() is None:
+if importlib.util.find_spec("peft") is not None and moslora_ext.peft.compat.unsupported_peft_reason() is None:
     # The PEFT route refuses what the functional API refuses, with the same error types.
     MISUSES += [Misuse(f"PEFT route setting {settings}", lambda w, s=settings: peft_route_injection(w, s),
                        ValueError, rf"MoSLoRAConfig: {next(iter(settings))}( \(the adapter rank\))? must be")

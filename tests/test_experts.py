@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import moslora_ext
-from moslora_ext import expert_ops
-from moslora_ext.experts import Experts
-from moslora_ext.peft_experts import PEFT_REMAPPED_LEAF_NAMES
-from moslora_ext.routers import RouterWeight
+from moslora_ext.ops import experts as expert_ops
+from moslora_ext.layers.experts import Experts
+from moslora_ext.formats.peft_lora_experts import PEFT_REMAPPED_LEAF_NAMES
+from moslora_ext.layers.routers import RouterWeight
 from reference import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 import moslora_ext
-from moslora_ext.dispatch import adapter_class
+from moslora_ext.layers.dispatch import adapter_class
 from reference import conv_reference, embedding_reference, transposed_linear_reference
 
 

@@ -56,7 +56,7 @@ def layer_and_input(kind):
     make, shape = LAYERS[kind]
     torch.manual_seed(0)
     base = make()
-    layer = with_adapters(moslora_ext.dispatch.adapter_class(base).from_module(base, "a", r=4, lora_alpha=8))
+    layer = with_adapters(moslora_ext.layers.dispatch.adapter_class(base).from_module(base, "a", r=4, lora_alpha=8))
     x = torch.randint(0, 40, shape) if kind == "embedding" else torch.randn(shape)
     return layer, x
 

@@ -74,7 +74,7 @@ def fake_peft(path, version, init):
 USES_THE_FUNCTIONAL_API = ("import warnings; warnings.simplefilter('always')\nimport sys, torch, moslora_ext\n"
                            "m = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 4)), ['0'])\n"
                            "print(len(moslora_ext.adapted_layers(m)))\n"
-                           "for name in ('MoSLoRAConfig', 'moslora_ext.peft_method'):\n"
+                           "for name in ('MoSLoRAConfig', 'moslora_ext.peft.tuner'):\n"
                            "    try:\n        moslora_ext.MoSLoRAConfig if name == 'MoSLoRAConfig' else "
                            "__import__(name)\n    except ImportError as e:\n        print(name, e)\n")
 
@@ -97,7 +97,7 @@ def test_another_or_a_broken_peft_disables_only_the_peft_route_naming_the_range(
     assert lines[0] == "1", result.stdout
     assert (expected in result.stderr) == warns
     assert lines[1].startswith("MoSLoRAConfig ") and expected in lines[1]
-    assert lines[2].startswith("moslora_ext.peft_method ") and expected in lines[2]
+    assert lines[2].startswith("moslora_ext.peft.tuner ") and expected in lines[2]
 
 
 def test_the_peft_route_is_offered_exactly_where_peft_has_the_tuner_hooks_it_needs():
@@ -107,7 +107,7 @@ def test_the_peft_route_is_offered_exactly_where_peft_has_the_tuner_hooks_it_nee
     pytest.importorskip("peft")
     from peft.tuners.tuners_utils import BaseTuner
 
-    from moslora_ext.peft_support import unsupported_peft_reason
+    from moslora_ext.peft.compat import unsupported_peft_reason
 
     hooks = all(hasattr(BaseTuner, hook) for hook in ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load"))
     assert (unsupported_peft_reason() is None) == hooks, unsupported_peft_reason()
@@ -196,7 +196,7 @@ def test_a_route_folder_tells_a_process_without_moslora_ext_what_to_install(tmp_
     import torch
     from peft import get_peft_model
 
-    from moslora_ext.peft_folder import INSTALL, RECORD_FIELD
+    from moslora_ext.peft.folder import INSTALL, RECORD_FIELD
 
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
                            moslora_ext.MoSLoRAConfig(r=2, target_modules=["0"]))
@@ -220,7 +220,7 @@ def test_peft_given_a_save_adapter_folder_names_load_adapter(tmp_path):
     import torch
     from peft import PeftConfig, PeftModel
 
-    from moslora_ext.peft_support import supported_peft_installed
+    from moslora_ext.peft.compat import supported_peft_installed
 
     model = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], r=2)
     moslora_ext.save_adapter(model, tmp_path)

@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 require_peft_route()
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from moslora_ext.peft_method import REFUSED_FIELDS, MoSLoRALinear  # noqa: E402
+from moslora_ext.peft.config import REFUSED_FIELDS  # noqa: E402
+from moslora_ext.peft.layers import MoSLoRALinear  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 
@@ -253,7 +254,7 @@ def test_float32_cast_keeps_the_mixer_a_trained_parameter_as_a_and_b(train_mixer
     (frozen for train_mixer=False), and the parameters an optimizer takes from the model are the ones the
     forward uses; adding a second adapter casts that one only, so the optimizer's parameters stay the model's."""
     model = trained_looking(moslora(tiny_llama().to(torch.bfloat16), train_mixer=train_mixer))
-    layers = [m for m in model.modules() if isinstance(m, moslora_ext.peft_method.MoSLoRALayer)]
+    layers = [m for m in model.modules() if isinstance(m, moslora_ext.peft.layers.MoSLoRALayer)]
     factors = [layer.variant_class.factors(layer, "default") for layer in layers]
     assert len(layers) == 7
     for lora_A, mixer, lora_B in factors:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import moslora_ext
-from moslora_ext import checkpoints
+from moslora_ext.formats import files as checkpoints
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
@@ -60,7 +60,7 @@ def test_a_failed_save_keeps_the_previous_adapter_and_leaves_no_partial_folder(t
     def disk_full(path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoints, "_fsync", disk_full)  # fails after both files are written
+    monkeypatch.setattr(checkpoints, "fsync", disk_full)  # fails after both files are written
     with pytest.raises(OSError, match="No space left"):
         moslora_ext.save_adapter(small_model(seed=1), folder)
     assert files(folder) == before  # the old adapter whole, or nothing at all; no temporary left
@@ -124,8 +124,8 @@ def test_targets_never_select_the_model_itself_nor_modules_inside_adapted_layers
     assert model.weight.requires_grad and isinstance(model, nn.Linear)
     wrapped = nn.Sequential(nn.Linear(8, 8))
     moslora_ext.add_adapters(wrapped, ["0"])
-    assert moslora_ext.adapters.matching_names(wrapped, ["default"]) == []  # not 0.adapters.default
-    assert moslora_ext.adapters.matching_names(wrapped, ".*") == ["0"]
+    assert moslora_ext.model.targets.matching_names(wrapped, ["default"]) == []  # not 0.adapters.default
+    assert moslora_ext.model.targets.matching_names(wrapped, ".*") == ["0"]
 
 
 def test_training_a_merged_layer_says_that_it_is_merged():

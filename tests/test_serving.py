@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import moslora_ext
-from moslora_ext import engines
+from moslora_ext.formats import engines
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,0 +1,108 @@
+"""The expert-adapter operators: typed wrappers over
+``torch.ops.moslora_ext.experts_forward`` / ``experts_backward`` (csrc/experts.cpp),
+their fake kernels and autograd, and the in-place merge into a fused expert
+parameter.
+
+A fused expert parameter stacks E experts' weights, (E, out, in) (Mixtral,
+Qwen3-MoE, OLMoE, DeepSeek-V3) or (E, in, out) (GPT-OSS, ``is_transposed``).
+Its adapter has one A_e (r, in), M_e (r, r) and B_e (out, r) per expert,
+stacked as lora_A (E, r, in), lora_mixer (E, r, r), lora_B (E, out, r).
+"""
+
+import torch
+
+from .common import autocast_dtype, autocast_to, cast_floating, new_dropout_seed, refuse_double_backward
+from .linear import merge_
+
+_C_OPS = torch.ops.moslora_ext
+
+
+def add_experts_moslora(base_out, x, offsets, lora_A, mixer, lora_B, scale, dropout_p=0.0):
+    """``base_out`` plus, on the rows of each expert e, ``scale * dropout(x_e) A_e^T M_e^T B_e^T``.
+
+    Args:
+        base_out: (S, out) the experts' base output on the routed rows.
+        x: (S, in) the routed rows, sorted by expert (as transformers' grouped_mm path sorts them).
+        offsets: (E,) integer cumulative row counts per expert (grouped_mm's ``offs``).
+        lora_A (E, r, in), mixer (E, r, r), lora_B (E, out, r): the expert adapter.
+        scale, dropout_p: as ``moslora_ext.ops.moslora_linear``.
+
+    Differentiable in x (the adapter's part; base_out's gradient passes
+    through), lora_A, mixer and lora_B. Each expert's rows go through the
+    dense fused op, so the dropout mask is regenerated in backward (nothing
+    S x in is saved) and experts draw independent masks. Adapter matrices of
+    another floating dtype (fp32 adapters on a bf16 model) are cast to x's.
+    """
+    if (dtype := autocast_dtype(x.device.type)) is not None:
+        x, base_out = autocast_to(x, dtype), autocast_to(base_out, dtype)
+    if x.is_floating_point():
+        lora_A, mixer, lora_B = (cast_floating(t, x.dtype) for t in (lora_A, mixer, lora_B))
+    seed = new_dropout_seed() if dropout_p > 0 else None
+    y, _ = _C_OPS.experts_forward(base_out, x, offsets, lora_A, mixer, lora_B, float(scale), float(dropout_p), seed)
+    return y
+
+
+def expert_matrices(weight, transposed):
+    """The (out, in) matrix views of each expert of a fused ``weight``."""
+    return [w.t() if transposed else w for w in weight.unbind(0)]
+
+
+def merge_experts_(weight, lora_A, mixer, lora_B, scale, transposed=False):
+    """``weight[e] += scale * (B_e M_e) A_e`` in place for every expert (on
+    ``weight[e].t()`` when ``transposed``); a negative scale unmerges. Each
+    expert goes through ``moslora_ext.ops.merge_`` (fp32 row blocks for a
+    half-precision weight, no weight-sized temporary)."""
+    if weight.dim() != 3 or lora_A.shape[0] != weight.shape[0]:
+        raise ValueError(f"merge_experts_ needs a 3-D fused weight with one adapter per expert, got weight "
+                         f"{tuple(weight.shape)} and lora_A {tuple(lora_A.shape)}")
+    for e, matrix in enumerate(expert_matrices(weight, transposed)):
+        merge_(matrix, lora_A[e], mixer[e], lora_B[e], scale)
+
+
+# --- fake kernels ------------------------------------------------------------------------------
+
+
+def _check_fake(x, lora_A, mixer, lora_B):
+    torch._check(x.dim() == 2 and lora_A.dim() == 3 and mixer.dim() == 3 and lora_B.dim() == 3,
+                 lambda: "moslora_ext: experts ops need x 2-D and lora_A, mixer, lora_B 3-D")
+    torch._check(lora_A.shape[2] == x.shape[1], lambda: f"moslora_ext: lora_A {tuple(lora_A.shape)} does not "
+                 f"match x {tuple(x.shape)}")
+    for t, name in ((lora_A, "lora_A"), (mixer, "mixer"), (lora_B, "lora_B")):
+        torch._check(t.dtype == x.dtype, lambda: f"moslora_ext: {name} has dtype {t.dtype} but x has {x.dtype}")
+
+
+@torch.library.register_fake("moslora_ext::experts_forward")
+def _experts_forward_fake(base_out, x, offsets, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed):
+    _check_fake(x, lora_A, mixer, lora_B)
+    return torch.empty_like(base_out, memory_format=torch.contiguous_format), x.new_empty((x.shape[0], lora_A.shape[1]))
+
+
+@torch.library.register_fake("moslora_ext::experts_backward")
+def _experts_backward_fake(grad_out, x, offsets, lora_A, mixer, lora_B, u, scale, dropout_p, dropout_seed,
+                           output_mask):
+    _check_fake(x, lora_A, mixer, lora_B)
+    return tuple(t.new_empty(t.shape) if needed else None for t, needed in zip((x, lora_A, mixer, lora_B), output_mask))
+
+
+# --- autograd ----------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    base_out, x, offsets, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed = inputs
+    _, u = output
+    ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, offsets, lora_A, mixer, lora_B, u, dropout_seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _backward(ctx, grad_y, grad_u):
+    refuse_double_backward()
+    x, offsets, lora_A, mixer, lora_B, u, dropout_seed = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x, grad_A, grad_mixer, grad_B = _C_OPS.experts_backward(
+        grad_y.contiguous(), x, offsets, lora_A, mixer, lora_B, u, ctx.scale, ctx.dropout_p, dropout_seed,
+        [needs[1], needs[3], needs[4], needs[5]])
+    return grad_y if needs[0] else None, grad_x, None, grad_A, grad_mixer, grad_B, None, None, None
+
+
+torch.library.register_autograd("moslora_ext::experts_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,72 @@
+"""What a saved folder tells PEFT and transformers, and their users, about moslora_ext.
+
+A PEFT-route folder (``"peft_type": "MOSLORA"``) opened without ``import
+moslora_ext`` makes PEFT raise ``KeyError: 'MOSLORA'``: its model card
+(README.md) and adapter_config.json (the ``RECORD_FIELD`` record) therefore say
+what to install and import. A ``save_adapter`` folder (the functional API's
+format) says ``"peft_type": FUNCTIONAL_PEFT_TYPE``, which the PEFT route
+registers as a config that refuses to load, naming ``moslora_ext.load_adapter``.
+"""
+
+import os
+
+MOSLORA_PEFT_TYPE = "MOSLORA"  # the peft_type of MoSLoRAConfig's folders (PEFT route)
+RECORD_FIELD = "MOSLORA_adapter_import_moslora_ext_before_loading"  # MoSLoRAConfig's field of that name
+INSTALL = 'pip install --no-build-isolation "moslora_ext[peft]"'
+NOTE = (f"This adapter is MoSLoRA (LoRA with an r x r mixer, peft_type MOSLORA), written by moslora_ext's PEFT "
+        f"route. PEFT and transformers read it only after `import moslora_ext` (without it they raise "
+        f"KeyError: 'MOSLORA'): install moslora_ext ({INSTALL}), then `import moslora_ext` before "
+        f"PeftModel.from_pretrained or from_pretrained.")
+CARD_HEADING = "## Loading this MoSLoRA adapter"
+CARD_SECTION = f"""{CARD_HEADING}
+
+{NOTE}
+
+```python
+import moslora_ext  # registers peft_type MOSLORA with PEFT
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(base_model, "path/to/this/folder")
+```
+"""
+# The peft_type of save_adapter's folders: a name that says where it comes from even in PEFT's KeyError.
+FUNCTIONAL_PEFT_TYPE = "moslora_ext.save_adapter (load with moslora_ext.load_adapter)"
+
+
+def record():
+    """The ``RECORD_FIELD`` entry of a route folder's adapter_config.json: what a reader must install."""
+    from .._version import __version__
+
+    return {"note": NOTE, "install": INSTALL, "version": __version__}
+
+
+def write_card_section(folder):
+    """Add the section on loading to the folder's README.md (PEFT's model card), or write one with it."""
+    card = os.path.join(folder, "README.md")
+    text = ""
+    if os.path.exists(card):
+        with open(card) as f:
+            text = f.read()
+    if CARD_HEADING not in text:
+        with open(card, "w") as f:
+            f.write(f"{text.rstrip()}\n\n{CARD_SECTION}" if text else CARD_SECTION)
+
+
+class FunctionalFolderConfig:
+    """Stands for ``FUNCTIONAL_PEFT_TYPE`` in PEFT's config mapping: PEFT's loaders (``PeftModel.from_pretrained``,
+    transformers' ``load_adapter``) that open a ``save_adapter`` folder get a ValueError naming
+    ``moslora_ext.load_adapter`` instead of ``KeyError: 'peft_type'``."""
+
+    def __init__(self, **kwargs):
+        raise ValueError(self._refusal("this folder"))
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        raise ValueError(cls._refusal(path))
+
+    @staticmethod
+    def _refusal(path):
+        return (f"{path} was written by moslora_ext.save_adapter (moslora_ext's own format, not a PEFT adapter): "
+                "load it with moslora_ext.load_adapter(model, path); to use it with PEFT, load it so and save it "
+                "with moslora_ext.save_peft_adapter (a PEFT LoRA adapter), or train with moslora_ext.MoSLoRAConfig")
+
