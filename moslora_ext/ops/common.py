@@ -6,10 +6,10 @@ import torch
 
 @torch.compiler.assume_constant_result
 def autocast_available(device_type):
-    # A constant for Dynamo: torch 2.11 cannot trace torch.amp.isautocast_available
+    # A constant for Dynamo: torch 2.11 cannot trace torch.amp.is_autocast_available
     # ("Attempted to call function marked as skipped"), and is_autocast_enabled
     # raises for device types without autocast (meta).
-    return torch.amp.isautocast_available(device_type)
+    return torch.amp.is_autocast_available(device_type)
 
 
 def autocast_dtype(device_type):
