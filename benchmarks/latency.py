@@ -60,15 +60,14 @@ import copy
 import json
 import os
 import platform
-import random
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 import moslora_ext
+from timing import elapsed_seconds, inference_step, saved_bytes, synchronize, time_round_robin, training_step
 
 # (in_features, out_features) of LLaMA-7B/8B projections.
 SHAPES = {
@@ -180,81 +179,6 @@ def build_contenders(base, r, lora_dropout, names):
 
 
 # --- measuring ------------------------------------------------------------------------------
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def elapsed_seconds(fn, device):
-    """Wall time of one call of fn (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    fn()
-    return time.perf_counter() - begin
-
-
-def time_round_robin(fns, reps, warmup, device, progress):
-    """Median seconds of each fn, repetitions interleaved across fns in a
-    shuffled order each round (no contender always follows the same one)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    synchronize(device)
-    times = {name: [] for name in fns}
-    order = random.Random(0)
-    for _ in range(reps):
-        for name in order.sample(list(fns), len(fns)):
-            times[name].append(elapsed_seconds(fns[name], device))
-        progress.update(1)
-    return {name: (statistics.median(ts), ts) for name, ts in times.items()}
-
-
-def inference_step(module, x):
-    def step():
-        with torch.no_grad():
-            module(x)
-    return step
-
-
-def training_step(module, x, grad_y):
-    trainable = [p for p in module.parameters() if p.requires_grad]
-
-    def step():
-        x.grad = None
-        for p in trainable:
-            p.grad = None
-        module(x).backward(grad_y)
-    return step
-
-
-def saved_bytes(module, x):
-    """Bytes of the tensors module's forward saves for backward, each storage
-    counted once, the module's parameters not counted (they are not copies).
-
-    Returns (all, beyond_input): the second leaves out x itself, which the
-    caller holds anyway, so it is the memory this layer adds.
-    """
-    parameter_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    total = sum(storages.values())
-    return total, total - storages.get(x.untyped_storage().data_ptr(), 0)
 
 
 def launches(module, x, grad_y, device):

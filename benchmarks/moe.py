@@ -17,6 +17,7 @@ import copy
 import torch
 
 import moslora_ext
+from timing import saved_bytes, time_round_robin, training_step
 
 TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -50,7 +51,6 @@ def moe_contenders(block, r):
 
 def measure_moe(tokens, r, device, args, progress):
     """The MoE row for N = ``tokens`` and rank ``r`` (see the module docstring)."""
-    from latency import saved_bytes, time_round_robin, training_step
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     contenders = moe_contenders(moe_block(device, dtype, args.shrink), r)

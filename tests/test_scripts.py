@@ -21,6 +21,9 @@ HAVE_BNB = all(importlib.util.find_spec(name) for name in ("bitsandbytes", "peft
 
 
 def load_script(name):
+    """A benchmark script as a module; its folder goes on sys.path, as when it runs (it imports timing.py)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
