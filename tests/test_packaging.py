@@ -4,6 +4,7 @@ files in a fresh interpreter), what importing it costs and needs, what its
 folders tell PEFT, and what the build records."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -266,3 +267,13 @@ def test_build_info_reports_torchs_cuda_and_the_nvcc_that_compiled_the_kernels()
     assert {"cuda_version", "nvcc_version"} <= info.keys()
     if not info["with_cuda"]:
         assert info["cuda_version"] is None and info["nvcc_version"] is None
+
+
+def test_the_supported_peft_range_is_written_once():
+    """pyproject.toml's peft bounds are the route's SUPPORTED_PEFT, so that the two cannot drift apart."""
+    from moslora_ext.peft.compat import SUPPORTED_PEFT
+
+    with open(SOURCE / "pyproject.toml") as f:
+        pyproject = f.read()
+    bounds = set(re.findall(r'"peft([<>=!~][^"]*)"', pyproject))
+    assert bounds == {SUPPORTED_PEFT}, bounds

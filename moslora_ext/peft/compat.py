@@ -17,10 +17,10 @@ import sys
 import warnings
 from importlib import metadata
 
+from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 SUPPORTED_PEFT = ">=0.21,<0.22"  # what the tuner's hooks are written and tested against (pyproject's bound)
-_SUPPORTED_RANGE = (Version("0.21"), Version("0.22"))
 
 
 def installed_peft_version():
@@ -60,7 +60,7 @@ def _supported(version):
         release = Version(Version(version).base_version)
     except (TypeError, InvalidVersion):
         return False
-    return _SUPPORTED_RANGE[0] <= release < _SUPPORTED_RANGE[1]
+    return release in SpecifierSet(SUPPORTED_PEFT)
 
 
 def _another_version(version):
