@@ -18,7 +18,7 @@ from ..layers.linear import Linear
 from ..layers.routers import RouterWeight
 from ..model.adapters import FORMAT, refuse_peft_model, saved_modules
 from ..model.targets import inside_any, matching_names, split_target
-from ..peft.folder import MOSLORA_PEFT_TYPE
+from ..peft.folder import MOSLORA_PEFT_TYPE, RECORD_FIELD
 from . import engines
 from . import peft_lora_experts as peft_experts
 from .files import CONFIG_NAME, WEIGHTS_NAME, check_folder, read_json, read_tensors, write_folder
@@ -90,25 +90,13 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
             raise ValueError(f"a PEFT LoRA adapter has one {setting} for all layers, but the adapted layers "
                              f"have {sorted(values)}")
         shared[setting] = values.pop()
-    experts = {name: layer for name, layer in layers.items() if isinstance(layer, Experts)}
-    linear = {name: layer for name, layer in layers.items() if name not in experts}
-    # Routers, and linear layers that PEFT would remap to routed experts, go in as 2-D target_parameters.
-    as_parameters = [name for name, layer in linear.items()
-                     if isinstance(layer, RouterWeight) or peft_experts.remapped_by_peft(model, name)]
+    experts, linear, as_parameters = split_targets(model, layers)
     target_parameters = [f"{name}.weight" for name in as_parameters]
     modules = {name: layer for name, layer in linear.items() if name not in as_parameters}
-    # [] rather than None when all targets are parameters: for None PEFT puts in its default targets.
-    target_modules = sorted({name.rsplit(".", 1)[-1] for name in modules})
-    if modules and set(matching_names(model, target_modules)) != set(modules):
-        target_modules = sorted(modules)  # the names' ends select other modules too: full names
     tensors = {}
     with torch.no_grad():
         for name, layer in linear.items():
-            adapter, peft_names = adapters[name], layer.peft_names
-            B = adapter.lora_B
-            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}"] = adapter.lora_A
-            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = (
-                B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
+            tensors.update(module_tensors(name, layer, adapters[name], with_mixer=False))
         for name, layer in experts.items():
             tensors.update(peft_experts.peft_tensors(PEFT_PREFIX, name, layer.adapters[adapter_name], layer))
             target_parameters += [f"{name}.{parameter}" for parameter in layer.adapters[adapter_name]]
@@ -117,23 +105,84 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
                       f"{shared['lora_dropout']}): PEFT's target_parameters wrapper refuses dropout; it changes no "
                       "output, only further training with PEFT", stacklevel=2)
         shared["lora_dropout"] = 0.0
-    tensors.update({PEFT_PREFIX + key: t for key, t in module_state(saved_modules(model)).items()})
-    base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
-              "target_modules": target_modules,
+    tensors.update(saved_module_tensors(model))
+    config = {"peft_type": "LORA", **folder_config(model, layers, modules), **shared,
               "target_parameters": sorted(target_parameters) or None,
-              "modules_to_save": list(saved_modules(model)) or None,
-              "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-              "use_dora": False, "init_lora_weights": True, "inference_mode": True}
-    for setting, pattern in PEFT_PATTERN_SETTINGS.items():  # under PEFT's keys: <layer>.weight for a 2-D parameter
-        values = {(f"{t}.weight" if t in as_parameters else t): getattr(a.config, setting) for t, a in adapters.items()}
-        config[setting] = max(sorted(set(values.values())), key=list(values.values()).count)
-        config[pattern] = peft_experts.patterns(values, config[setting])
+              **pattern_settings(adapters, lambda t: f"{t}.weight" if t in as_parameters else t)}
     if engine is not None:
         reasons = engines.refusals(engine, config, layers)
         if reasons:
             raise ValueError(f"{engine} would not load this adapter: {'; '.join(reasons)}")
     write_folder(path, tensors, config)
+
+
+def split_targets(model, layers):
+    """The adapted layers {name: layer} as PEFT holds them: (experts layers, the other layers, the names of
+    those of them that PEFT adapts as 2-D ``target_parameters``: routers, and linear layers that PEFT would
+    remap to routed experts)."""
+    experts = {name: layer for name, layer in layers.items() if isinstance(layer, Experts)}
+    linear = {name: layer for name, layer in layers.items() if name not in experts}
+    as_parameters = [name for name, layer in linear.items()
+                     if isinstance(layer, RouterWeight) or peft_experts.remapped_by_peft(model, name)]
+    return experts, linear, as_parameters
+
+
+def target_modules_of(model, modules):
+    """PEFT's target_modules for the adapted modules ``modules``: the last names where these select exactly
+    them, else their full names ([] rather than None when there are none: for None PEFT puts in its
+    default targets)."""
+    target_modules = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    if modules and set(matching_names(model, target_modules)) != set(modules):
+        target_modules = sorted(modules)  # the names' ends select other modules too: full names
+    return target_modules
+
+
+def module_tensors(name, layer, adapter, with_mixer):
+    """PEFT's keys and tensors of the adapter ``adapter`` of the layer ``name``: lora_A, lora_B and, with
+    ``with_mixer``, the mixer as the PEFT route saves it (``lora_mixer.weight``); without, the mixer folded
+    into B (``B M``, computed in fp32, rounded once to B's dtype)."""
+    peft_names, B = layer.peft_names, adapter.lora_B
+    tensors = {f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}": adapter.lora_A}
+    if with_mixer:
+        tensors[f"{PEFT_PREFIX}{name}.lora_mixer.weight"] = adapter.lora_mixer
+    else:
+        with torch.no_grad():
+            B = (B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
+    tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = B
+    return tensors
+
+
+def saved_module_tensors(model):
+    """The state of the modules to save, keyed as PEFT writes it."""
+    return {PEFT_PREFIX + key: t for key, t in module_state(saved_modules(model)).items()}
+
+
+def pattern_settings(adapters, key_of=str):
+    """r and lora_alpha of the adapters {target: Adapter}: their most common values, and ``rank_pattern`` /
+    ``alpha_pattern`` entries (escaped PEFT keys, ``key_of(target)``) for the targets that differ."""
+    config = {}
+    for setting, pattern in PEFT_PATTERN_SETTINGS.items():
+        values = {key_of(t): getattr(a.config, setting) for t, a in adapters.items()}
+        config[setting] = most_common(values.values())
+        config[pattern] = peft_experts.patterns(values, config[setting])
+    return config
+
+
+def most_common(values):
+    """The most common of ``values`` (the smallest of the most common)."""
+    values = list(values)
+    return max(sorted(set(values)), key=values.count)
+
+
+def folder_config(model, layers, modules):
+    """What a PEFT adapter_config.json says of the model and its adapted ``modules`` beside the adapter's
+    settings."""
+    base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return {"task_type": None, "base_model_name_or_path": base_model,
+            "target_modules": target_modules_of(model, modules),
+            "modules_to_save": list(saved_modules(model)) or None,
+            "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+            "use_dora": False, "init_lora_weights": True, "inference_mode": True}
 
 
 def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, autocast_adapter_dtype=True):
@@ -175,7 +224,8 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     check_adapter_name(adapter_name)
     refuse_peft_model(model)
     peft_config = read_json(os.path.join(path, CONFIG_NAME))
-    if peft_config.get("format") == FORMAT:
+    record = peft_config.get(RECORD_FIELD)
+    if FORMAT in (peft_config.get("format"), isinstance(record, dict) and record.get("format")):
         raise ValueError(f"{path} is a moslora_ext adapter folder (written by save_adapter), not a PEFT one; "
                          "load it with moslora_ext.load_adapter")
     unsupported = {key: peft_config[key] for key in ("use_dora",) if peft_config.get(key)}
