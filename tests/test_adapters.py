@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import moslora_ext
+from moslora_ext.peft.folder import RECORD_FIELD
 
 
 class Block(nn.Module):
@@ -174,7 +175,7 @@ def test_save_and_load_roundtrip_into_a_fresh_model(tmp_path):
     files = sorted(os.listdir(tmp_path))
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["layers"]["layers.0.q_proj"] == {"r": 4, "lora_alpha": 4, "lora_dropout": 0.0,
+    assert config[RECORD_FIELD]["layers"]["layers.0.q_proj"] == {"r": 4, "lora_alpha": 4, "lora_dropout": 0.0,
                                                    "mixer_init": "orthogonal", "train_mixer": True,
                                                    "use_rslora": True, "autocast_adapter_dtype": True,
                                                    "braid_subspaces": 2}
@@ -196,13 +197,13 @@ def test_braid_of_k_subspaces_is_saved_and_loaded_and_older_folders_load_with_tw
     moslora_ext.save_adapter(randomize_adapters(model), tmp_path)
     config_file = tmp_path / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    assert {settings["braid_subspaces"] for settings in config["layers"].values()} == {4}
+    assert {settings["braid_subspaces"] for settings in config[RECORD_FIELD]["layers"].values()} == {4}
     x = torch.randn(6, 4)
     loaded = moslora_ext.load_adapter(tiny_model(), tmp_path).eval()
     torch.testing.assert_close(loaded(x), model.eval()(x))
     assert {layer.active.config.braid_subspaces for layer in moslora_ext.adapted_layers(loaded).values()} == {4}
     # A folder written before braid_subspaces existed: the braid of two subspaces, as it was then.
-    for settings in config["layers"].values():
+    for settings in config[RECORD_FIELD]["layers"].values():
         del settings["braid_subspaces"]
     config_file.write_text(json.dumps(config))
     older = moslora_ext.load_adapter(tiny_model(), tmp_path).eval()
@@ -257,8 +258,8 @@ def test_failed_loads_leave_the_model_untouched(tmp_path):
 
     from safetensors.torch import load_file, save_file
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    tensors.pop("layers.1.up.lora_B")
-    tensors["layers.1.up.lora_C"] = torch.zeros(1)
+    tensors.pop("base_model.model.layers.1.up.lora_B.weight")
+    tensors["base_model.model.layers.1.up.lora_C"] = torch.zeros(1)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     model = tiny_model()
     snapshot = state_snapshot(model)

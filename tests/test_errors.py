@@ -17,6 +17,7 @@ from torch import nn
 
 import moslora_ext
 from moslora_ext import ops
+from moslora_ext.peft.folder import RECORD_FIELD
 from reference import assert_close_to_reference, make_adapter, moslora_reference
 
 OPS = torch.ops.moslora_ext
@@ -94,7 +95,7 @@ class World:
     def edit_layer(self, **layer_settings):
         """``saved_copy`` with ``layer_settings`` written over those of layer "0"."""
         def change(config):
-            config["layers"]["0"].update(layer_settings)
+            config[RECORD_FIELD]["layers"]["0"].update(layer_settings)
             return config
         self.saved_copy(config=change)
 
@@ -320,9 +321,9 @@ MISUSES = [
            "bad adapter settings for layer 0: .*got braid_subspaces=3",
            setup=lambda w: w.edit_layer(mixer_init="braid", braid_subspaces=3)),
     Misuse("a config without layers", World.load_edited, ValueError, r"has no adapted layers \('layers' is \{\}\)",
-           setup=lambda w: w.saved_copy(config=lambda c: {**c, "layers": {}})),
+           setup=lambda w: w.saved_copy(config=lambda c: {**c, RECORD_FIELD: {**c[RECORD_FIELD], "layers": {}}})),
     Misuse("a config that lacks layers", World.load_edited, ValueError, "has no adapted layers",
-           setup=lambda w: w.saved_copy(config=lambda c: {"format": c["format"]})),
+           setup=lambda w: w.saved_copy(config=lambda c: {RECORD_FIELD: {"format": c[RECORD_FIELD]["format"]}})),
     Misuse("a config that is a list", World.load_edited, ValueError,
            "adapter_config.json must hold a JSON object, got a list",
            setup=lambda w: w.saved_copy(config=lambda c: [c])),
@@ -330,7 +331,7 @@ MISUSES = [
            setup=lambda w: w.saved_copy(text='{"format": "moslora_ext", "layers": {')),
     Misuse("modules_to_save as one string", World.load_edited, ValueError,
            "modules_to_save must be a list of module names, got 'head'",
-           setup=lambda w: w.saved_copy(config=lambda c: {**c, "modules_to_save": "head"})),
+           setup=lambda w: w.saved_copy(config=lambda c: {**c, RECORD_FIELD: {**c[RECORD_FIELD], "modules_to_save": "head"}})),
     Misuse("a truncated weights file", World.load_edited, ValueError,
            "adapter_model.safetensors cannot be read .*truncated, empty or not a tensor file",
            setup=lambda w: w.saved_copy(weights=lambda b: b[: len(b) // 2])),

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import moslora_ext
+from moslora_ext.peft.folder import RECORD_FIELD
 from moslora_ext.formats import files as checkpoints
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -42,7 +43,7 @@ def test_numpy_settings_are_accepted_and_saved_as_json_numbers(tmp_path):
     moslora_ext.add_adapters(model, ["0"], r=np.int64(3), adapter_name="b")
     moslora_ext.save_adapter(model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["layers"]["0"]["lora_alpha"] == 16.0 and type(config["layers"]["0"]["lora_alpha"]) is float
+    assert config[RECORD_FIELD]["layers"]["0"]["lora_alpha"] == 16.0 and type(config[RECORD_FIELD]["layers"]["0"]["lora_alpha"]) is float
     assert model[0].adapters["b"].config.r == 3 and type(model[0].adapters["b"].config.r) is int
     x = torch.randn(4, 12)
     loaded = moslora_ext.load_adapter(fresh(), tmp_path / "a").eval()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moslora_ext
+from moslora_ext.peft.folder import RECORD_FIELD
 from reference import assert_close_to_reference, moslora_reference
 
 
@@ -148,8 +149,8 @@ def test_processes_saving_to_one_folder_at_once_leave_one_writers_complete_adapt
     assert not failures and all(p.exitcode == 0 for p in processes), failures
     for i in range(SAVE_ROUNDS):
         folder = tmp_path / f"round{i}"
-        alpha = json.loads((folder / "adapter_config.json").read_text())["layers"]["0"]["lora_alpha"]
-        writer = int(load_file(folder / "adapter_model.safetensors")["0.lora_B"][0, 0]) - 1
+        alpha = json.loads((folder / "adapter_config.json").read_text())[RECORD_FIELD]["layers"]["0"]["lora_alpha"]
+        writer = int(load_file(folder / "adapter_model.safetensors")["base_model.model.0.lora_B.weight"][0, 0]) - 1
         assert alpha == 8 * (writer + 1), f"round {i}: writer {writer}'s tensors with another writer's config"
         assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"round{i}" for i in sorted(range(SAVE_ROUNDS), key=str)]

@@ -64,6 +64,25 @@ def load_all_or_nothing(model, settings, tensors, source, modules_to_save=(), ad
     ``adapter_name``, mark the modules to save and copy the tensors in (and
     ``base_weights``, {layer: its saved base weight}, into those layers)."""
     base_weights = base_weights or {}
+    to_add, saved_state = load_plan(model, settings, tensors, source, modules_to_save, adapter_name, replace,
+                                    base_weights)
+    if to_add or modules_to_save:
+        wrap_targets(model, to_add, adapter_name, modules_to_save)
+    adapters = adapter_targets_of(model, adapter_name)
+    with torch.no_grad():
+        for name in settings:
+            adapter = adapters[name]
+            for t in ADAPTER_TENSORS:
+                getattr(adapter, t).copy_(tensors[f"{name}.{t}"])
+        for key, t in saved_state.items():
+            t.copy_(tensors[key])
+        for name, weight in base_weights.items():
+            model.get_submodule(name).weight.copy_(weight)
+
+
+def load_plan(model, settings, tensors, source, modules_to_save, adapter_name, replace, base_weights):
+    """What ``load_all_or_nothing`` does, checked and changing nothing: ({target: settings} of the adapters
+    to add, {key: tensor} of the state of the modules to save); ValueError for anything that does not fit."""
     modules = dict(model.named_modules())
     # Each target is a module, or a fused expert parameter <experts>.<parameter> (parameter not None).
     targets = {name: split_target(modules, name) for name in settings}
@@ -78,31 +97,8 @@ def load_all_or_nothing(model, settings, tensors, source, modules_to_save=(), ad
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:
         raise ValueError(f"{source}: missing keys {missing}, unexpected keys {unexpected}")
-    to_add = {}
-    for name, config in settings.items():
-        module_name, parameter = targets[name]
-        module = modules[module_name]
-        if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
-            existing = module.adapters[adapter_name]
-            if parameter is not None and parameter not in existing:
-                raise ValueError(f"{source}: layer {module_name} has an adapter {adapter_name!r} without "
-                                 f"{parameter}; load the checkpoint as another adapter_name")
-            existing = (existing[parameter] if parameter is not None else existing).config
-            differing = [s for s in WEIGHT_SETTINGS if getattr(existing, s) != getattr(config, s)]
-            if differing:
-                raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
-                                 f"but the checkpoint has {config}; {differing} must match")
-            if module.merged and module.active_adapter == adapter_name:
-                raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
-        else:
-            check_adaptable(module, f"{source}: layer {name}")
-            to_add[name] = config
-        for t, shape in factor_shapes(module, parameter, config.r).items():
-            got = tuple(tensors[f"{name}.{t}"].shape)
-            if got != shape:
-                weight = getattr(module, parameter or "weight")
-                raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
-                                 f"(weight {tuple(weight.shape)}, r={config.r}) needs {shape}")
+    to_add = {name: config for name, config in settings.items()
+              if _check_target(modules, targets[name], name, config, tensors, source, adapter_name)}
     for key, t in saved_state.items():
         if tensors[key].shape != t.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, "
@@ -113,18 +109,36 @@ def load_all_or_nothing(model, settings, tensors, source, modules_to_save=(), ad
         if weight.shape != modules[name].weight.shape:
             raise ValueError(f"{source}: {name}{BASE_WEIGHT} has shape {tuple(weight.shape)}, but layer {name}'s "
                              f"weight has shape {tuple(modules[name].weight.shape)}")
-    if to_add or modules_to_save:
-        wrap_targets(model, to_add, adapter_name, modules_to_save)
-    adapters = adapter_targets_of(model, adapter_name)
-    with torch.no_grad():
-        for name in settings:
-            adapter = adapters[name]
-            for t in ADAPTER_TENSORS:
-                getattr(adapter, t).copy_(tensors[f"{name}.{t}"])
-        for key, t in saved_state.items():
-            t.copy_(tensors[key])
-        for name, weight in base_weights.items():
-            model.get_submodule(name).weight.copy_(weight)
+    return to_add, saved_state
+
+
+def _check_target(modules, target, name, config, tensors, source, adapter_name):
+    """Check the target ``name`` ((module name, parameter or None)) against the settings ``config`` and its
+    tensors; True if it needs the adapter added, False if it holds it (to be loaded over)."""
+    module_name, parameter = target
+    module = modules[module_name]
+    add = not (isinstance(module, AdapterLayer) and adapter_name in module.adapters)
+    if add:
+        check_adaptable(module, f"{source}: layer {name}")
+    else:
+        existing = module.adapters[adapter_name]
+        if parameter is not None and parameter not in existing:
+            raise ValueError(f"{source}: layer {module_name} has an adapter {adapter_name!r} without "
+                             f"{parameter}; load the checkpoint as another adapter_name")
+        existing = (existing[parameter] if parameter is not None else existing).config
+        differing = [s for s in WEIGHT_SETTINGS if getattr(existing, s) != getattr(config, s)]
+        if differing:
+            raise ValueError(f"{source}: layer {name} has adapter settings {existing} "
+                             f"but the checkpoint has {config}; {differing} must match")
+        if module.merged and module.active_adapter == adapter_name:
+            raise RuntimeError(f"layer {name} is merged; unmerge it before loading an adapter into it")
+    for t, shape in factor_shapes(module, parameter, config.r).items():
+        got = tuple(tensors[f"{name}.{t}"].shape)
+        if got != shape:
+            weight = getattr(module, parameter or "weight")
+            raise ValueError(f"{source}: {name}.{t} has shape {got}, but layer {name} "
+                             f"(weight {tuple(weight.shape)}, r={config.r}) needs {shape}")
+    return add
 
 
 def factor_shapes(module, parameter, r):

@@ -18,7 +18,7 @@ from ..layers.linear import Linear
 from ..layers.routers import RouterWeight
 from ..model.adapters import FORMAT, refuse_peft_model, saved_modules
 from ..model.targets import inside_any, matching_names, split_target
-from ..peft.folder import MOSLORA_PEFT_TYPE
+from ..peft.folder import MOSLORA_PEFT_TYPE, RECORD_FIELD
 from . import engines
 from . import peft_lora_experts as peft_experts
 from .files import CONFIG_NAME, WEIGHTS_NAME, check_folder, read_json, read_tensors, write_folder
@@ -83,6 +83,41 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     """
     layers = unmerged_adapters(model, "save_peft_adapter", adapter_name)
     adapters = adapter_targets_of(model, adapter_name, layers)
+    shared = _shared_settings(adapters)
+    experts, linear, as_parameters = split_targets(model, layers)
+    target_parameters = [f"{name}.weight" for name in as_parameters]
+    modules = {name: layer for name, layer in linear.items() if name not in as_parameters}
+    tensors = {}
+    with torch.no_grad():
+        for name, layer in linear.items():
+            tensors.update(module_tensors(name, layer, adapters[name], with_mixer=False))
+        for name, layer in experts.items():
+            tensors.update(peft_experts.peft_tensors(PEFT_PREFIX, name, layer.adapters[adapter_name], layer))
+            target_parameters += [f"{name}.{parameter}" for parameter in layer.adapters[adapter_name]]
+    if target_parameters and shared["lora_dropout"]:
+        _warn_no_dropout(shared)
+    tensors.update(saved_module_tensors(model))
+    config = {"peft_type": "LORA", **folder_config(model, layers, modules), **shared,
+              "target_parameters": sorted(target_parameters) or None,
+              **pattern_settings(adapters, lambda t: f"{t}.weight" if t in as_parameters else t)}
+    if engine is not None:
+        reasons = engines.refusals(engine, config, layers)
+        if reasons:
+            raise ValueError(f"{engine} would not load this adapter: {'; '.join(reasons)}")
+    write_folder(path, tensors, config)
+
+
+def _warn_no_dropout(shared):
+    """PEFT's target_parameters wrapper refuses dropout: lora_dropout is written as 0, with a warning."""
+    warnings.warn(f"save_peft_adapter writes lora_dropout 0 (the adapters were trained with "
+                  f"{shared['lora_dropout']}): PEFT's target_parameters wrapper refuses dropout; it changes no "
+                  "output, only further training with PEFT", stacklevel=3)
+    shared["lora_dropout"] = 0.0
+
+
+def _shared_settings(adapters):
+    """The settings a PEFT LoRA adapter holds once (``PEFT_SHARED_SETTINGS``) of the adapters {target: Adapter};
+    ValueError if they differ in one."""
     shared = {}
     for setting in PEFT_SHARED_SETTINGS:
         values = {getattr(adapter.config, setting) for adapter in adapters.values()}
@@ -90,50 +125,76 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
             raise ValueError(f"a PEFT LoRA adapter has one {setting} for all layers, but the adapted layers "
                              f"have {sorted(values)}")
         shared[setting] = values.pop()
+    return shared
+
+
+def split_targets(model, layers):
+    """The adapted layers {name: layer} as PEFT holds them: (experts layers, the other layers, the names of
+    those of them that PEFT adapts as 2-D ``target_parameters``: routers, and linear layers that PEFT would
+    remap to routed experts)."""
     experts = {name: layer for name, layer in layers.items() if isinstance(layer, Experts)}
     linear = {name: layer for name, layer in layers.items() if name not in experts}
-    # Routers, and linear layers that PEFT would remap to routed experts, go in as 2-D target_parameters.
     as_parameters = [name for name, layer in linear.items()
                      if isinstance(layer, RouterWeight) or peft_experts.remapped_by_peft(model, name)]
-    target_parameters = [f"{name}.weight" for name in as_parameters]
-    modules = {name: layer for name, layer in linear.items() if name not in as_parameters}
-    # [] rather than None when all targets are parameters: for None PEFT puts in its default targets.
+    return experts, linear, as_parameters
+
+
+def target_modules_of(model, modules):
+    """PEFT's target_modules for the adapted modules ``modules``: the last names where these select exactly
+    them, else their full names ([] rather than None when there are none: for None PEFT puts in its
+    default targets)."""
     target_modules = sorted({name.rsplit(".", 1)[-1] for name in modules})
     if modules and set(matching_names(model, target_modules)) != set(modules):
         target_modules = sorted(modules)  # the names' ends select other modules too: full names
-    tensors = {}
-    with torch.no_grad():
-        for name, layer in linear.items():
-            adapter, peft_names = adapters[name], layer.peft_names
-            B = adapter.lora_B
-            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}"] = adapter.lora_A
-            tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = (
-                B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
-        for name, layer in experts.items():
-            tensors.update(peft_experts.peft_tensors(PEFT_PREFIX, name, layer.adapters[adapter_name], layer))
-            target_parameters += [f"{name}.{parameter}" for parameter in layer.adapters[adapter_name]]
-    if target_parameters and shared["lora_dropout"]:
-        warnings.warn(f"save_peft_adapter writes lora_dropout 0 (the adapters were trained with "
-                      f"{shared['lora_dropout']}): PEFT's target_parameters wrapper refuses dropout; it changes no "
-                      "output, only further training with PEFT", stacklevel=2)
-        shared["lora_dropout"] = 0.0
-    tensors.update({PEFT_PREFIX + key: t for key, t in module_state(saved_modules(model)).items()})
-    base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model, **shared,
-              "target_modules": target_modules,
-              "target_parameters": sorted(target_parameters) or None,
-              "modules_to_save": list(saved_modules(model)) or None,
-              "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-              "use_dora": False, "init_lora_weights": True, "inference_mode": True}
-    for setting, pattern in PEFT_PATTERN_SETTINGS.items():  # under PEFT's keys: <layer>.weight for a 2-D parameter
-        values = {(f"{t}.weight" if t in as_parameters else t): getattr(a.config, setting) for t, a in adapters.items()}
-        config[setting] = max(sorted(set(values.values())), key=list(values.values()).count)
+    return target_modules
+
+
+def module_tensors(name, layer, adapter, with_mixer):
+    """PEFT's keys and tensors of the adapter ``adapter`` of the layer ``name``: lora_A, lora_B and, with
+    ``with_mixer``, the mixer as the PEFT route saves it (``lora_mixer.weight``); without, the mixer folded
+    into B (``B M``, computed in fp32, rounded once to B's dtype)."""
+    peft_names, B = layer.peft_names, adapter.lora_B
+    tensors = {f"{PEFT_PREFIX}{name}.{peft_names['lora_A']}": adapter.lora_A}
+    if with_mixer:
+        tensors[f"{PEFT_PREFIX}{name}.lora_mixer.weight"] = adapter.lora_mixer
+    else:
+        with torch.no_grad():
+            B = (B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
+    tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = B
+    return tensors
+
+
+def saved_module_tensors(model):
+    """The state of the modules to save, keyed as PEFT writes it."""
+    return {PEFT_PREFIX + key: t for key, t in module_state(saved_modules(model)).items()}
+
+
+def pattern_settings(adapters, key_of=str):
+    """r and lora_alpha of the adapters {target: Adapter}: their most common values, and ``rank_pattern`` /
+    ``alpha_pattern`` entries (escaped PEFT keys, ``key_of(target)``) for the targets that differ."""
+    config = {}
+    for setting, pattern in PEFT_PATTERN_SETTINGS.items():
+        values = {key_of(t): getattr(a.config, setting) for t, a in adapters.items()}
+        config[setting] = most_common(values.values())
         config[pattern] = peft_experts.patterns(values, config[setting])
-    if engine is not None:
-        reasons = engines.refusals(engine, config, layers)
-        if reasons:
-            raise ValueError(f"{engine} would not load this adapter: {'; '.join(reasons)}")
-    write_folder(path, tensors, config)
+    return config
+
+
+def most_common(values):
+    """The most common of ``values`` (the smallest of the most common)."""
+    values = list(values)
+    return max(sorted(set(values)), key=values.count)
+
+
+def folder_config(model, layers, modules):
+    """What a PEFT adapter_config.json says of the model and its adapted ``modules`` beside the adapter's
+    settings."""
+    base_model = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return {"task_type": None, "base_model_name_or_path": base_model,
+            "target_modules": target_modules_of(model, modules),
+            "modules_to_save": list(saved_modules(model)) or None,
+            "bias": "none", "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+            "use_dora": False, "init_lora_weights": True, "inference_mode": True}
 
 
 def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, autocast_adapter_dtype=True):
@@ -174,8 +235,31 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     check_folder(path)
     check_adapter_name(adapter_name)
     refuse_peft_model(model)
+    peft_config, weights = _peft_folder(path)
+    # Settings the config leaves out take PEFT's LoraConfig defaults, as PEFT's own loading does.
+    shared = folder_settings(path, "the adapter", r=peft_config.get("r", 8), lora_alpha=peft_config.get("lora_alpha", 8),
+                       lora_dropout=peft_config.get("lora_dropout", 0.0),
+                       use_rslora=peft_config.get("use_rslora", False), autocast_adapter_dtype=autocast_adapter_dtype)
+    modules_to_save = names_list(path, peft_config.get("modules_to_save"))
+    by_layer, tensors, to_save, base_weights = _sorted_keys(model, weights, modules_to_save)
+    modules = dict(model.named_modules())
+    target_parameters = peft_config.get("target_parameters")
+    settings = {}
+    for key_module, parts in by_layer.items():
+        name = peft_experts.resolve_key_module(modules, key_module, target_parameters, str(path))
+        settings[name] = _layer_settings(modules, name, parts, peft_config, shared, path, weights)
+        tensors.update(_layer_tensors(modules, name, parts, settings[name].r, peft_config, path))
+    if not settings:
+        raise ValueError(f"{weights} holds no adapter tensors")
+    load_all_or_nothing(model, settings, tensors, str(path), sorted(to_save), adapter_name, replace, base_weights)
+    return model
+
+
+def _peft_folder(path):
+    """(adapter_config.json, the weights file) of a PEFT folder, refusing what this library does not read."""
     peft_config = read_json(os.path.join(path, CONFIG_NAME))
-    if peft_config.get("format") == FORMAT:
+    record = peft_config.get(RECORD_FIELD)
+    if FORMAT in (peft_config.get("format"), isinstance(record, dict) and record.get("format")):
         raise ValueError(f"{path} is a moslora_ext adapter folder (written by save_adapter), not a PEFT one; "
                          "load it with moslora_ext.load_adapter")
     unsupported = {key: peft_config[key] for key in ("use_dora",) if peft_config.get(key)}
@@ -187,12 +271,13 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     weights = next((f for f in files if os.path.exists(f)), None)
     if weights is None:
         raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor adapter_model.bin")
-    # Settings the config leaves out take PEFT's LoraConfig defaults, as PEFT's own loading does.
-    shared = folder_settings(path, "the adapter", r=peft_config.get("r", 8), lora_alpha=peft_config.get("lora_alpha", 8),
-                       lora_dropout=peft_config.get("lora_dropout", 0.0),
-                       use_rslora=peft_config.get("use_rslora", False), autocast_adapter_dtype=autocast_adapter_dtype)
+    return peft_config, weights
+
+
+def _sorted_keys(model, weights, modules_to_save):
+    """The tensors of the file ``weights`` sorted: ({layer: {our tensor name: tensor}}, {key: tensor} of the
+    modules to save, their names, {layer: base weight})."""
     key_pattern = re.compile(rf"(.+)\.({'|'.join(FROM_PEFT_NAMES)})(?:\.default)?(?:\.weight)?")
-    modules_to_save = names_list(path, peft_config.get("modules_to_save"))
     save_candidates = matching_names(model, modules_to_save) if modules_to_save else []
     by_layer, tensors, to_save, base_weights = {}, {}, set(), {}
     for key, tensor in read_tensors(weights).items():
@@ -209,43 +294,45 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
         else:
             raise ValueError(f"{weights}: unexpected key {key!r} (not a LoRA/MoSLoRA adapter tensor "
                              f"nor one of a module of modules_to_save {modules_to_save})")
-    modules = dict(model.named_modules())
+    return by_layer, tensors, to_save, base_weights
+
+
+def _layer_settings(modules, name, parts, peft_config, shared, path, weights):
+    """The settings of the layer ``name`` from the config (``rank_pattern``, ``alpha_pattern``; a mixer's
+    settings where it has one, else an identity, frozen mixer)."""
     target_parameters = peft_config.get("target_parameters")
-    settings = {}
-    for key_module, parts in by_layer.items():
-        name = peft_experts.resolve_key_module(modules, key_module, target_parameters, str(path))
-        key = peft_experts.pattern_key(modules, name, target_parameters)
-        if key != name and adapter_class(modules[name]) not in (Linear, RouterWeight):
-            raise ValueError(f"{path}: target_parameters adapts {key}, the weight of a {class_path(modules[name])}; "
-                             "load_peft_adapter reads the target_parameters adapters of fused expert parameters, "
-                             "router weights and nn.Linear weights (PEFT's wrapper of another module's weight "
-                             "adapts the stored tensor as a matrix, which this library's layer of that module does "
-                             "not do)")
-        r = peft_experts.pattern_value(peft_config.get("rank_pattern"), key, shared.r)
-        alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), key, shared.lora_alpha)
-        has_mixer = "lora_mixer" in parts
-        if not has_mixer and peft_config.get("peft_type") == MOSLORA_PEFT_TYPE:
-            raise ValueError(f"{weights}: layer {name} has no lora_mixer tensor, but a MOSLORA folder (a "
-                             "MoSLoRAConfig adapter's save_pretrained) holds one for every layer: the file is "
-                             "incomplete or corrupt")
-        # A trained mixer: a MoSLoRAConfig folder says how it started and whether it trains.
-        mixer = ({"mixer_init": peft_config.get("mixer_init", "kaiming"), "train_mixer": peft_config.get("train_mixer",
-                 True), "braid_subspaces": peft_config.get("braid_subspaces", 2)} if has_mixer
-                 else {"mixer_init": "identity", "train_mixer": False})
-        settings[name] = folder_settings(path, f"layer {name}", **{
-            **dataclasses.asdict(shared), "r": r, "lora_alpha": alpha,
-            **mixer})
-        r = settings[name].r
-        module_name, parameter = split_target(modules, name)
-        if parameter is not None and "lora_A" in parts and "lora_B" in parts:  # PEFT's ParamWrapper layout
-            shapes = factor_shapes(modules[module_name], parameter, r)
-            parts["lora_A"], parts["lora_B"] = peft_experts.from_peft(
-                parts["lora_A"], parts["lora_B"], shapes, modules[module_name].is_transposed,
-                peft_config.get("peft_version"), str(path), name)
-            parts.setdefault("lora_mixer", torch.eye(r).expand(shapes["lora_mixer"]))
-        parts.setdefault("lora_mixer", torch.eye(r))
-        tensors.update({f"{name}.{t}": tensor for t, tensor in parts.items()})
-    if not settings:
-        raise ValueError(f"{weights} holds no adapter tensors")
-    load_all_or_nothing(model, settings, tensors, str(path), sorted(to_save), adapter_name, replace, base_weights)
-    return model
+    key = peft_experts.pattern_key(modules, name, target_parameters)
+    if key != name and adapter_class(modules[name]) not in (Linear, RouterWeight):
+        raise ValueError(f"{path}: target_parameters adapts {key}, the weight of a {class_path(modules[name])}; "
+                         "load_peft_adapter reads the target_parameters adapters of fused expert parameters, "
+                         "router weights and nn.Linear weights (PEFT's wrapper of another module's weight "
+                         "adapts the stored tensor as a matrix, which this library's layer of that module does "
+                         "not do)")
+    r = peft_experts.pattern_value(peft_config.get("rank_pattern"), key, shared.r)
+    alpha = peft_experts.pattern_value(peft_config.get("alpha_pattern"), key, shared.lora_alpha)
+    has_mixer = "lora_mixer" in parts
+    if not has_mixer and peft_config.get("peft_type") == MOSLORA_PEFT_TYPE:
+        raise ValueError(f"{weights}: layer {name} has no lora_mixer tensor, but a MOSLORA folder (a "
+                         "MoSLoRAConfig adapter's save_pretrained) holds one for every layer: the file is "
+                         "incomplete or corrupt")
+    # A trained mixer: a MoSLoRAConfig folder says how it started and whether it trains.
+    mixer = ({"mixer_init": peft_config.get("mixer_init", "kaiming"), "train_mixer": peft_config.get("train_mixer",
+             True), "braid_subspaces": peft_config.get("braid_subspaces", 2)} if has_mixer
+             else {"mixer_init": "identity", "train_mixer": False})
+    return folder_settings(path, f"layer {name}", **{
+        **dataclasses.asdict(shared), "r": r, "lora_alpha": alpha,
+        **mixer})
+
+
+def _layer_tensors(modules, name, parts, r, peft_config, path):
+    """The tensors {"<layer>.lora_A": ...} of the layer ``name`` from its PEFT tensors ``parts`` (PEFT's
+    ParamWrapper layout turned into this library's; an identity mixer where there is none)."""
+    module_name, parameter = split_target(modules, name)
+    if parameter is not None and "lora_A" in parts and "lora_B" in parts:  # PEFT's ParamWrapper layout
+        shapes = factor_shapes(modules[module_name], parameter, r)
+        parts["lora_A"], parts["lora_B"] = peft_experts.from_peft(
+            parts["lora_A"], parts["lora_B"], shapes, modules[module_name].is_transposed,
+            peft_config.get("peft_version"), str(path), name)
+        parts.setdefault("lora_mixer", torch.eye(r).expand(shapes["lora_mixer"]))
+    parts.setdefault("lora_mixer", torch.eye(r))
+    return {f"{name}.{t}": tensor for t, tensor in parts.items()}

@@ -4,10 +4,13 @@ A PEFT-route folder (``"peft_type": "MOSLORA"``) opened without ``import
 moslora_ext`` makes PEFT raise ``KeyError: 'MOSLORA'``: its model card
 (README.md) and adapter_config.json (the ``RECORD_FIELD`` record) therefore say
 what to install and import. A ``save_adapter`` folder (the functional API's
-format) says ``"peft_type": FUNCTIONAL_PEFT_TYPE``, which the PEFT route
-registers as a config that refuses to load, naming ``moslora_ext.load_adapter``.
+format) is a route folder too (``moslora_ext.formats.native.save_adapter``), unless no one MoSLoRAConfig
+computes its adapter as it is: then it says ``"peft_type": FUNCTIONAL_PEFT_TYPE`` (as all its folders did
+before), which the PEFT route registers as a config that refuses to load, naming ``moslora_ext.load_adapter``
+and the reasons its record lists.
 """
 
+import json
 import os
 
 MOSLORA_PEFT_TYPE = "MOSLORA"  # the peft_type of MoSLoRAConfig's folders (PEFT route)
@@ -62,11 +65,23 @@ class FunctionalFolderConfig:
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
-        raise ValueError(cls._refusal(path))
+        raise ValueError(cls._refusal(path, _reasons(path)))
 
     @staticmethod
-    def _refusal(path):
-        return (f"{path} was written by moslora_ext.save_adapter (moslora_ext's own format, not a PEFT adapter): "
-                "load it with moslora_ext.load_adapter(model, path); to use it with PEFT, load it so and save it "
-                "with moslora_ext.save_peft_adapter (a PEFT LoRA adapter), or train with moslora_ext.MoSLoRAConfig")
+    def _refusal(path, reasons=()):
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        return (f"{path} was written by moslora_ext.save_adapter as an adapter that no MoSLoRAConfig holds as it "
+                f"is{why}: load it with moslora_ext.load_adapter(model, path); to use it with PEFT, load it so and "
+                "save it with moslora_ext.save_peft_adapter (a PEFT LoRA adapter), or train with "
+                "moslora_ext.MoSLoRAConfig")
+
+
+def _reasons(path):
+    """The reasons a local save_adapter folder's record gives why it is no MOSLORA folder (none if unreadable)."""
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            reasons = json.load(f)[RECORD_FIELD]["not_for_peft"]
+    except (OSError, TypeError, KeyError, ValueError):
+        return []
+    return [r for r in reasons if isinstance(r, str)] if isinstance(reasons, list) else []
 
