@@ -1,9 +1,9 @@
 """MoSLoRA adapters in diffusers (moslora_ext.peft.diffusers), through the PEFT route, on a tiny
 UNet2DConditionModel built from a config: adapter state dict, disable, save and load (UNet and SDXL
 pipeline), refusals of MoSLoRA files that diffusers would read as plain LoRA, fuse, two weighted adapters.
-References are hand-merged plain-PyTorch weights (W + w s B M A) in a fresh UNet."""
+References are hand-merged plain-PyTorch weights (W + w s B M A) in a fresh UNet. The documentation's diffusers
+example (docs/diffusers.md) runs in tests/test_docs.py."""
 
-import os
 import textwrap
 
 import pytest
@@ -22,7 +22,6 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 UNET_CONFIG = dict(
@@ -190,18 +189,3 @@ def test_set_adapters_with_two_adapters_and_weights():
                                atol=1e-5, rtol=1e-5)
     unet.set_adapters("second", weights=0.5)
     torch.testing.assert_close(run(unet), run(hand_merged(unet, {"second": 0.5})), atol=1e-5, rtol=1e-5)
-
-
-def test_readme_example_runs_as_written(tmp_path, monkeypatch):
-    readme = open(os.path.join(REPO, "README.md")).read()
-    example = readme.split("### Diffusers", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    before_training, after_training = example.split("# ... train unet ...\n")
-    monkeypatch.chdir(tmp_path)
-    namespace = {"unet": tiny_unet(), "pipe": tiny_sdxl_pipeline(tiny_unet())}
-    exec(compile(before_training, "README.md", "exec"), namespace)
-    unet = namespace["unet"]
-    train(unet)
-    exec(compile(after_training, "README.md", "exec"), namespace)
-    assert namespace["pipe"].unet.peft_config["subject"].mixer_init == "kaiming"
-    torch.testing.assert_close(run(namespace["pipe"].unet), run(hand_merged(unet, {"default": 1.0})),
-                               atol=1e-5, rtol=1e-5)
