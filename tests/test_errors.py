@@ -347,7 +347,7 @@ MISUSES = [
     Misuse("a safe merge refused by a later layer", lambda w: moslora_ext.merge_adapters(w.model, safe=True),
            ValueError, "inf or NaN", setup=World.inf_in_last_adapted_layer),
     Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(w.model, w.peft),
-           NotImplementedError, "use_dora", setup=lambda w: w.peft_checkpoint(use_dora=True)),
+           ValueError, "use_dora", setup=lambda w: w.peft_checkpoint(use_dora=True)),
     Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(w.model, w.peft),
            FileNotFoundError, "neither adapter_model.safetensors", setup=World.peft_checkpoint),
     Misuse("load a MOSLORA folder with a layer's mixer missing",
