@@ -8,12 +8,14 @@ are unusual but valid and must match the plain-PyTorch reference.
 
 import importlib.util
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moslora_ext
 from moslora_ext import ops
@@ -162,8 +164,7 @@ def moslora_folder_without_a_mixer(world):
     from safetensors.torch import save_file
 
     world.peft_checkpoint(peft_type="MOSLORA", target_modules=["0", "2"])
-    g = torch.Generator().manual_seed(0)
-    tensors = {f"base_model.model.{name}.{part}.weight": torch.randn(shape, generator=g)
+    tensors = {f"base_model.model.{name}.{part}.weight": torch.randn(shape)
                for name, (fan_in, fan_out) in {"0": (D, K), "2": (K, 8)}.items()
                for part, shape in (("lora_A", (R, fan_in)), ("lora_B", (fan_out, R)))}
     tensors["base_model.model.2.lora_mixer.weight"] = torch.eye(R)
@@ -175,6 +176,22 @@ def wider_model_with_adapters(r):
     return moslora_ext.add_adapters(model, ["0", "2"], r=r)
 
 
+def raw_experts(**changes):
+    """``experts_forward`` of two experts (rows [0, 2) and [2, 6)) with ``changes`` to its arguments."""
+    a = {"base_out": torch.zeros(6, K), "x": torch.randn(6, D), "offsets": torch.tensor([2, 6]),
+         "lora_A": torch.randn(2, R, D), "mixer": torch.randn(2, R, R),
+         "lora_B": torch.randn(2, K, R), "scale": 0.5, "dropout_p": 0.0, "dropout_seed": None, **changes}
+    return OPS.experts_forward(*a.values())
+
+
+def raw_experts_backward(grad_out=None, u=None):
+    y, u_saved = raw_experts()
+    return OPS.experts_backward(torch.ones_like(y) if grad_out is None else grad_out, torch.randn(6, D),
+                                torch.tensor([2, 6]), torch.randn(2, R, D),
+                                torch.randn(2, R, R), torch.randn(2, K, R),
+                                u_saved if u is None else u, 0.5, 0.0, None, [True] * 4)
+
+
 MISUSES = [
     # moslora_ext.Linear
     Misuse("wrong in_features", lambda w: w.layer(torch.randn(3, D - 1)), ValueError,
@@ -183,8 +200,8 @@ MISUSES = [
            "weight has dtype Float but x has dtype Half"),
     Misuse("integer x", lambda w: w.layer(torch.ones(3, D, dtype=torch.int64)), TypeError,
            "x must be a floating point tensor, got dtype Long"),
-    Misuse("x on another device", lambda w: w.layer(torch.randn(3, D, device="meta")), (RuntimeError, ValueError),
-           "meta"),
+    Misuse("x on another device", lambda w: w.layer(torch.randn(3, D, device="meta")), ValueError,
+           "lora_A is on cpu but x is on meta"),
     Misuse("r = 0", lambda w: moslora_ext.Linear(D, K, r=0), ValueError, r"r \(the adapter rank\).*got 0"),
     Misuse("negative r", lambda w: moslora_ext.Linear(D, K, r=-3), ValueError, r"r \(the adapter rank\).*got -3"),
     Misuse("fractional r", lambda w: moslora_ext.Linear(D, K, r=2.5), ValueError, "positive integer, got 2.5"),
@@ -257,6 +274,32 @@ MISUSES = [
            TypeError, "base_out has dtype Double but x has dtype Float"),
     Misuse("dropout op with p = 1", lambda w: ops.dropout(w.x, 1.0, torch.tensor([1])), ValueError,
            r"dropout probability must be in \[0, 1\)"),
+    # raw expert operators (two experts of rows [0, 2) and [2, 6))
+    Misuse("experts: lora_A of another in_features", lambda w: raw_experts(lora_A=torch.randn(2, R, D + 1)),
+           ValueError, rf"lora_A must have shape \(experts, r, in_features\) with in_features = {D}"),
+    Misuse("experts: base_out of another shape", lambda w: raw_experts(base_out=torch.zeros(6, K + 1)), ValueError,
+           rf"base_out must have shape \(rows, out_features\) = \(6, {K}\)"),
+    Misuse("experts: float offsets", lambda w: raw_experts(offsets=torch.tensor([2.0, 6.0])), ValueError,
+           r"offsets must be a 1-D integer tensor with one entry per expert \(2\), got dtype Float"),
+    Misuse("experts: double mixer", lambda w: raw_experts(mixer=torch.randn(2, R, R, dtype=torch.float64)),
+           TypeError, "mixer has dtype Double but x has dtype Float"),
+    Misuse("experts: double base_out", lambda w: raw_experts(base_out=torch.zeros(6, K, dtype=torch.float64)),
+           TypeError, "base_out has dtype Double but x has dtype Float"),
+    Misuse("experts: integer x", lambda w: raw_experts(x=torch.ones(6, D, dtype=torch.int64)), TypeError,
+           "x must be a floating point tensor, got dtype Long"),
+    Misuse("experts: lora_B on another device", lambda w: raw_experts(lora_B=torch.randn(2, K, R, device="meta")),
+           ValueError, "lora_B is on meta but x is on cpu"),
+    Misuse("experts: offsets on another device", lambda w: raw_experts(offsets=torch.tensor([2, 6]).to("meta")),
+           ValueError, "offsets is on meta but x is on cpu"),
+    Misuse("experts: dropout without a seed", lambda w: raw_experts(dropout_p=0.1), ValueError,
+           "needs a dropout_seed"),
+    Misuse("experts: float dropout seed", lambda w: raw_experts(dropout_p=0.1, dropout_seed=torch.tensor([1.0])),
+           ValueError, "one-element int64 CPU tensor"),
+    Misuse("experts: NaN scale", lambda w: raw_experts(scale=float("nan")), ValueError, "scale must be finite"),
+    Misuse("experts backward with a wrong u", lambda w: raw_experts_backward(u=torch.zeros(5, R)), ValueError,
+           rf"u must have shape \(6, {R}\) as returned by experts_forward"),
+    Misuse("experts backward with a double grad", lambda w: raw_experts_backward(
+        grad_out=torch.ones(6, K, dtype=torch.float64)), TypeError, "grad_out has dtype Double but x has dtype Float"),
     # whole models
     Misuse("targets that match nothing", lambda w: moslora_ext.add_adapters(w.model, ["q_proj"]), ValueError,
            "matches no module"),
@@ -348,7 +391,7 @@ MISUSES = [
     Misuse("a safe merge refused by a later layer", lambda w: moslora_ext.merge_adapters(w.model, safe=True),
            ValueError, "inf or NaN", setup=World.inf_in_last_adapted_layer),
     Misuse("load a PEFT checkpoint with DoRA", lambda w: moslora_ext.load_peft_adapter(w.model, w.peft),
-           NotImplementedError, "use_dora", setup=lambda w: w.peft_checkpoint(use_dora=True)),
+           ValueError, "use_dora", setup=lambda w: w.peft_checkpoint(use_dora=True)),
     Misuse("load a PEFT checkpoint without weights", lambda w: moslora_ext.load_peft_adapter(w.model, w.peft),
            FileNotFoundError, "neither adapter_model.safetensors", setup=World.peft_checkpoint),
     Misuse("load a MOSLORA folder with a layer's mixer missing",
@@ -432,6 +475,38 @@ def test_misuse_raises_a_clear_error_and_changes_nothing(case, tmp_path):
 
 def test_the_misuse_table_is_large_enough():
     assert len(MISUSES) >= 100
+
+
+def _ids(first, last):
+    ids = [case.id for case in MISUSES]
+    return ids[ids.index(first): ids.index(last) + 1]
+
+
+# The misuses that reach an operator: one exception type eagerly (the C++ kernel), with fake tensors (the fake
+# kernel, which is also the Meta kernel) and under torch.compile (the fake kernel, run while Dynamo traces).
+OP_MISUSE_IDS = {*_ids("wrong in_features", "x on another device"),
+                 *_ids("lora_A of another in_features", "experts backward with a double grad")}
+OP_MISUSES = [case for case in MISUSES if case.id in OP_MISUSE_IDS]
+
+
+@pytest.mark.parametrize("mode", ["eager", "fake", "compiled"])
+@pytest.mark.parametrize("case", OP_MISUSES, ids=[case.id for case in OP_MISUSES])
+def test_an_op_misuse_raises_one_type_eager_on_fake_tensors_and_compiled(case, mode, tmp_path):
+    world = World(tmp_path)
+    case.setup(world)
+    if mode == "compiled":
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda: case.act(world), backend="aot_eager", fullgraph=True)
+        with pytest.raises(torch._dynamo.exc.TorchDynamoException, match=case.message) as caught:
+            compiled()
+        # Dynamo reports whatever a fake kernel raises as an error of its own (a TorchRuntimeError, or under
+        # merge_'s no_grad an Unsupported) that names the error's type.
+        assert f"got {case.error.__name__}(" in str(caught.value)
+        return
+    with FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else nullcontext():
+        with pytest.raises(case.error, match=case.message) as caught:
+            case.act(world)
+    assert caught.type is case.error
 
 
 # --- edge inputs that must work ---------------------------------------------------------------

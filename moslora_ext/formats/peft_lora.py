@@ -266,7 +266,7 @@ def _peft_folder(path):
     if peft_config.get("bias", "none") != "none":
         unsupported["bias"] = peft_config["bias"]
     if unsupported:
-        raise NotImplementedError(f"{path}: PEFT settings not supported by moslora_ext: {unsupported}")
+        raise ValueError(f"{path}: PEFT settings not supported by moslora_ext: {unsupported}")
     files = [os.path.join(path, name) for name in (WEIGHTS_NAME, "adapter_model.bin")]
     weights = next((f for f in files if os.path.exists(f)), None)
     if weights is None:

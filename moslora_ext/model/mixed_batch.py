@@ -66,8 +66,9 @@ def _enter(module, adapter_names, owner, expand_rows=False):
     check_names(adapter_names, {name for layer in layers for name in layer.adapters}, "the model")
     unsupported = sorted({type(layer).__name__ for layer in layers if not layer.takes_mixed_batches})
     if unsupported:
-        raise NotImplementedError(f"adapter_names (mixed-adapter batches) is not supported on {unsupported} layers "
-                                  "(adapters on expert parameters and routers); run each adapter in its own batch")
+        # ValueError, as PEFT's own refusal of mixed batches on layers without them (lora.ParamWrapper)
+        raise ValueError(f"adapter_names (mixed-adapter batches) is not supported on {unsupported} layers "
+                         "(adapters on expert parameters and routers); run each adapter in its own batch")
     if module.training and any(getattr(m, "gradient_checkpointing", False) for m in module.modules()):
         raise RuntimeError("adapter_names with gradient checkpointing in training mode: the recomputed forward "
                            "would not see the names; call model.eval() or disable gradient checkpointing")

@@ -12,6 +12,7 @@ stacked as lora_A (E, r, in), lora_mixer (E, r, r), lora_B (E, out, r).
 import torch
 
 from .common import autocast_dtype, autocast_to, cast_floating, new_dropout_seed, refuse_double_backward
+from .checks import check_expert_adapter, check_expert_rows, check_offsets
 from .linear import merge_
 
 _C_OPS = torch.ops.moslora_ext
@@ -62,25 +63,33 @@ def merge_experts_(weight, lora_A, mixer, lora_B, scale, transposed=False):
 # --- fake kernels ------------------------------------------------------------------------------
 
 
-def _check_fake(x, lora_A, mixer, lora_B):
-    torch._check(x.dim() == 2 and lora_A.dim() == 3 and mixer.dim() == 3 and lora_B.dim() == 3,
-                 lambda: "moslora_ext: experts ops need x 2-D and lora_A, mixer, lora_B 3-D")
-    torch._check(lora_A.shape[2] == x.shape[1], lambda: f"moslora_ext: lora_A {tuple(lora_A.shape)} does not "
-                 f"match x {tuple(x.shape)}")
-    for t, name in ((lora_A, "lora_A"), (mixer, "mixer"), (lora_B, "lora_B")):
-        torch._check(t.dtype == x.dtype, lambda: f"moslora_ext: {name} has dtype {t.dtype} but x has {x.dtype}")
+# Each fake runs the checks of its C++ op (ops/checks.py), with its exception types: the expert op's
+# own, then those of the dense op on each expert's rows.
 
 
 @torch.library.register_fake("moslora_ext::experts_forward")
 def _experts_forward_fake(base_out, x, offsets, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed):
-    _check_fake(x, lora_A, mixer, lora_B)
-    return torch.empty_like(base_out, memory_format=torch.contiguous_format), x.new_empty((x.shape[0], lora_A.shape[1]))
+    check_expert_adapter(x, lora_A, mixer, lora_B)
+    rows, k, r = x.shape[0], lora_B.shape[1], lora_A.shape[1]
+    torch._check_value(base_out.dim() == 2 and base_out.shape[0] == rows and base_out.shape[1] == k,
+                       lambda: f"moslora_ext: base_out must have shape (rows, out_features) = ({rows}, {k}), got "
+                       f"{list(base_out.shape)}")
+    check_offsets(offsets, x, lora_A.shape[0])
+    check_expert_rows(x, {"base_out": base_out}, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed)
+    return torch.empty_like(base_out, memory_format=torch.contiguous_format), x.new_empty((rows, r))
 
 
 @torch.library.register_fake("moslora_ext::experts_backward")
 def _experts_backward_fake(grad_out, x, offsets, lora_A, mixer, lora_B, u, scale, dropout_p, dropout_seed,
                            output_mask):
-    _check_fake(x, lora_A, mixer, lora_B)
+    check_expert_adapter(x, lora_A, mixer, lora_B)
+    rows, k, r = x.shape[0], lora_B.shape[1], lora_A.shape[1]
+    torch._check_value(grad_out.dim() == 2 and grad_out.shape[0] == rows and grad_out.shape[1] == k,
+                       lambda: f"moslora_ext: grad_out must have shape ({rows}, {k}), got {list(grad_out.shape)}")
+    torch._check_value(u.dim() == 2 and u.shape[0] == rows and u.shape[1] == r, lambda: "moslora_ext: u must "
+                       f"have shape ({rows}, {r}) as returned by experts_forward, got {list(u.shape)}")
+    check_offsets(offsets, x, lora_A.shape[0])
+    check_expert_rows(x, {"grad_out": grad_out, "u": u}, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed)
     return tuple(t.new_empty(t.shape) if needed else None for t, needed in zip((x, lora_A, mixer, lora_B), output_mask))
 
 

@@ -18,6 +18,15 @@ from .common import (
     refuse_double_backward,
     refuse_grad_transforms,
 )
+from .checks import (
+    check_adapter,
+    check_dropout,
+    check_layer_args,
+    check_same_dtype_device,
+    check_scale,
+    dtype_name,
+    opmath_dtype,
+)
 
 _C_OPS = torch.ops.moslora_ext
 
@@ -107,87 +116,57 @@ def dropout_mask(shape, p, seed, device="cpu"):
 # ---------------------------------------------------------------------------
 
 
-# The fakes are also the ops' Meta kernels: a meta tensor among real CPU
-# arguments dispatches here, so every argument's device is checked, or the
-# real x would get an uninitialised result.
-def _check_device(x, t, name):
-    torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
-
-
-def _check_like(x, t, name):
-    torch._check(t.dtype == x.dtype, lambda: f"moslora_ext: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
-    _check_device(x, t, name)
-
-
-def _check_seed(seed):
-    torch._check(seed is None or seed.device.type == "cpu",
-                 lambda: f"moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got one on {seed.device}")
-
-
-def _check_shapes(x, weight, lora_A, mixer, lora_B, adapter_dtype_free=False):
-    # weight None: adapter-only mode, in_features from lora_A and out_features from lora_B.
-    if weight is not None:
-        _check_like(x, weight, "weight")
-    for t, name in ((lora_A, "lora_A"), (mixer, "mixer"), (lora_B, "lora_B")):
-        if adapter_dtype_free:
-            torch._check(t.is_floating_point(), lambda: f"moslora_ext: {name} must be a floating point tensor")
-            torch._check(t.device == x.device, lambda: f"moslora_ext: {name} is on {t.device} but x is on {x.device}")
-        else:
-            _check_like(x, t, name)
-    torch._check(lora_A.dim() == 2 and lora_B.dim() == 2, lambda: "moslora_ext: lora_A and lora_B must be 2-D, "
-                 f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    r, d = lora_A.shape
-    k = lora_B.shape[0]
-    if weight is not None:
-        torch._check(tuple(weight.shape) == (k, d), lambda: f"moslora_ext: weight has shape {tuple(weight.shape)} "
-                     f"but lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} need {(k, d)}")
-    torch._check(
-        x.dim() >= 1 and x.shape[-1] == d,
-        lambda: f"moslora_ext: x must have in_features = {d} in its last dimension, got {tuple(x.shape)}",
-    )
-    torch._check(r >= 1, lambda: f"moslora_ext: the rank r must be >= 1, lora_A has shape {tuple(lora_A.shape)}")
-    torch._check(
-        tuple(mixer.shape) == (r, r) and tuple(lora_B.shape) == (k, r),
-        lambda: f"moslora_ext: inconsistent adapter shapes lora_A "
-        f"{tuple(lora_A.shape)}, mixer {tuple(mixer.shape)}, lora_B {tuple(lora_B.shape)}",
-    )
+# Each fake runs the checks of its C++ op (ops/checks.py), with its exception types.
 
 
 @torch.library.register_fake("moslora_ext::forward")
 def _forward_fake(x, weight, bias, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed, base_out=None):
-    torch._check((weight is None) != (base_out is None),
-                 lambda: "moslora_ext: forward needs either weight or base_out, not both nor neither")
-    _check_shapes(x, weight, lora_A, mixer, lora_B)
+    torch._check_value((weight is None) != (base_out is None), lambda: "moslora_ext: forward needs either weight "
+                       "(the base output computed here) or base_out (computed by the caller), not both nor neither")
+    torch._check_value(bias is None or base_out is None,
+                       lambda: "moslora_ext: with base_out the bias belongs in base_out; pass bias=None")
+    check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed)
+    k = lora_B.shape[0]
+    y = x.new_empty((*x.shape[:-1], k))
     if bias is not None:
-        _check_device(x, bias, "bias")
-    _check_seed(dropout_seed)
-    y = x.new_empty((*x.shape[:-1], lora_B.shape[0]))
+        check_same_dtype_device(x, "x", bias, "bias")
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == k, lambda: "moslora_ext: bias must have shape "
+                           f"(out_features,) = ({k},), got {list(bias.shape)}")
     if base_out is not None:
-        _check_like(x, base_out, "base_out")
-        torch._check(base_out.shape == y.shape, lambda: f"moslora_ext: base_out must have the output's shape "
-                     f"{tuple(y.shape)}, got {tuple(base_out.shape)}")
+        check_same_dtype_device(x, "x", base_out, "base_out")
+        torch._check_value(base_out.shape == y.shape, lambda: "moslora_ext: base_out must have the output's shape "
+                           f"{list(y.shape)}, got {list(base_out.shape)}")
     u = x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]))
     return y, u
 
 
 @torch.library.register_fake("moslora_ext::backward")
 def _backward_fake(grad_out, x, weight, lora_A, mixer, lora_B, u, scale, dropout_p, dropout_seed, output_mask):
-    _check_shapes(x, weight, lora_A, mixer, lora_B)
-    _check_like(x, grad_out, "grad_out")
-    _check_like(x, u, "u")
-    _check_seed(dropout_seed)
+    check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed)
+    check_same_dtype_device(x, "x", grad_out, "grad_out")
+    check_same_dtype_device(x, "x", u, "u")
+    y_sizes = [*x.shape[:-1], lora_B.shape[0]]
+    n, r = math.prod(x.shape[:-1]), lora_A.shape[0]
+    torch._check_value(list(grad_out.shape) == y_sizes, lambda: "moslora_ext: grad_out must have the output's "
+                       f"shape {y_sizes}, got {list(grad_out.shape)}")
+    torch._check_value(u.dim() == 2 and u.shape[0] == n and u.shape[1] == r, lambda: "moslora_ext: u must have "
+                       f"shape ({n}, {r}) as returned by forward, got {list(u.shape)}")
     shapes = (x.shape, lora_A.shape, mixer.shape, lora_B.shape)
     return tuple(x.new_empty(shape) if needed else None for shape, needed in zip(shapes, output_mask))
 
 
 @torch.library.register_fake("moslora_ext::merge_")
 def _merge_fake(weight, lora_A, mixer, lora_B, scale):
-    _check_shapes(weight, weight, lora_A, mixer, lora_B, adapter_dtype_free=True)
+    check_adapter(weight, "weight", weight, lora_A, mixer, lora_B, adapter_dtype_free=True)
+    check_scale(scale, opmath_dtype(weight.dtype))
 
 
 @torch.library.register_fake("moslora_ext::dropout")
 def _dropout_fake(x, p, seed):
-    _check_seed(seed)
+    torch._check_type(x.is_floating_point(), lambda: "moslora_ext: dropout needs a floating point x, got "
+                      f"{dtype_name(x.dtype)}")
+    torch._check_value(x.dim() >= 1, lambda: "moslora_ext: dropout needs x with at least one dimension")
+    check_dropout(p, seed, x)
     # As the op: p = 0 is x.clone() (x's strides where dense), else a new contiguous tensor.
     return torch.empty_like(x) if p == 0 else x.new_empty(x.shape)
 
