@@ -77,7 +77,7 @@ def main():
         args.out = args.out or tempfile.mkdtemp(prefix="moslora-tiny-llama-adapter-")
         model.eval()
         moslora_ext.save_adapter(model, args.out)
-        size = os.path.getsize(os.path.join(args.out, moslora_ext.checkpoints.WEIGHTS_NAME))
+        size = os.path.getsize(os.path.join(args.out, moslora_ext.formats.files.WEIGHTS_NAME))
         log(f"saved the adapter to {args.out} ({size / 1e6:.2f} MB)")
 
         reloaded = moslora_ext.load_adapter(base_model(), args.out).eval()
