@@ -2,7 +2,7 @@
 
     python tools/check_architecture.py [PACKAGE_DIR]
 
-Rules for moslora_ext/ (README's "Layout" names the wings):
+Rules for moslora_ext/ (docs/layout.md names the wings):
 - each wing imports only the wings below it: ops < layers < model < peft < formats < the package root;
 - no import circle between modules (imports inside functions count: they are arrows too);
 - no private name (``_name``) imported from another module, and every name imported from where it is defined;
