@@ -13,6 +13,7 @@ import torch
 
 from ..layers.base import DEFAULT_ADAPTER, check_adapter_name, class_path
 from ..layers.dispatch import adapter_class
+from ..layers.expert_layout import folded_B
 from ..layers.experts import Experts
 from ..layers.linear import Linear
 from ..layers.routers import RouterWeight
@@ -158,8 +159,7 @@ def module_tensors(name, layer, adapter, with_mixer):
     if with_mixer:
         tensors[f"{PEFT_PREFIX}{name}.lora_mixer.weight"] = adapter.lora_mixer
     else:
-        with torch.no_grad():
-            B = (B.flatten(1).float() @ adapter.lora_mixer.float()).to(B.dtype).view_as(B)
+        B = folded_B(B.flatten(1), adapter.lora_mixer).view_as(B)
     tensors[f"{PEFT_PREFIX}{name}.{peft_names['lora_B']}"] = B
     return tensors
 

@@ -23,6 +23,7 @@ same layout in both.
 
 import re
 
+from ..layers.expert_layout import folded_B, peft_from_stacked, stacked_from_peft
 from ..layers.experts import Experts, expert_parameters, is_fused_experts
 
 CURRENT_LAYOUT_SINCE = (0, 19, 1)  # the first PEFT release with the current layout
@@ -100,10 +101,7 @@ def to_peft(adapter):
     """(lora_A.weight, lora_B.weight) in PEFT's current layout for an expert
     adapter with stacked factors, the mixer folded into B (B_e M_e, computed
     in fp32 and rounded once to B's dtype)."""
-    lora_A, mixer, lora_B = adapter.lora_A, adapter.lora_mixer, adapter.lora_B
-    count, r, in_features = lora_A.shape
-    folded = (lora_B.float() @ mixer.float()).to(lora_B.dtype)  # (E, out, r)
-    return lora_A.reshape(count * r, in_features), folded.permute(1, 2, 0).reshape(lora_B.shape[1], r * count)
+    return peft_from_stacked(adapter.lora_A, folded_B(adapter.lora_B, adapter.lora_mixer))
 
 
 def _older_than_current(peft_version):
@@ -127,8 +125,7 @@ def from_peft(lora_A, lora_B, shapes, transposed, peft_version, source, target):
     if old_layout:
         return (lora_B.reshape(in_features, r, count).permute(2, 1, 0).contiguous(),
                 lora_A.reshape(count, r, out_features).transpose(1, 2).contiguous())
-    return (lora_A.reshape(count, r, in_features).contiguous(),
-            lora_B.reshape(out_features, r, count).permute(2, 0, 1).contiguous())
+    return tuple(t.contiguous() for t in stacked_from_peft(lora_A, lora_B, count))
 
 
 def remapped_by_peft(model, name):

@@ -25,6 +25,7 @@ from peft.utils import ALLOWED_COMPUTE_DTYPES
 from torch import nn
 
 from ..layers.base import init_mixer_
+from ..layers.expert_layout import stacked_from_peft
 from .layers import MoSLoRALayer
 
 
@@ -57,9 +58,7 @@ class ParamWrapper(MoSLoRALayer, lora_layer.ParamWrapper):
 
     def expert_factors(self, adapter):
         """(A (E, r, in), B M (E, out, r)) of ``adapter``, in the adapter's dtype."""
-        weight_A, weight_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-        lora_A = weight_A.reshape(self.num_experts, -1, weight_A.shape[-1])
-        lora_B = weight_B.reshape(weight_B.shape[0], -1, self.num_experts).permute(2, 0, 1)
+        lora_A, lora_B = stacked_from_peft(self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.num_experts)
         r = lora_A.shape[1]
         mixer = self.lora_mixer[adapter].weight.reshape(self.num_experts, r, r)
         return lora_A, lora_B @ mixer.to(lora_B.dtype)
