@@ -193,3 +193,4 @@ for _kind in (
              is_linear=True),
 ):
     register_base_kind(_kind)
+del _kind
