@@ -213,8 +213,6 @@ class AdapterLayer(nn.Module):
     linear defaults do not fit.
     """
 
-    # Whether PEFT's "all-linear" selects this type.
-    is_linear = False
     # Whether forward takes adapter_names (mixed-adapter batches, see moslora_ext.mixed_batch).
     takes_mixed_batches = True
     # Whether the base weight is stored (in, out), PEFT's fan_in_fan_out.

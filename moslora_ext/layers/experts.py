@@ -75,7 +75,6 @@ class Experts(AdapterLayer):
     slice of the fused parameter in place; ``unload()`` gives the base module
     back."""
 
-    is_linear = False  # "all-linear" selects its parameters, not the module
     takes_mixed_batches = False
 
     @classmethod

@@ -17,7 +17,8 @@ _QUANTIZED = "its weight is quantized and its forward dequantizes it"
 # parent never calls their forward), by qualified class name so that nothing needs importing;
 # their subclasses are refused too. Every other nn.Linear subclass (Falcon's FalconLinear,
 # say) is taken to compute the plain linear map, as PEFT does. bitsandbytes' quantized layers
-# and torchao-quantized weights go to QuantizedLinear instead (moslora_ext.dispatch).
+# and torchao-quantized weights go to QuantizedLinear instead (their own kinds in layers.dispatch,
+# which any registered subclass's kind overrides: the nearest registered class wins).
 NOT_PLAIN_LINEAR = {
     "torch.nn.modules.linear.NonDynamicallyQuantizableLinear":
         "nn.MultiheadAttention reads this out_proj's weight directly and never calls its forward",
@@ -99,7 +100,6 @@ class Linear(AdapterLayer):
     runs the fused ops on the active adapter alone.
     """
 
-    is_linear = True
     takes_quantized = False  # whether the bases of QuantizedLinear are this class's
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True,

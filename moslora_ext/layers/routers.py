@@ -33,7 +33,6 @@ class RouterWeight(AdapterLayer):
     Holds the router's parameters and buffers under their own names; ``unload()``
     gives the router back."""
 
-    is_linear = True  # "all-linear" selects routers, as PEFT's does (as target_parameters "<router>.weight")
     takes_mixed_batches = False
 
     @classmethod

@@ -50,7 +50,7 @@ def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.
     freeze every other parameter. Linear layers, GPT-2's ``Conv1D``,
     convolutions, embeddings and quantized linear layers (bitsandbytes
     4-bit/8-bit, torchao; ``QuantizedLinear``) are replaced by adapted layers
-    (``moslora_ext.dispatch.ADAPTER_CLASSES``) that share their weights and
+    (the kinds of ``moslora_ext.layers.dispatch``) that share their weights and
     take their training mode; layers adapted already get one more adapter.
 
     The first adapter of a model is active. A later one (another
@@ -85,36 +85,54 @@ def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.
                            braid_subspaces)
     check_adapter_name(adapter_name)
     refuse_peft_model(model)
-    to_save = []
-    if modules_to_save:
-        to_save = matching_names(model, modules_to_save)
-        if not to_save:
-            raise ValueError(f"modules_to_save {modules_to_save!r} matches no module of the model")
+    to_save = _modules_to_save(model, modules_to_save)
     if not target_modules and not target_parameters:
         raise ValueError("add_adapters needs target_modules or target_parameters")
-    names = matching_names(model, target_modules) if target_modules else []
+    names = _module_targets(model, target_modules, to_save) if target_modules else []
+    if target_parameters:
+        names += [name for name in parameter_targets(model, target_parameters) if name not in names]
+    wrap_targets(model, {name: config for name in names}, adapter_name, to_save)
+    return model
+
+
+def _modules_to_save(model, modules_to_save):
+    """The names that ``modules_to_save`` selects; ValueError if it selects none."""
+    if not modules_to_save:
+        return []
+    to_save = matching_names(model, modules_to_save)
+    if not to_save:
+        raise ValueError(f"modules_to_save {modules_to_save!r} matches no module of the model")
+    return to_save
+
+
+def _module_targets(model, target_modules, to_save):
+    """The names that ``target_modules`` selects: "all-linear" leaves out the modules to save and warns about
+    the parameters it leaves out (see ``left_out_of_all_linear``); ValueError if it selects none."""
+    names = matching_names(model, target_modules)
     if is_all_linear(target_modules):
         names = [name for name in names if not inside_any(name, to_save)]
         left_out = left_out_of_all_linear(model)
         if left_out:
             warnings.warn(f"all-linear leaves out {len(left_out)} parameters that cannot take a MoSLoRA adapter: "
                           f"{left_out} (routers that are nn.Linear subclasses: their forward returns routing "
-                          "scores; 3-D parameters: not in a transformers experts module)", stacklevel=2)
-    if target_modules and not names:
-        modules = {name: m for name, m in candidate_modules(model) if refusal_reason(m) is None}
-        available = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if adapter_class(m) is not Experts})
-        parameters = sorted({p for m in modules.values() if adapter_class(m) is Experts for p in expert_parameters(m)})
-        how = ""
-        if isinstance(target_modules, str) and not is_all_linear(target_modules):
-            how = (" (a single string is a regular expression that must match a module's full name, such as "
-                   f"{example_name(model)!r}; pass a list, [{target_modules!r}], to match names by their end)")
-        raise ValueError(f"target_modules {target_modules!r} matches no module of the model{how}; the layers that "
-                         f"can take adapters are named {available}"
-                         + (f", and the fused expert parameters (target_parameters) {parameters}" if parameters else ""))
-    if target_parameters:
-        names += [name for name in parameter_targets(model, target_parameters) if name not in names]
-    wrap_targets(model, {name: config for name in names}, adapter_name, to_save)
-    return model
+                          "scores; 3-D parameters: not in a transformers experts module)", stacklevel=3)
+    if not names:
+        _refuse_no_match(model, target_modules)
+    return names
+
+
+def _refuse_no_match(model, target_modules):
+    """ValueError for ``target_modules`` that selects nothing, naming the layers that can take adapters."""
+    modules = {name: m for name, m in candidate_modules(model) if refusal_reason(m) is None}
+    available = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if adapter_class(m) is not Experts})
+    parameters = sorted({p for m in modules.values() if adapter_class(m) is Experts for p in expert_parameters(m)})
+    how = ""
+    if isinstance(target_modules, str) and not is_all_linear(target_modules):
+        how = (" (a single string is a regular expression that must match a module's full name, such as "
+               f"{example_name(model)!r}; pass a list, [{target_modules!r}], to match names by their end)")
+    raise ValueError(f"target_modules {target_modules!r} matches no module of the model{how}; the layers that "
+                     f"can take adapters are named {available}"
+                     + (f", and the fused expert parameters (target_parameters) {parameters}" if parameters else ""))
 
 
 def wrap_targets(model, configs, adapter_name=DEFAULT_ADAPTER, modules_to_save=()):

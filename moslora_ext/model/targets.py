@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from ..layers.base import DEFAULT_ADAPTER, AdapterLayer
-from ..layers.dispatch import adapter_class, refusal_reason
+from ..layers.dispatch import adapter_class, base_kind, refusal_reason
 from ..layers.experts import FUSED_PARAMETERS, Experts, expert_parameters, is_fused_experts
 from ..layers.routers import RouterWeight, is_router
 
@@ -113,9 +113,10 @@ def matching_names(model, target_modules):
     them or ends with ``"." + it`` (``"q_proj"`` selects
     ``model.layers.0.self_attn.q_proj``); a single string is a regular
     expression that must match the whole name (as in PEFT). ``"all-linear"``
-    selects, as in PEFT, every linear layer (``nn.Linear`` and GPT-2's
-    ``Conv1D``) that can take an adapter (see ``check_adaptable``) except the
-    output head, the module that ``model.get_output_embeddings()`` returns
+    selects, as in PEFT, every linear layer (``nn.Linear``, GPT-2's
+    ``Conv1D``, quantized linear layers: the registered kinds with
+    ``is_linear``, see ``moslora_ext.layers.dispatch``) that can take an
+    adapter (see ``check_adaptable``) except the output head, the module that ``model.get_output_embeddings()`` returns
     on a transformers model, the routers of mixture-of-experts models (their
     weights, see ``moslora_ext.routers``) and every fused expert parameter of
     transformers' experts modules (``<experts>.gate_up_proj``, ``.down_proj``;
@@ -128,8 +129,7 @@ def matching_names(model, target_modules):
         get_head = getattr(model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
         linear = [name for name, module in candidates
-                  if module is not head and getattr(adapter_class(module), "is_linear", False)
-                  and refusal_reason(module) is None]
+                  if module is not head and counts_as_linear(module) and refusal_reason(module) is None]
         experts = [f"{name}.{parameter}" for name, module in candidates
                    if adapter_class(module) is Experts and refusal_reason(module) is None
                    for parameter in expert_parameters(module)]
@@ -142,6 +142,12 @@ def matching_names(model, target_modules):
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
     return [name for name, _ in candidates if any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def counts_as_linear(module):
+    """Whether "all-linear" selects ``module``: its registered kind says so (``BaseKind.is_linear``)."""
+    kind = base_kind(module)
+    return kind is not None and kind.is_linear
 
 
 def candidate_modules(model):

@@ -1,5 +1,5 @@
-"""The PEFT route's layers: PEFT's own LoRA layer classes with a MoSLoRA variant each, and the factories
-that pick one for a target module."""
+"""The PEFT route's layers: PEFT's own LoRA layer classes with a MoSLoRA variant each, and their factories,
+keyed by the registry's kinds (``moslora_ext.layers.dispatch``)."""
 
 from .config import refuse_other_config  # first: it refuses an unsupported peft before peft is imported
 
@@ -10,6 +10,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch import nn  # noqa: E402
 
 from peft.tuners.lora.variants import _register_frozen_peft_weight  # noqa: E402
+from ..layers.dispatch import base_kinds, supported_kinds  # noqa: E402
+from ..layers.linear import not_plain_linear_reason  # noqa: E402
 from .variants import ConvVariant, EmbeddingVariant, MixerVariant, QuantizedVariant  # noqa: E402
 
 
@@ -107,6 +109,10 @@ class MoSLoRAConv3d(MoSLoRALayer, lora_layer.Conv3d):
 
 
 def _linear(target, adapter_name, config, **kwargs):
+    base = base_of(target)
+    if reason := not_plain_linear_reason(base):
+        raise TypeError(f"MoSLoRA adapters cannot go on {type(base).__name__} layers ({reason}); leave them out "
+                        "of target_modules (exclude_modules)")
     layer = MoSLoRALinear(target, adapter_name, config=config, **kwargs)
     layer.fan_in_fan_out = False  # as PEFT corrects fan_in_fan_out per layer type
     return layer
@@ -132,19 +138,35 @@ def base_of(target):
     return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
 
 
-def layer_factories():
-    """Base module type -> the function that makes its MoSLoRA layer, in the
-    order PEFT's dispatchers use (bitsandbytes layers before ``nn.Linear``)."""
-    from transformers.pytorch_utils import Conv1D
-
-    factories = _bnb_factories()
-    factories.update({nn.Embedding: MoSLoRAEmbedding, nn.Conv1d: _conv(MoSLoRAConv1d),
-                      nn.Conv2d: _conv(MoSLoRAConv2d), nn.Conv3d: _conv(MoSLoRAConv3d), Conv1D: _conv1d_gpt2,
-                      nn.Linear: _linear})
-    return factories
+# The PEFT route's layers of the built-in kinds of the registry (moslora_ext.layers.dispatch), by
+# BaseKind.key; a registered kind brings its own (BaseKind.peft_layer). The bitsandbytes kinds' are made
+# on first use (PEFT imports bitsandbytes lazily too).
+PEFT_LAYERS = {"linear": _linear, "gpt2-conv1d": _conv1d_gpt2, "conv1d": _conv(MoSLoRAConv1d),
+               "conv2d": _conv(MoSLoRAConv2d), "conv3d": _conv(MoSLoRAConv3d), "embedding": MoSLoRAEmbedding}
+# Registered kinds that the PEFT route refuses, with why (the others without a layer: "none of them").
+ROUTE_REFUSALS = {"torchao": "torchao-quantized linear layers are not supported on the PEFT route (merging would "
+                             "write into the quantized weight); use moslora_ext.add_adapters"}
 
 
-_BNB = {}  # the bitsandbytes layer factories, made on first use (PEFT imports bitsandbytes lazily too)
+def layer_factory(kind):
+    """The function that makes the MoSLoRA layer of the registered kind ``kind`` (a ``BaseKind``, or None)
+    on the PEFT route: ``(target, adapter_name, config, **kwargs) -> layer``; None if the route has none."""
+    if kind is None or kind.key in ROUTE_REFUSALS:
+        return None
+    if kind.peft_layer is not None:
+        return kind.peft_layer
+    return PEFT_LAYERS.get(kind.key) or _bnb_factories().get(kind.key)
+
+
+def route_refusal(base, kind):
+    """Why the PEFT route takes no adapter on ``base``, whose registered kind is ``kind`` (or None)."""
+    if kind is not None and kind.key in ROUTE_REFUSALS:
+        return ROUTE_REFUSALS[kind.key]
+    taken = supported_kinds([k for k in base_kinds() if layer_factory(k) is not None])
+    return f"MoSLoRA adapters on the PEFT route go on {taken}; target {type(base).__name__} is none of them"
+
+
+_BNB = {}  # the bitsandbytes layer factories by BaseKind.key, made on first use
 
 
 def _quantized_factory(peft_class, base_settings):
@@ -167,16 +189,15 @@ def _bnb_factories():
     from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 
     if is_bnb_available() and not _BNB:
-        import bitsandbytes as bnb
         from peft.tuners.lora import bnb as peft_bnb
 
-        _BNB[bnb.nn.Linear8bitLt] = _quantized_factory(peft_bnb.Linear8bitLt, lambda base: {
+        _BNB["bnb-8bit"] = _quantized_factory(peft_bnb.Linear8bitLt, lambda base: {
             "has_fp16_weights": base.state.has_fp16_weights, "threshold": base.state.threshold, "index": base.index})
         if is_bnb_4bit_available():
-            _BNB[bnb.nn.Linear4bit] = _quantized_factory(peft_bnb.Linear4bit, lambda base: {
+            _BNB["bnb-4bit"] = _quantized_factory(peft_bnb.Linear4bit, lambda base: {
                 "compute_dtype": base.compute_dtype, "compress_statistics": base.weight.compress_statistics,
                 "quant_type": base.weight.quant_type})
-    return dict(_BNB)
+    return _BNB
 
 
 def refuse_stock_lora_layers(model):

@@ -30,11 +30,12 @@ from torch import nn  # noqa: E402
 
 from . import folder as peft_folder  # noqa: E402
 from ..layers.base import check_adapter_name  # noqa: E402
-from ..layers.linear import not_plain_linear_reason, quantized_kind  # noqa: E402
+from ..layers.dispatch import base_kind  # noqa: E402
+from ..layers.linear import quantized_kind  # noqa: E402
 from ..model.merging import untie_weights  # noqa: E402
 from .guards import TunerGuards, guard_transformers_load_adapter  # noqa: E402
 from .injection import AllOrNothingInjection  # noqa: E402
-from .layers import MoSLoRALayer, base_of, layer_factories  # noqa: E402
+from .layers import MoSLoRALayer, base_of, layer_factory, route_refusal  # noqa: E402
 
 
 
@@ -66,17 +67,10 @@ class MoSLoRAModel(TunerGuards, AllOrNothingInjection, lora.LoraModel):
 
             return ParamWrapper(target, adapter_name, config=lora_config, **kwargs)
         base = base_of(target)
-        factory = next((f for t, f in layer_factories().items() if isinstance(base, t)), None)
+        kind = base_kind(base)  # the registry that add_adapters reads too
+        factory = layer_factory(kind)
         if factory is None:  # never fall back to a plain LoRA layer: it would silently drop the mixer
-            raise TypeError(f"MoSLoRA adapters on the PEFT route go on torch.nn.Linear, GPT-2's Conv1D, "
-                            f"torch.nn.Embedding, Conv1d/2d/3d and bitsandbytes Linear8bitLt/Linear4bit layers; "
-                            f"target {type(base).__name__} is none of them")
-        if isinstance(base, nn.Linear) and (reason := not_plain_linear_reason(base)):
-            raise TypeError(f"MoSLoRA adapters cannot go on {type(base).__name__} layers ({reason}); leave them out "
-                            "of target_modules (exclude_modules)")
-        if isinstance(base, nn.Linear) and quantized_kind(base) == "torchao":
-            raise TypeError("torchao-quantized linear layers are not supported on the PEFT route (merging would "
-                            "write into the quantized weight); use moslora_ext.add_adapters")
+            raise TypeError(route_refusal(base, kind))
         return factory(target, adapter_name, config=lora_config, **kwargs)
 
     # --- checked before anything changes: names and targets, safe merges, tied weights -------------
