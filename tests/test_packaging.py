@@ -21,12 +21,12 @@ SOURCE = Path(__file__).resolve().parent.parent  # the repository (the installed
 
 
 def import_copy(tmp_path, build_config=None):
-    """Import a copy of the package's .py files (no compiled extension) from tmp_path; returns stderr."""
+    """Import a copy of the package's .py files, its wings included (no compiled extension), from tmp_path;
+    returns stderr."""
     copy = tmp_path / "moslora_ext"
-    copy.mkdir()
-    for source in PACKAGE.glob("*.py"):
-        if source.name != "_build_config.py":
-            shutil.copy(source, copy)
+    shutil.copytree(PACKAGE, copy, ignore=lambda folder, names: [
+        name for name in names if name in ("_build_config.py", "__pycache__") or not (
+            name.endswith(".py") or (Path(folder) / name).is_dir())])
     if build_config is not None:
         (copy / "_build_config.py").write_text(build_config)
     result = subprocess.run([sys.executable, "-c", "import moslora_ext"], cwd=tmp_path, capture_output=True,
