@@ -12,7 +12,6 @@ import moslora_ext
 from moslora_ext import ops
 from moslora_ext.layers.base import AdapterLayer, class_path
 from moslora_ext.layers.dispatch import (
-    ADAPTER_CLASSES,
     BaseKind,
     adapter_class,
     base_kinds,
@@ -130,7 +129,7 @@ def test_both_doors_refuse_an_unregistered_type_naming_the_registrys_kinds():
         moslora_ext.add_adapters(model(), target_modules=["0"])
     with registered_base_kind(SCALED):
         assert "ScaledLinear (a test's)" in refusal_reason(nn.LayerNorm(3))
-        assert ADAPTER_CLASSES[f"{ScaledLinear.__module__}.ScaledLinear"] is AdaptedScaledLinear
+        assert adapter_class(ScaledLinear(3, 3)) is AdaptedScaledLinear
         with pytest.raises(TypeError, match="on the PEFT route go on .*ScaledLinear \\(a test's\\); target LayerNorm"):
             peft.get_peft_model(nn.Sequential(nn.LayerNorm(3)), moslora_ext.MoSLoRAConfig(target_modules=["0"]))
     assert "ScaledLinear" not in refusal_reason(nn.LayerNorm(3))

@@ -8,7 +8,7 @@ Supporting a new base module type takes one ``BaseKind`` given to ``register_bas
 """
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .base import AdapterLayer, class_path, qualified_class_names
@@ -122,26 +122,6 @@ def base_kind(module):
     found = next((k for k in kinds if k.predicate is not None and k.predicate(module)), None)
     return (found or _by_class(qualified_class_names(getattr(module, "weight", None)), "weight_class_names")
             or _by_class(qualified_class_names(module), "class_names"))
-
-
-class _AdapterClasses(Mapping):
-    """{qualified class name: adapter class} of the registry's classes (module and weight classes), read live."""
-
-    def _items(self):
-        return {name: kind.adapter_class for kind in _REGISTRY.values()
-                for name in kind.weight_class_names() + kind.class_names()}
-
-    def __getitem__(self, name):
-        return self._items()[name]
-
-    def __iter__(self):
-        return iter(self._items())
-
-    def __len__(self):
-        return len(self._items())
-
-
-ADAPTER_CLASSES = _AdapterClasses()  # base module type -> adapter class, by qualified class name
 
 
 def adapter_class(module):
