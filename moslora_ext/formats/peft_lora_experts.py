@@ -25,6 +25,7 @@ import re
 
 from ..layers.expert_layout import folded_B, peft_from_stacked, stacked_from_peft
 from ..layers.experts import Experts, expert_parameters, is_fused_experts
+from ..model.targets import names_match
 
 CURRENT_LAYOUT_SINCE = (0, 19, 1)  # the first PEFT release with the current layout
 # The leaf names that PEFT's conversion of transformers-v4 MoE configs
@@ -35,7 +36,7 @@ PEFT_REMAPPED_LEAF_NAMES = ("gate", "w1", "w2", "w3", "gate_proj", "up_proj", "d
 
 def targeted(name, target_parameters):
     """Whether PEFT's ``target_parameters`` select the parameter ``name``."""
-    return any(name == t or name.endswith("." + t) for t in target_parameters or ())
+    return any(names_match(name, t) for t in target_parameters or ())
 
 
 def pattern_key(modules, name, target_parameters):

@@ -102,9 +102,11 @@ class Linear(AdapterLayer):
 
     takes_quantized = False  # whether the bases of QuantizedLinear are this class's
 
-    def __init__(self, in_features, out_features, r=8, lora_alpha=16, lora_dropout=0.0, bias=True,
-                 mixer_init="kaiming", train_mixer=True, use_rslora=False, autocast_adapter_dtype=True,
-                 device=None, dtype=None, braid_subspaces=2):
+    def __init__(self, in_features, out_features, r=AdapterConfig.r, lora_alpha=AdapterConfig.lora_alpha,
+                 lora_dropout=AdapterConfig.lora_dropout, bias=True, mixer_init=AdapterConfig.mixer_init,
+                 train_mixer=AdapterConfig.train_mixer, use_rslora=AdapterConfig.use_rslora,
+                 autocast_adapter_dtype=AdapterConfig.autocast_adapter_dtype, device=None, dtype=None,
+                 braid_subspaces=AdapterConfig.braid_subspaces):
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         config = AdapterConfig(r, lora_alpha, lora_dropout, mixer_init, train_mixer, use_rslora,
@@ -112,8 +114,11 @@ class Linear(AdapterLayer):
         self._adopt(base, DEFAULT_ADAPTER, self.build_adapter(base.weight, config))
 
     @classmethod
-    def from_linear(cls, linear, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming", train_mixer=True,
-                    use_rslora=False, autocast_adapter_dtype=True, braid_subspaces=2):
+    def from_linear(cls, linear, r=AdapterConfig.r, lora_alpha=AdapterConfig.lora_alpha,
+                    lora_dropout=AdapterConfig.lora_dropout, mixer_init=AdapterConfig.mixer_init,
+                    train_mixer=AdapterConfig.train_mixer, use_rslora=AdapterConfig.use_rslora,
+                    autocast_adapter_dtype=AdapterConfig.autocast_adapter_dtype,
+                    braid_subspaces=AdapterConfig.braid_subspaces):
         """Wrap an existing ``nn.Linear`` (see ``AdapterLayer.from_module``):
         its weight and bias Parameters are shared (not copied) and frozen; the
         adapter "default" is created on their device, in their dtype (float32

@@ -42,9 +42,11 @@ MODULE_TO_SAVE = "_moslora_ext_module_to_save"
 CONFIG_RECORD = "moslora_ext"
 
 
-def add_adapters(model, target_modules=None, r=8, lora_alpha=16, lora_dropout=0.0, mixer_init="kaiming",
-                 train_mixer=True, use_rslora=False, modules_to_save=None, autocast_adapter_dtype=True,
-                 adapter_name=DEFAULT_ADAPTER, target_parameters=None, braid_subspaces=2):
+def add_adapters(model, target_modules=None, r=AdapterConfig.r, lora_alpha=AdapterConfig.lora_alpha,
+                 lora_dropout=AdapterConfig.lora_dropout, mixer_init=AdapterConfig.mixer_init,
+                 train_mixer=AdapterConfig.train_mixer, use_rslora=AdapterConfig.use_rslora, modules_to_save=None,
+                 autocast_adapter_dtype=AdapterConfig.autocast_adapter_dtype, adapter_name=DEFAULT_ADAPTER,
+                 target_parameters=None, braid_subspaces=AdapterConfig.braid_subspaces):
     """Put a MoSLoRA adapter named ``adapter_name`` on every module of
     ``model`` that ``target_modules`` selects (see ``matching_names``) and
     freeze every other parameter. Linear layers, GPT-2's ``Conv1D``,

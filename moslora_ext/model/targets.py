@@ -13,6 +13,12 @@ from ..layers.experts import FUSED_PARAMETERS, Experts, expert_parameters, is_fu
 from ..layers.routers import RouterWeight, is_router
 
 
+def names_match(name, target):
+    """Whether ``name`` is the module or parameter ``target`` names, as PEFT matches a list entry: equal to it,
+    or ending with ``"." + target``."""
+    return name == target or name.endswith("." + target)
+
+
 def adapter_targets(name, layer, adapter_name=DEFAULT_ADAPTER):
     """{target name: Adapter} of the adapter ``adapter_name`` of the layer
     ``name``: the layer itself, or ``<name>.<parameter>`` for each adapted
@@ -63,7 +69,7 @@ def parameter_targets(model, target_parameters):
     if isinstance(target_parameters, str) or not all(isinstance(t, str) and t for t in target_parameters):
         raise ValueError(f"target_parameters must be a list of parameter names, got {target_parameters!r}")
     names = [name for name, _ in model.named_parameters() if "adapters." not in name]
-    selected = {t: [n for n in names if n == t or n.endswith("." + t)] for t in target_parameters}
+    selected = {t: [n for n in names if names_match(n, t)] for t in target_parameters}
     unmatched = [t for t, found in selected.items() if not found]
     if unmatched:
         raise ValueError(f"target_parameters {unmatched} match no parameter of the model")
@@ -141,7 +147,7 @@ def matching_names(model, target_modules):
     targets = list(target_modules) if iterable else None
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}")
-    return [name for name, _ in candidates if any(name == t or name.endswith("." + t) for t in targets)]
+    return [name for name, _ in candidates if any(names_match(name, t) for t in targets)]
 
 
 def counts_as_linear(module):

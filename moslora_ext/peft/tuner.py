@@ -33,6 +33,7 @@ from ..layers.base import check_adapter_name  # noqa: E402
 from ..layers.dispatch import base_kind  # noqa: E402
 from ..layers.linear import quantized_kind  # noqa: E402
 from ..model.merging import untie_weights  # noqa: E402
+from ..model.targets import names_match  # noqa: E402
 from .guards import TunerGuards, guard_transformers_load_adapter  # noqa: E402
 from .injection import AllOrNothingInjection  # noqa: E402
 from .layers import MoSLoRALayer, base_of, layer_factory, route_refusal  # noqa: E402
@@ -120,7 +121,7 @@ def _refuse_unmatched_target_parameters(model, target_parameters):
     names = {f"{name}.{parameter}".replace(".base_layer", "") for name, module in model.named_modules()
              for parameter in [*dict(module.named_parameters(recurse=False)),
                                *getattr(module, "parametrizations", {})]}
-    unmatched = [t for t in target_parameters or () if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in target_parameters or () if not any(names_match(n, t) for n in names)]
     if unmatched:
         raise ValueError(f"MoSLoRAConfig: target_parameters {unmatched} match no parameter of the model")
 
