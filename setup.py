@@ -138,8 +138,8 @@ def write_build_config(with_cuda, archs):
 
 
 def extension():
-    sources = ["csrc/ops.cpp", "csrc/moslora.cpp", "csrc/dropout_products.cpp", "csrc/experts.cpp", "csrc/testing.cpp",
-               *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", "csrc/linear_ops.cpp", "csrc/dropout_matmul.cpp", "csrc/expert_ops.cpp",
+               "csrc/testing.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     extra_compile_args = {"cxx": ["-O3"]}
     extra_link_args = []
     if torch._C.has_openmp and sys.platform.startswith("linux"):

@@ -1,5 +1,5 @@
 // Schemas of the moslora_ext operators, and the Python module moslora_ext._C
-// that loading registers them with. Kernels: moslora.cpp (CPU and CUDA).
+// that loading registers them with. Kernels: linear_ops.cpp (CPU and CUDA).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -48,7 +48,7 @@ TORCH_LIBRARY(moslora_ext, m) {
   // The dropout applied to the adapter input: rows of x (flattened to 2-D)
   // masked by the counter-based mask of (seed, row, col), kept ones scaled.
   m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor", tags);
-  // MoSLoRA adapters on a fused expert parameter (csrc/experts.cpp): x (S, d)
+  // MoSLoRA adapters on a fused expert parameter (csrc/expert_ops.cpp): x (S, d)
   // holds the routed rows sorted by expert, offsets (E,) the cumulative row
   // counts; expert e adds scale * dropout(x_e) A_e^T M_e^T B_e^T to its rows of
   // base_out. u = dropout(x_e) A_e^T per row, which backward needs.

@@ -3,7 +3,7 @@
 // launchers in cuda/, so a machine without a GPU checks their index arithmetic
 // against the reference; and the launches themselves, for any shape.
 // Exposed as moslora_ext._C.cuda_bodies_on_host.
-#include "kernels.h"
+#include "device_kernels.h"
 #include "mixer_kernels.h"
 
 #include <ATen/ATen.h>

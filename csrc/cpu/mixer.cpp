@@ -1,7 +1,7 @@
 // CPU mixer step: V = U M^T forward; dU = dV M and dM = dV^T U backward,
 // fused into one pass over row chunks.
-#include "../kernel_math.h"
-#include "../kernels.h"
+#include "../mixer_kernels.h"
+#include "../device_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
