@@ -1,4 +1,5 @@
-"""Build of the moslora_ext extension (moslora_ext._C).
+"""Build of the moslora_ext extensions: moslora_ext._C, and moslora_ext._testing
+(the tests' hooks, csrc/testing.cpp: kept out of _C, header-only, CPU-only).
 
 The CPU kernels are always built. The CUDA kernels are added whenever nvcc
 and a CUDA build of torch are present, with or without a GPU; set
@@ -137,8 +138,8 @@ def write_build_config(with_cuda, archs):
         )
 
 
-def extension():
-    sources = ["csrc/ops.cpp", "csrc/moslora.cpp", "csrc/dropout_products.cpp", "csrc/experts.cpp", "csrc/testing.cpp",
+def extensions():
+    sources = ["csrc/ops.cpp", "csrc/linear_ops.cpp", "csrc/dropout_matmul.cpp", "csrc/expert_ops.cpp",
                *sorted(glob.glob("csrc/cpu/*.cpp"))]
     extra_compile_args = {"cxx": ["-O3"]}
     extra_link_args = []
@@ -152,29 +153,35 @@ def extension():
         flags = [f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
         extra_compile_args["cxx"] = [*extra_compile_args["cxx"][1:], "-O1", *flags]
         extra_link_args += flags
+    # The tests' hooks run the kernels' bodies (headers only) on the host, in
+    # a module of their own: one source, CPU-only whether or not _C has CUDA.
+    testing = cpp_extension.CppExtension(
+        "moslora_ext._testing", ["csrc/testing.cpp"], extra_compile_args={"cxx": list(extra_compile_args["cxx"])},
+        extra_link_args=list(extra_link_args), py_limited_api=False,
+    )
     with_cuda = want_cuda()
     if not with_cuda:
         write_build_config(False, None)
-        return cpp_extension.CppExtension(
+        return [cpp_extension.CppExtension(
             "moslora_ext._C", sources, extra_compile_args=extra_compile_args, extra_link_args=extra_link_args,
             py_limited_api=False,
-        )
+        ), testing]
     archs = cuda_arch_list()
     write_build_config(True, archs)
     extra_compile_args["nvcc"] = ["-O3", "-lineinfo"]
     # The toolkit's own headers first, so that the wheels only fill the gaps.
     include_dirs = [os.path.join(_cuda_home, "include"), *cuda_wheel_include_dirs()]
-    return cpp_extension.CUDAExtension(
+    return [cpp_extension.CUDAExtension(
         "moslora_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs,
         define_macros=[("WITH_CUDA", None)],
         extra_compile_args=extra_compile_args,
         extra_link_args=extra_link_args,
-    )
+    ), testing]
 
 
 setup(
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

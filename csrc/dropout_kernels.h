@@ -9,13 +9,13 @@
 //   dropped = dropout(x), dx = dropout(dx)    dropout_pair_group (backward: one
 //                                             mask draw for both)
 //
-// The products under dropout (dropout_products.cpp) run these passes on a tile
+// The products under dropout (dropout_matmul.cpp) run these passes on a tile
 // of rows and hand the tile to the GEMMs. The mask of element (row, col) is
-// that of kernel_math.h's apply_dropout: every kernel regenerates it in
+// that of dropout_math.h's apply_dropout: every kernel regenerates it in
 // registers from (seed, row, col / 8).
 #pragma once
 
-#include "kernel_math.h"
+#include "dropout_math.h"
 #include "launch.h"
 
 #include <algorithm>

@@ -1,6 +1,7 @@
-// The CUDA mixer kernels' bodies, written as host-device functions of a
-// kernel's block and thread indices, and their launches. cuda/mixer.cu
-// launches them; testing.cpp runs every body on the host over the same grids.
+// The mixer step's bodies, written as host-device functions of a kernel's
+// block and thread indices, and their launches. cuda/mixer.cu launches them,
+// the CPU kernels (cpu/mixer.cpp) run them with one thread per row chunk, and
+// testing.cpp runs every body on the host over the CUDA launchers' grids.
 //
 //   V  = U M^T          mixer_forward_element, one thread per element of V
 //   dU = dV M           } mixer_backward_thread, one block per row chunk
@@ -8,10 +9,45 @@
 //   dM = sum partials   reduce_partials_element, chunks added in order
 #pragma once
 
-#include "kernel_math.h"
+#include "host_device.h"
 #include "launch.h"
 
+#include <cstdint>
+
 namespace moslora {
+
+// ---------------------------------------------------------------------------
+// Mixer step. All three products of the mixer are dot products of length r
+// with strides: V[n,i] = <U[n,:], M[i,:]>, dU[n,j] = <dV[n,:], M[:,j]>,
+// dM[i,j] = sum_n dV[n,i] U[n,j]. Accumulation is in acc_t (fp32 for
+// half precision).
+// ---------------------------------------------------------------------------
+template <typename acc_t, typename scalar_t>
+MOSLORA_HOST_DEVICE acc_t strided_dot(const scalar_t* a, int64_t a_stride,
+                                      const scalar_t* b, int64_t b_stride, int64_t len) {
+  acc_t sum = acc_t(0);
+  for (int64_t t = 0; t < len; ++t) {
+    sum += static_cast<acc_t>(a[t * a_stride]) * static_cast<acc_t>(b[t * b_stride]);
+  }
+  return sum;
+}
+
+// The mixer backward reduces dM over rows in fixed chunks: each chunk writes
+// a partial r x r sum, and the partials are added in chunk order. The chunks
+// depend only on N, so the result is deterministic on both devices; there are
+// at most 1024 of them.
+struct RowChunks {
+  int64_t rows;   // rows per chunk (the last one may have fewer)
+  int64_t count;  // number of chunks
+};
+
+MOSLORA_HOST_DEVICE RowChunks mixer_row_chunks(int64_t n_rows) {
+  const int64_t max_chunks = 1024, min_rows = 64;
+  const int64_t needed = (n_rows + max_chunks - 1) / max_chunks;
+  const int64_t rows = needed > min_rows ? needed : min_rows;
+  return RowChunks{rows, (n_rows + rows - 1) / rows};
+}
+
 
 // Element idx of the N x r output V = U M^T.
 template <typename acc_t, typename scalar_t>

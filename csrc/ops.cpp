@@ -1,27 +1,15 @@
 // Schemas of the moslora_ext operators, and the Python module moslora_ext._C
-// that loading registers them with. Kernels: moslora.cpp (CPU and CUDA).
+// that loading registers them with. Kernels: linear_ops.cpp and expert_ops.cpp
+// (CPU and CUDA). The tests' hooks are a module of their own (testing.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
-namespace moslora {
-void add_testing_functions(PyObject* module);  // testing.cpp
-}
-
 extern "C" {
 // Importing moslora_ext._C loads this library and so runs the registrations;
-// the module itself holds only the tests' helpers.
+// the module itself is empty.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) return nullptr;
-  try {
-    moslora::add_testing_functions(module);
-  } catch (const std::exception& e) {
-    Py_DECREF(module);
-    PyErr_SetString(PyExc_ImportError, e.what());
-    return nullptr;
-  }
-  return module;
+  return PyModule_Create(&module_def);
 }
 }
 
@@ -48,7 +36,7 @@ TORCH_LIBRARY(moslora_ext, m) {
   // The dropout applied to the adapter input: rows of x (flattened to 2-D)
   // masked by the counter-based mask of (seed, row, col), kept ones scaled.
   m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor", tags);
-  // MoSLoRA adapters on a fused expert parameter (csrc/experts.cpp): x (S, d)
+  // MoSLoRA adapters on a fused expert parameter (csrc/expert_ops.cpp): x (S, d)
   // holds the routed rows sorted by expert, offsets (E,) the cumulative row
   // counts; expert e adds scale * dropout(x_e) A_e^T M_e^T B_e^T to its rows of
   // base_out. u = dropout(x_e) A_e^T per row, which backward needs.

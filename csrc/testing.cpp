@@ -1,15 +1,23 @@
-// For the tests only: the CUDA kernels' bodies (dropout_kernels.h,
-// mixer_kernels.h) run on the host, over the same launches (launch.h) as their
-// launchers in cuda/, so a machine without a GPU checks their index arithmetic
-// against the reference; and the launches themselves, for any shape.
-// Exposed as moslora_ext._C.cuda_bodies_on_host.
-#include "kernels.h"
+// The test hooks, built as their own extension module moslora_ext._testing
+// (setup.py), so that the production moslora_ext._C carries none of them:
+// the CUDA kernels' bodies (dropout_kernels.h, mixer_kernels.h) run on the
+// host, over the same launches (launch.h) as their launchers in cuda/, so a
+// machine without a GPU checks their index arithmetic against the reference;
+// and the launches themselves, for any shape. Exposed as
+// moslora_ext._testing.cuda_bodies_on_host. Header-only: it compiles none of
+// the kernels' sources and needs nothing from _C.
+#include "device_kernels.h"
 #include "mixer_kernels.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include <limits>
+#include <tuple>
+#include <vector>
 
 namespace moslora {
 namespace {
@@ -160,8 +168,11 @@ pybind11::dict launches(int64_t n, int64_t d, int64_t r) {
 
 }  // namespace
 
-void add_testing_functions(PyObject* module) {
-  auto m = pybind11::reinterpret_borrow<pybind11::module_>(module);
+}  // namespace moslora
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace moslora;
+  m.doc() = "moslora_ext's test hooks: not part of the package's API.";
   auto sub = m.def_submodule("cuda_bodies_on_host",
                              "For the tests: the CUDA kernels' bodies run on the host over their grids.");
   sub.def("dropout_pair", &dropout_pair, "(dropout(x), dropout(dx)) with mask rows from first_row");
@@ -170,5 +181,3 @@ void add_testing_functions(PyObject* module) {
   sub.def("mixer_backward", &mixer_grads, "(dv mixer, dv^T u)");
   sub.def("launches", &launches, "every kernel's ((grid x, y, z), block) for x (n, d) and rank r");
 }
-
-}  // namespace moslora

@@ -433,7 +433,7 @@ def test_cuda_kernel_bodies_on_host_match_reference(n, d, dtype):
     that drops a tile of x and dX in place from one mask draw), run on the
     host over the grids and blocks of their launches, against the reference;
     the tile starts at a mask row other than 0, as every tile but the first."""
-    from moslora_ext._C import cuda_bodies_on_host as bodies
+    from moslora_ext._testing import cuda_bodies_on_host as bodies
     g = torch.Generator().manual_seed(n * d)
     x, dx = (torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(2))
     p, seed, first_row = 0.3, 77, 5
@@ -442,6 +442,15 @@ def test_cuda_kernel_bodies_on_host_match_reference(n, d, dtype):
     assert_close_to_reference(bodies.dropout(x.to(dtype), p, seed), x * keep[:n], dtype)
     assert_close_to_reference(dropped, x * keep[first_row:], dtype)
     assert_close_to_reference(dx_dropped, dx.to(dtype).double() * keep[first_row:], dtype)
+
+
+def test_test_hooks_are_not_in_the_production_extension():
+    """The host runs of the CUDA bodies live in moslora_ext._testing, a module
+    of their own: the extension the package loads carries none of them."""
+    import moslora_ext._C
+    import moslora_ext._testing
+    assert not hasattr(moslora_ext._C, "cuda_bodies_on_host")
+    assert hasattr(moslora_ext._testing, "cuda_bodies_on_host")
 
 
 # (rows, r): one row chunk of the mixer backward, several, a partial last one.
@@ -453,7 +462,7 @@ MIXER_CASES = [(1, 1), (5, 3), (64, 16), (300, 8), (700, 33)]
 def test_cuda_mixer_bodies_on_host_match_reference(n, r, dtype):
     """The CUDA mixer kernels' bodies over their launches: V = U M^T, and
     dU = dV M with dM = dV^T U reduced over the row chunks."""
-    from moslora_ext._C import cuda_bodies_on_host as bodies
+    from moslora_ext._testing import cuda_bodies_on_host as bodies
     g = torch.Generator().manual_seed(n * r)
     u, dv, mixer = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((n, r), (n, r), (r, r)))
     du, dmixer = bodies.mixer_backward(dv.to(dtype), u.to(dtype), mixer.to(dtype))
@@ -476,7 +485,7 @@ def test_cuda_launches_fit_the_limits_and_cover_the_work(n, d, r):
     CUDA's limits, and every column group, row and chunk owned by a thread or
     block, with no block left without work; the tiles of the products under
     dropout at most 16 MiB (or one row) and at least one row."""
-    from moslora_ext._C import cuda_bodies_on_host as bodies
+    from moslora_ext._testing import cuda_bodies_on_host as bodies
     launches = bodies.launches(n, d, r)
     chunks, tile_rows = launches.pop("mixer_chunks"), launches.pop("tile_rows")
     for name, (grid, block) in launches.items():

@@ -5,7 +5,7 @@
 FILE is the built extension (default: moslora_ext/_C*.so of the source tree)
 or any file cuobjdump reads (a .cubin, a .o). dropout_kernel and
 dropout_pair_kernel store groups of 8 elements through uint4 words
-(csrc/kernel_math.h, store_group); when the compiler merges that branch with
+(csrc/dropout_math.h, store_group); when the compiler merges that branch with
 the scalar one, the kernel stores 2- and 4-byte pieces instead and nothing
 else notices. Each instantiation must hold at least one STG.E.128 per 16
 bytes of each group it stores (dropout_kernel one group, dropout_pair_kernel

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the CPU extension with AddressSanitizer and UndefinedBehaviorSanitizer
-# in a scratch copy of the repository and run the CPU test suite against it.
+# Build the CPU extension and the tests' hooks (moslora_ext._testing) with
+# AddressSanitizer and UndefinedBehaviorSanitizer in a scratch copy of the
+# repository and run the CPU test suite against it.
 #   bash tools/sanitize.sh [extra pytest arguments]
 # Any sanitizer report aborts the test process, so a clean run means no
 # out-of-bounds access, use after free or undefined behaviour was hit in the
@@ -14,7 +15,7 @@ PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cp -r "$REPO/setup.py" "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/LICENSE" "$REPO/csrc" "$REPO/moslora_ext" "$REPO/tests" "$WORK/"
-rm -f "$WORK"/moslora_ext/_C.*.so
+rm -f "$WORK"/moslora_ext/_C.*.so "$WORK"/moslora_ext/_testing.*.so
 
 cd "$WORK"
 echo "building the CPU extension with -fsanitize=address,undefined"

@@ -1,6 +1,6 @@
 // The CPU dropout passes: the bodies of dropout_kernels.h (shared with
 // CUDA) row by row, rows in parallel.
-#include "../kernels.h"
+#include "../device_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

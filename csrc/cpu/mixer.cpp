@@ -1,7 +1,9 @@
 // CPU mixer step: V = U M^T forward; dU = dV M and dM = dV^T U backward,
-// fused into one pass over row chunks.
-#include "../kernel_math.h"
-#include "../kernels.h"
+// fused into one pass over row chunks. The loop bodies are those of the CUDA
+// kernels (mixer_kernels.h): the CPU runs each row chunk as one block of one
+// thread, chunks in parallel, so both devices sum in the same order.
+#include "../device_kernels.h"
+#include "../mixer_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,6 +11,8 @@
 #include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+
+#include <vector>
 
 namespace moslora {
 
@@ -23,11 +27,7 @@ at::Tensor mixer_forward<c10::kCPU>(const at::Tensor& u, const at::Tensor& mixer
     scalar_t* v_ptr = v.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (r * r));
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        for (int64_t i = 0; i < r; ++i) {
-          v_ptr[row * r + i] = static_cast<scalar_t>(strided_dot<acc_t>(u_ptr + row * r, 1, m_ptr + i * r, 1, r));
-        }
-      }
+      for (int64_t idx = begin * r; idx < end * r; ++idx) mixer_forward_element<acc_t>(u_ptr, m_ptr, v_ptr, r, idx);
     });
   });
   return v;
@@ -48,31 +48,17 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCPU>(
     scalar_t* du_ptr = du.mutable_data_ptr<scalar_t>();
     // partials[c] = dV[rows of c]^T U[rows of c], in acc_t.
     std::vector<acc_t> partials(need_dmixer ? chunks.count * r * r : 0);
+    acc_t* partials_ptr = need_dmixer ? partials.data() : nullptr;
     at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        const int64_t first = c * chunks.rows, rows = std::min(chunks.rows, n - first);
-        for (int64_t row = first; row < first + rows; ++row) {
-          for (int64_t j = 0; j < r; ++j) {
-            du_ptr[row * r + j] = static_cast<scalar_t>(strided_dot<acc_t>(dv_ptr + row * r, 1, m_ptr + j, r, r));
-          }
-        }
-        if (!need_dmixer) continue;
-        for (int64_t i = 0; i < r; ++i) {
-          for (int64_t j = 0; j < r; ++j) {
-            partials[(c * r + i) * r + j] = strided_dot<acc_t>(
-                dv_ptr + first * r + i, r, u_ptr + first * r + j, r, rows);
-          }
-        }
+        mixer_backward_thread(dv_ptr, u_ptr, m_ptr, du_ptr, partials_ptr, n, r, chunks.rows, c, /*thread=*/0,
+                              /*threads=*/1);
       }
     });
     if (!need_dmixer) return;
     dmixer = at::empty({r, r}, dv.options());
     scalar_t* dm_ptr = dmixer.mutable_data_ptr<scalar_t>();
-    for (int64_t ij = 0; ij < r * r; ++ij) {
-      acc_t sum = acc_t(0);
-      for (int64_t c = 0; c < chunks.count; ++c) sum += partials[c * r * r + ij];
-      dm_ptr[ij] = static_cast<scalar_t>(sum);
-    }
+    for (int64_t idx = 0; idx < r * r; ++idx) reduce_partials_element(partials_ptr, dm_ptr, chunks.count, r * r, idx);
   });
   return {du, dmixer};
 }

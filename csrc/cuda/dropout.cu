@@ -1,7 +1,7 @@
 // CUDA dropout passes, one pass over their rows with the mask regenerated in
 // registers: the bodies of dropout_kernels.h over their grids (which the host
-// test runs too). dropout_products.cpp runs them on tiles for the GEMMs.
-#include "../kernels.h"
+// test runs too). dropout_matmul.cpp runs them on tiles for the GEMMs.
+#include "../device_kernels.h"
 #include "launch.cuh"
 
 #include <ATen/Dispatch.h>

@@ -1,7 +1,7 @@
 // CUDA mixer step: V = U M^T forward; dU = dV M and dM = dV^T U backward in
 // one pass over row chunks, then an ordered (deterministic)
 // reduction of the per-chunk dM partials. Accumulation in fp32 for fp16/bf16.
-#include "../kernels.h"
+#include "../device_kernels.h"
 #include "../mixer_kernels.h"
 #include "launch.cuh"
 

@@ -1,5 +1,5 @@
 """The argument checks of the fake kernels (shape-only; also the ops' Meta kernels), dense and expert
-alike: those of csrc/moslora.cpp and csrc/experts.cpp, with the exception types the C++ raises for the
+alike: those of csrc/linear_ops.cpp and csrc/expert_ops.cpp, with the exception types the C++ raises for the
 same misuse (TORCH_CHECK_VALUE: ValueError, TORCH_CHECK_TYPE: TypeError) and messages that one regular
 expression matches in both (dtypes as ATen names them, Float and Long; shapes as [3, 40]).
 

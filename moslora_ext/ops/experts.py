@@ -1,5 +1,5 @@
 """The expert-adapter operators: typed wrappers over
-``torch.ops.moslora_ext.experts_forward`` / ``experts_backward`` (csrc/experts.cpp),
+``torch.ops.moslora_ext.experts_forward`` / ``experts_backward`` (csrc/expert_ops.cpp),
 their fake kernels and autograd, and the in-place merge into a fused expert
 parameter.
 

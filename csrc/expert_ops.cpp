@@ -3,6 +3,8 @@
 // Device-generic: each expert's rows are one call of the dense operator
 // (moslora_ext::forward / ::backward in adapter-only mode, so its fused mixer
 // step, dropout kernels and GEMMs), so CPU and CUDA share this algorithm.
+#include "checks.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -61,10 +63,7 @@ void check_expert_adapter(const Tensor& x, const Tensor& lora_A, const Tensor& m
 // (the dense operator numbers each call's rows from 0).
 OptTensor expert_seed(const OptTensor& seed, size_t e) {
   if (!seed.has_value() || !seed->defined()) return seed;
-  TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
-                    "moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got dtype ",
-                    seed->scalar_type(), ", shape ", seed->sizes(), " on ", seed->device());
-  const uint64_t mixed = static_cast<uint64_t>(seed->item<int64_t>()) + 0x9E3779B97F4A7C15ull * (e + 1);
+  const uint64_t mixed = dropout_seed_value(*seed) + 0x9E3779B97F4A7C15ull * (e + 1);
   return at::scalar_tensor(static_cast<int64_t>(mixed >> 2), at::TensorOptions().dtype(at::kLong));
 }
 

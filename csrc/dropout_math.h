@@ -1,16 +1,11 @@
-// Math shared by the CPU and CUDA kernels: one definition of the dropout mask
-// and of the mixer step, so both devices compute the same thing.
+// The dropout mask, shared by the CPU and CUDA kernels: one definition of the
+// Philox draw, of the keep/drop decision and of the column groups that read
+// and write a row, so both devices compute the same thing.
 #pragma once
 
-#include <cstdint>
+#include "host_device.h"
 
-#if defined(__CUDACC__)
-#define MOSLORA_HOST_DEVICE __host__ __device__ __forceinline__
-#define MOSLORA_UNROLL _Pragma("unroll")
-#else
-#define MOSLORA_HOST_DEVICE inline
-#define MOSLORA_UNROLL _Pragma("GCC unroll 8")
-#endif
+#include <cstdint>
 
 namespace moslora {
 
@@ -75,6 +70,15 @@ struct DropoutMask {
   uint32_t drop_threshold;
   acc_t keep_scale;
 };
+
+// What regenerates a dropout mask, as the ops receive it (scale in double);
+// mask_of gives the kernels' copy in their accumulation type.
+using DropoutSpec = DropoutMask<double>;
+
+template <typename acc_t>
+DropoutMask<acc_t> mask_of(const DropoutSpec& spec) {
+  return DropoutMask<acc_t>{spec.seed, spec.drop_threshold, static_cast<acc_t>(spec.keep_scale)};
+}
 
 // ---------------------------------------------------------------------------
 // Column groups: the kernels that touch a row of x (or of dX) work on it 8
@@ -162,38 +166,6 @@ template <typename acc_t>
 MOSLORA_HOST_DEVICE void apply_dropout(const DropoutMask<acc_t>& mask, uint64_t row, int64_t group,
                                        acc_t (&v)[kDropoutColsPerCall]) {
   apply_dropout(mask, philox4x32_10(mask.seed, row, static_cast<uint32_t>(group)), v);
-}
-
-// ---------------------------------------------------------------------------
-// Mixer step. All three products of the mixer are dot products of length r
-// with strides: V[n,i] = <U[n,:], M[i,:]>, dU[n,j] = <dV[n,:], M[:,j]>,
-// dM[i,j] = sum_n dV[n,i] U[n,j]. Accumulation is in acc_t (fp32 for
-// half precision).
-// ---------------------------------------------------------------------------
-template <typename acc_t, typename scalar_t>
-MOSLORA_HOST_DEVICE acc_t strided_dot(const scalar_t* a, int64_t a_stride,
-                                      const scalar_t* b, int64_t b_stride, int64_t len) {
-  acc_t sum = acc_t(0);
-  for (int64_t t = 0; t < len; ++t) {
-    sum += static_cast<acc_t>(a[t * a_stride]) * static_cast<acc_t>(b[t * b_stride]);
-  }
-  return sum;
-}
-
-// The mixer backward reduces dM over rows in fixed chunks: each chunk writes
-// a partial r x r sum, and the partials are added in chunk order. The chunks
-// depend only on N, so the result is deterministic on both devices; there are
-// at most 1024 of them.
-struct RowChunks {
-  int64_t rows;   // rows per chunk (the last one may have fewer)
-  int64_t count;  // number of chunks
-};
-
-MOSLORA_HOST_DEVICE RowChunks mixer_row_chunks(int64_t n_rows) {
-  const int64_t max_chunks = 1024, min_rows = 64;
-  const int64_t needed = (n_rows + max_chunks - 1) / max_chunks;
-  const int64_t rows = needed > min_rows ? needed : min_rows;
-  return RowChunks{rows, (n_rows + rows - 1) / rows};
 }
 
 }  // namespace moslora

@@ -1,5 +1,5 @@
 // Device kernels behind the ops: the mixer step and the dropout passes
-// (csrc/moslora.cpp and dropout_products.cpp pick the device's
+// (linear_ops.cpp and dropout_matmul.cpp pick the device's
 // specialisation), and the products under dropout built on them.
 #pragma once
 
@@ -13,15 +13,6 @@
 #include <type_traits>
 
 namespace moslora {
-
-// What regenerates a dropout mask, as the ops receive it (scale in double);
-// mask_of gives the kernels' copy in their accumulation type.
-using DropoutSpec = DropoutMask<double>;
-
-template <typename acc_t>
-DropoutMask<acc_t> mask_of(const DropoutSpec& spec) {
-  return DropoutMask<acc_t>{spec.seed, spec.drop_threshold, static_cast<acc_t>(spec.keep_scale)};
-}
 
 // The kernels' view of a 2-D tensor with unit column stride; T is const for
 // a tensor that is only read.
@@ -46,7 +37,7 @@ inline int64_t rows_per_block(int64_t cols) {
 // Declared once for every device; cpu/ and cuda/ define the specialisations.
 
 // The mixer step carries no scale: the ops apply it as the alpha of a GEMM
-// (moslora.cpp), so no half-precision intermediate holds a scaled value.
+// (linear_ops.cpp), so no half-precision intermediate holds a scaled value.
 
 // v = u @ mixer^T, u (N, r) and mixer (r, r) contiguous.
 template <c10::DeviceType device>
@@ -80,7 +71,7 @@ void dropout_pair_rows(const at::Tensor& x, const at::Tensor& dropped, const at:
 #define ON_DEVICE(is_cuda, kernel, ...) ((void)(is_cuda), moslora::kernel<c10::kCPU>(__VA_ARGS__))
 #endif
 
-// The products under dropout (dropout_products.cpp, for either device), for
+// The products under dropout (dropout_matmul.cpp, for either device), for
 // x (N, d) and lora_A (r, d) with unit column strides and du (N, r)
 // contiguous; accumulation in fp32 for half precision, rounded once.
 // u = dropout(x) lora_A^T (N, r).

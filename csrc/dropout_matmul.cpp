@@ -1,10 +1,10 @@
 // The products under dropout, for CPU and CUDA alike: a tile of rows at a
-// time, one dropout pass (the device kernels of kernels.h) writes the dropped
+// time, one dropout pass (the device kernels of device_kernels.h) writes the dropped
 // tile, and the GEMM (cuBLAS on CUDA, tensor cores for half precision) reads
 // it back while it is still in cache. x is read once, the mask drawn once per
 // product, A is read by the GEMM only, and nothing N x d is kept: the tile
 // buffer holds dropout_tile_rows rows and is reused.
-#include "kernels.h"
+#include "device_kernels.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>

@@ -1,8 +1,9 @@
-// The moslora_ext operators: argument checks and the device-generic algorithm
-// (ATen GEMMs, which are cuBLAS on CUDA), calling the device kernels of
-// kernels.h for the mixer step and the dropout mask.
-#include "kernel_math.h"
-#include "kernels.h"
+// The dense moslora_ext operators (forward, backward, merge_, dropout): their
+// argument checks and the device-generic algorithm (ATen GEMMs, which are
+// cuBLAS on CUDA), calling the device kernels of device_kernels.h for the
+// mixer step and the dropout mask.
+#include "checks.h"
+#include "device_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -25,25 +26,8 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------
-// Argument checks. Shapes and values raise ValueError, dtypes TypeError; each
-// message names both sides of the mismatch.
+// Argument checks (the ones the expert operators share are in checks.h).
 // ---------------------------------------------------------------------------
-
-// `ref` (called ref_name in messages) sets the dtype and device that t must share.
-void check_same_dtype_device(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "moslora_ext: ", name, " has dtype ", t.scalar_type(),
-                   " but ", ref_name, " has dtype ", ref.scalar_type(), "; cast them so they match");
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "moslora_ext: ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device());
-}
-
-// `t` must be a floating point tensor on ref's device, of any floating dtype.
-void check_floating_same_device(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "moslora_ext: ", name,
-                   " must be a floating point tensor, got dtype ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "moslora_ext: ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device());
-}
 
 // Checks weight (k, d), lora_A (r, d), mixer (r, r), lora_B (k, r) against
 // each other; ref (x, or the weight for merge) sets their device, and their
@@ -83,18 +67,6 @@ void check_input(const Tensor& x, const Tensor& lora_A) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == lora_A.size(1), "moslora_ext: x must have in_features = ",
                     lora_A.size(1), " in its last dimension (lora_A has shape ", lora_A.sizes(),
                     "), got x of shape ", x.sizes());
-}
-
-// The mask of a dropout op on x.
-DropoutSpec dropout_spec(double p, const std::optional<Tensor>& seed) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "moslora_ext: dropout probability must be in [0, 1), got ", p);
-  if (p == 0.0) return DropoutSpec{0, 0, 1.0};
-  TORCH_CHECK_VALUE(seed.has_value() && seed->defined(),
-                    "moslora_ext: dropout_p = ", p, " > 0 needs a dropout_seed tensor");
-  TORCH_CHECK_VALUE(seed->numel() == 1 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
-                    "moslora_ext: dropout_seed must be a one-element int64 CPU tensor, got dtype ",
-                    seed->scalar_type(), ", shape ", seed->sizes(), " on ", seed->device());
-  return DropoutSpec{static_cast<uint64_t>(seed->item<int64_t>()), dropout_threshold(p), 1.0 / (1.0 - p)};
 }
 
 // Dropout is refused under CUDA-graph capture, where the seed, read on the
