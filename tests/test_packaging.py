@@ -277,3 +277,16 @@ def test_the_supported_peft_range_is_written_once():
         pyproject = f.read()
     bounds = set(re.findall(r'"peft([<>=!~][^"]*)"', pyproject))
     assert bounds == {SUPPORTED_PEFT}, bounds
+
+
+def test_every_subpackage_is_installed():
+    """A regular install (not an editable one) ships what setuptools finds: every folder of the package with an
+    __init__.py must be among them, or `import moslora_ext` fails after `pip install .`."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    include = tomllib.loads((SOURCE / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(SOURCE, include=include["include"]))
+    folders = {".".join(p.parent.relative_to(SOURCE).parts) for p in (SOURCE / "moslora_ext").rglob("__init__.py")}
+    assert folders and folders <= found, f"not installed: {sorted(folders - found)}"
