@@ -138,3 +138,47 @@ def test_settings_no_moslora_config_holds_are_kept_and_peft_refuses_the_folder_b
     loaded = moslora_ext.load_adapter(tiny_llama(), tmp_path).eval()
     assert torch.equal(logits(loaded), logits(model))
     assert [layer.active.config.use_rslora for layer in moslora_ext.adapted_layers(loaded).values()] == [False, True]
+
+
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Linear(4, 4)
+
+
+class _Nested(torch.nn.Module):
+    """Modules "a.b" and "b": a pattern for "b" that PEFT matches at the end of a name would catch "a.b" too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = _Inner(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.c(self.b(self.a.b(x)))
+
+
+@pytest.mark.parametrize("save", ["save_adapter", "save_peft_adapter"])
+def test_a_per_layer_alpha_stays_on_its_own_layer_through_peft(tmp_path, save):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    weights = _Nested().state_dict()
+
+    def fresh():
+        model = _Nested()
+        model.load_state_dict(weights)
+        return model
+
+    model = moslora_ext.add_adapters(fresh(), ["a.b", "c"], r=2, lora_alpha=16, mixer_init="identity",
+                                     train_mixer=False)
+    moslora_ext.add_adapters(model, "b", r=2, lora_alpha=32, mixer_init="identity", train_mixer=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    x = torch.randn(3, 4)
+    getattr(moslora_ext, save)(model, tmp_path)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.allclose(PeftModel.from_pretrained(fresh(), tmp_path)(x), expected, atol=1e-5)
+        load = moslora_ext.load_adapter if save == "save_adapter" else moslora_ext.load_peft_adapter
+        assert torch.allclose(load(fresh(), tmp_path)(x), expected, atol=1e-5)

@@ -58,8 +58,10 @@ def pattern_value(patterns, key, default):
 
 
 def patterns(values, default):
-    """PEFT's pattern dict {escaped PEFT key: value} for the targets {PEFT key: value} whose value is not ``default``."""
-    return {re.escape(key): value for key, value in values.items() if value != default}
+    """PEFT's pattern dict {anchored PEFT key: value} for the targets {PEFT key: value} whose value is not
+    ``default``. PEFT matches a pattern at the end of a module's name (``(.*\.)?(pattern)$``), so an unanchored
+    ``b`` would also give its value to ``a.b``: ``^`` keeps each value on its own target."""
+    return {"^" + re.escape(key): value for key, value in values.items() if value != default}
 
 
 def nesting_prefix(name, parameter, adapted):
