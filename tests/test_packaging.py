@@ -223,10 +223,12 @@ def test_peft_given_a_save_adapter_folder_names_load_adapter(tmp_path):
 
     from moslora_ext.peft.compat import supported_peft_installed
 
-    model = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], r=2)
+    # Layers that differ in use_rslora, which one MoSLoRAConfig holds once: not a folder for PEFT.
+    model = moslora_ext.add_adapters(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)), ["0"], r=2)
+    moslora_ext.add_adapters(model, ["1"], r=2, use_rslora=True)
     moslora_ext.save_adapter(model, tmp_path)
     files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    base = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     state = {k: v.clone() for k, v in base.state_dict().items()}
     # Under a peft outside the range the route registers no refusal: PEFT's KeyError names the folder's peft_type.
     refusal = ((ValueError, r"written by moslora_ext\.save_adapter .* load it with moslora_ext\.load_adapter\(model, "
@@ -234,7 +236,7 @@ def test_peft_given_a_save_adapter_folder_names_load_adapter(tmp_path):
     for load in (lambda: PeftModel.from_pretrained(base, tmp_path), lambda: PeftConfig.from_pretrained(tmp_path)):
         with pytest.raises(refusal[0], match=refusal[1]):
             load()
-    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items()) and base[0].weight.requires_grad
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items()) and base[1].weight.requires_grad
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     moslora_ext.load_adapter(base, tmp_path)  # which still reads it
 

@@ -62,7 +62,8 @@ def imports(all_modules):
                     else:
                         out.append((module, source, alias.name, node.lineno))
             elif isinstance(node, ast.Import):
-                out.extend((module, a.name, None, node.lineno) for a in node.names if a.name.startswith(package + "."))
+                out.extend((module, a.name, None, node.lineno) for a in node.names
+                           if a.name == package or a.name.startswith(package + "."))
     return out
 
 

@@ -38,9 +38,9 @@ def _reading_moslora(create_lora_config):
 
     def _create_lora_config(state_dict, network_alphas, metadata, *args, **kwargs):
         if metadata is not None and metadata.get("peft_type") == MOSLORA_PEFT_TYPE:
-            import moslora_ext
+            from .config import MoSLoRAConfig
 
-            return moslora_ext.MoSLoRAConfig(**metadata)
+            return MoSLoRAConfig(**metadata)
         if any(".lora_mixer." in key for key in state_dict):
             raise ValueError(
                 "this LoRA file holds MoSLoRA mixers (lora_mixer) but no MoSLoRA adapter metadata, so its "

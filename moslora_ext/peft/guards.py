@@ -24,15 +24,16 @@ import functools
 import sys
 from contextlib import contextmanager
 
-import torch
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.model import _adapter_names_pre_forward_hook, _get_encoder
-from peft.utils.other import AuxiliaryTrainingWrapper
+from .config import MoSLoRAConfig, refuse_other_config  # first: it refuses an unsupported peft before peft is imported
 
-from .config import MoSLoRAConfig, refuse_other_config
-from .injection import Snapshot
-from .layers import MoSLoRALayer, refuse_stock_lora_layers
+import torch  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from peft.tuners.lora.model import _adapter_names_pre_forward_hook, _get_encoder  # noqa: E402
+from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
+
+from .injection import Snapshot  # noqa: E402
+from .layers import MoSLoRALayer, refuse_stock_lora_layers  # noqa: E402
 
 # PEFT's loads: an adapter injected inside one of them is part of that load.
 _PEFT_LOADS = (PeftModel.from_pretrained.__func__.__code__, PeftModel.load_adapter.__code__)

@@ -19,14 +19,15 @@ route therefore computes as PEFT does (W + s·(B M) A folded into one
 is the fused path.
 """
 
-import torch
-from peft.tuners.lora import layer as lora_layer
-from peft.utils import ALLOWED_COMPUTE_DTYPES
-from torch import nn
+from .layers import MoSLoRALayer  # first: its config import refuses an unsupported peft before peft is imported
 
-from ..layers.base import init_mixer_
-from ..layers.expert_layout import stacked_from_peft
-from .layers import MoSLoRALayer
+import torch  # noqa: E402
+from peft.tuners.lora import layer as lora_layer  # noqa: E402
+from peft.utils import ALLOWED_COMPUTE_DTYPES  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ..layers.base import init_mixer_  # noqa: E402
+from ..layers.expert_layout import stacked_from_peft  # noqa: E402
 
 
 class ExpertMixers(nn.Module):

@@ -1,16 +1,17 @@
 """The variants: what a MoSLoRA adapter adds to PEFT's LoRA layers (a ``LoraVariant`` per layer kind:
 its mixer, forward on moslora_ext's ops and merges)."""
 
-import torch
-from peft.tuners.lora.layer import LoraVariant
-from torch import nn
-
-from .. import ops
-from ..layers.conv import CONV_FUNCTIONS, Conv
-from ..layers.embedding import Embedding
-from ..layers.base import init_mixer_
-from ..layers.linear import Linear, TransposedLinear
 from .config import PEFT_TYPE  # noqa: F401  (first: it refuses an unsupported peft before peft is imported)
+
+import torch  # noqa: E402
+from peft.tuners.lora.layer import LoraVariant  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .. import ops  # noqa: E402
+from ..layers.base import init_mixer_  # noqa: E402
+from ..layers.conv import CONV_FUNCTIONS, Conv  # noqa: E402
+from ..layers.embedding import Embedding  # noqa: E402
+from ..layers.linear import Linear, TransposedLinear  # noqa: E402
 
 
 class MixerVariant(LoraVariant):
