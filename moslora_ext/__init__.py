@@ -6,10 +6,11 @@
 GPT-2's Conv1D, ``Conv`` and ``Embedding`` in plain PyTorch, ``Experts`` for the
 fused experts of mixture-of-experts models, all ``AdapterLayer``s
 holding named adapters); ``moslora_ext.ops`` has the functional ops;
-``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.adapters``),
-``merge_and_unload`` (``moslora_ext.merging``), ``save_adapter``, ``load_adapter``
-(``moslora_ext.checkpoints``), ``save_peft_adapter``, ``load_peft_adapter``
-(``moslora_ext.peft_checkpoints``) and their helpers work on whole models; ``MoSLoRAConfig`` (``moslora_ext.peft_method``, when a supported peft is installed) is MoSLoRA
+``add_adapters``, ``set_adapter``, ``disable_adapters`` (``moslora_ext.model.adapters``),
+``merge_and_unload`` (``moslora_ext.model.merging``), ``save_adapter``, ``load_adapter``
+(``moslora_ext.formats.native``), ``save_peft_adapter``, ``load_peft_adapter``
+(``moslora_ext.formats.peft_lora``) and their helpers work on whole models; ``MoSLoRAConfig``
+(``moslora_ext.peft.config``, when a supported peft is installed) is MoSLoRA
 inside PEFT's ``get_peft_model`` / ``PeftModel``; ``build_info()`` says what the installed
 extension was built with.
 """
@@ -105,7 +106,7 @@ def _register_with_diffusers():
 
 
 # diffusers' LoRA loads build a MoSLoRAConfig from MoSLoRA files once diffusers' PEFT helpers are imported
-# (moslora_ext.diffusers_support), which `import moslora_ext` does not import.
+# (moslora_ext.peft.diffusers), which `import moslora_ext` does not import.
 after_import("diffusers.utils.peft_utils", _register_with_diffusers)
 
 

@@ -23,7 +23,7 @@ BASE_WEIGHT = ".base_layer.weight"  # an adapted layer's base weight, as PEFT's 
 
 
 def adapter_targets_of(model, adapter_name, layers=None):
-    """{target name: Adapter} of the adapter ``adapter_name`` (see ``moslora_ext.experts.adapter_targets``)."""
+    """{target name: Adapter} of the adapter ``adapter_name`` (see ``moslora_ext.model.targets.adapter_targets``)."""
     layers = layers_holding(model, adapter_name) if layers is None else layers
     return {target: adapter for name, layer in layers.items()
             for target, adapter in adapter_targets(name, layer, adapter_name).items()}
@@ -58,8 +58,8 @@ def names_list(path, names):
     return names
 
 
-def load_all_or_nothing(model, settings, tensors, source, modules_to_save=(), adapter_name=DEFAULT_ADAPTER, replace=False,
-          base_weights=None):
+def load_all_or_nothing(model, settings, tensors, source, modules_to_save=(), adapter_name=DEFAULT_ADAPTER,
+                        replace=False, base_weights=None):
     """Check everything, then give the layers that lack it the adapter
     ``adapter_name``, mark the modules to save and copy the tensors in (and
     ``base_weights``, {layer: its saved base weight}, into those layers)."""

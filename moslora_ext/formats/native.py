@@ -1,6 +1,9 @@
-"""Saving and loading adapters: this library's folders and transformers
-checkpoints, and what every format shares (all-or-nothing writing, checked
-reading, the all-or-nothing load); PEFT's format is in
+"""Saving and loading adapters: this library's folders (``save_adapter``,
+``load_adapter``, which also reads transformers checkpoints, see
+``moslora_ext.formats.transformers``). What every format shares lives
+beside it: all-or-nothing writing and checked reading in
+``moslora_ext.formats.files``, the all-or-nothing load in
+``moslora_ext.formats.loading``; PEFT's format is in
 ``moslora_ext.formats.peft_lora``.
 
     moslora_ext.save_adapter(model, "my-adapter")          # adapter tensors + JSON config

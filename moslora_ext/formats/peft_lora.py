@@ -2,7 +2,8 @@
 (the mixer folded into B) for PEFT and serving engines; ``load_peft_adapter``
 reads PEFT's LoRA adapters, this library's PEFT-route (MoSLoRAConfig) folders
 and the released MoSLoRA code's checkpoints. Both share the checks and the
-all-or-nothing writing and loading of ``moslora_ext.checkpoints``."""
+all-or-nothing writing and loading of ``moslora_ext.formats.files`` and
+``moslora_ext.formats.loading``."""
 
 import dataclasses
 import os
@@ -62,7 +63,7 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     lora_dropout, use_rslora, target_modules (the layers' last names where
     these select exactly the adapted layers, else their full names),
     target_parameters (adapted fused expert parameters, written in PEFT's
-    ``ParamWrapper`` layout, see ``moslora_ext.peft_experts``; and linear
+    ``ParamWrapper`` layout, see ``moslora_ext.formats.peft_lora_experts``; and linear
     layers that PEFT's transformers-v5 MoE conversion would otherwise remap
     to routed experts, such as DeepSeek-V3's dense MLP and shared experts,
     as ``<layer>.weight``; lora_dropout is then written as 0, which PEFT
@@ -78,9 +79,9 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     merged model.
 
     ``engine="vllm"`` also refuses (ValueError, naming each setting, nothing
-    written) an adapter that vLLM would not load: see ``moslora_ext.engines``.
+    written) an adapter that vLLM would not load: see ``moslora_ext.formats.engines``.
     Serve it with ``max_lora_rank`` at least r, one of 1, 8, 16, 32, ...
-    (``moslora_ext.engines.vllm_max_lora_rank(r)``).
+    (``moslora_ext.formats.engines.vllm_max_lora_rank(r)``).
     """
     layers = unmerged_adapters(model, "save_peft_adapter", adapter_name)
     adapters = adapter_targets_of(model, adapter_name, layers)
@@ -211,10 +212,10 @@ def load_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, replace=False, 
     parameters of a ``target_parameters`` adapter (PEFT's nested
     ``ParamWrapper`` keys ``<experts>.lora_A.weight``,
     ``<experts>.base_layer.lora_A.weight``, in either of PEFT's layouts, see
-    ``moslora_ext.peft_experts``); ``rank_pattern`` and ``alpha_pattern``
+    ``moslora_ext.formats.peft_lora_experts``); ``rank_pattern`` and ``alpha_pattern``
     are applied as PEFT applies them. Router weights adapted through
     ``target_parameters`` (``mlp.gate.weight``) go to router adapters
-    (``moslora_ext.routers``). A LoRA adapter gets
+    (``moslora_ext.layers.routers``). A LoRA adapter gets
     an identity, frozen mixer, so the layer computes exactly what PEFT
     computes; a MoSLoRA adapter gets its trained mixer. Tensors of the
     config's ``modules_to_save`` (such as the ``classifier.*`` or

@@ -1,5 +1,5 @@
 """PEFT's layout of LoRA on fused expert parameters (``LoraConfig(target_parameters=...)``,
-PEFT's ``lora.ParamWrapper``), read and written by ``moslora_ext.peft_checkpoints``.
+PEFT's ``lora.ParamWrapper``), read and written by ``moslora_ext.formats.peft_lora``.
 
 PEFT wraps each targeted parameter of a module in one ``ParamWrapper``,
 nesting them in the parameters' registration order (the last one outermost),

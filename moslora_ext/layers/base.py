@@ -213,7 +213,7 @@ class AdapterLayer(nn.Module):
     linear defaults do not fit.
     """
 
-    # Whether forward takes adapter_names (mixed-adapter batches, see moslora_ext.mixed_batch).
+    # Whether forward takes adapter_names (mixed-adapter batches, see moslora_ext.model.mixed_batch).
     takes_mixed_batches = True
     # Whether the base weight is stored (in, out), PEFT's fan_in_fan_out.
     fan_in_fan_out = False
@@ -364,7 +364,7 @@ class AdapterLayer(nn.Module):
         """The base output plus the active adapter's; with ``adapter_names``
         (one adapter name per row of x's first dimension), each row's own
         adapter's (see ``mixed_batch_forward``): given here, or by a mixed call
-        of a model holding this layer (``moslora_ext.mixed_batch``)."""
+        of a model holding this layer (``moslora_ext.model.mixed_batch``)."""
         if adapter_names is None:
             adapter_names = names_of_call(self, x)
         if adapter_names is not None:
@@ -409,7 +409,7 @@ class AdapterLayer(nn.Module):
 
     def grouped_forward(self, x, groups):
         """The base output of the whole batch, then each adapter's added on
-        its rows: [(adapter, row indices)] from ``mixed_batch.row_groups``."""
+        its rows: [(adapter, row indices)] from ``mixed_rows.row_groups``."""
         return self._add_outputs_by_rows(self.base_forward(x), x, groups)
 
     def _add_outputs_by_rows(self, out, x, groups):
@@ -425,7 +425,7 @@ class AdapterLayer(nn.Module):
     def add_update_(cls, weight, lora_A, mixer, lora_B, scale):
         """``weight += scale * B M A`` in place, on matrix views of the weight
         (``_as_matrix``), A and B: every layer type's update, also on the
-        PEFT route's layers (``moslora_ext.peft_method``)."""
+        PEFT route's layers (``moslora_ext.peft.variants``)."""
         ops.merge_(cls._as_matrix(weight), lora_A.flatten(1), mixer, lora_B.flatten(1), scale)
 
     def _merge_into(self, weight, adapter, scale):
@@ -489,7 +489,7 @@ class AdapterLayer(nn.Module):
 
     def _set_merged(self, merged):
         # A transformers model's config records how many of its layers are merged (see
-        # moslora_ext.adapters._record), so that a checkpoint saved after a layer-level merge()
+        # moslora_ext.model.adapters.record_adapters), so that a checkpoint saved after a layer-level merge()
         # is not loaded as if its weights held no adapter.
         self.merged = merged
         record = self.__dict__.get("_config_record")

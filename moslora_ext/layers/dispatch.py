@@ -146,7 +146,7 @@ def check_adaptable(module, name="the module"):
     """Raise TypeError, naming ``name`` and saying why, if ``module`` cannot
     take an adapter: it must be of a registered kind (``base_kinds``)
     and pass its adapter class's checks: a linear layer whose forward is the
-    linear map (not one of ``moslora_ext.linear.NOT_PLAIN_LINEAR``), a
+    linear map (not one of ``moslora_ext.layers.linear.NOT_PLAIN_LINEAR``), a
     quantized layer that is quantized already (``QuantizedLinear``), a
     convolution with groups=1 and zero padding, an embedding without a
     forward of its own, an initialized weight."""

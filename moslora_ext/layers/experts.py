@@ -23,7 +23,7 @@ The forward is transformers' grouped experts path (sort the routed
 (token, expert) pairs by expert, one grouped GEMM per parameter, the module's
 own gate/activation, routing weights, sum over top-k), with the adapter added
 per expert on that expert's rows only, through
-``moslora_ext.expert_ops.add_experts_moslora``; no expert is unfused into an
+``moslora_ext.ops.experts.add_experts_moslora``; no expert is unfused into an
 ``nn.Linear``.
 """
 

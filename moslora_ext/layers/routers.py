@@ -22,7 +22,7 @@ from .base import AdapterLayer, class_path
 def is_router(module):
     """Whether ``module`` is a transformers MoE router holding a 2-D weight
     (not an ``nn.Linear``: those routers are refused, see
-    ``moslora_ext.linear.NOT_PLAIN_LINEAR``)."""
+    ``moslora_ext.layers.linear.NOT_PLAIN_LINEAR``)."""
     weight = getattr(module, "weight", None)
     return (not isinstance(module, (nn.Linear, AdapterLayer)) and "Router" in type(module).__name__
             and isinstance(weight, nn.Parameter) and weight.dim() == 2)

@@ -2,15 +2,16 @@
 
     model = moslora_ext.add_adapters(model, ["q_proj", "v_proj"], r=16, lora_alpha=32)
     ...train...
-    moslora_ext.save_adapter(model, "my-adapter")          # see moslora_ext.checkpoints
-    plain = moslora_ext.merge_and_unload(model)            # see moslora_ext.merging
+    moslora_ext.save_adapter(model, "my-adapter")          # see moslora_ext.formats.native
+    plain = moslora_ext.merge_and_unload(model)            # see moslora_ext.model.merging
 
 A model holds adapters by name (``adapter_name=``, "default" when not given)
 and one of them is active (``set_adapter``, ``disable_adapters``,
 ``delete_adapter``, ``list_adapters``). Every layer type (see
-``moslora_ext.dispatch``) goes through the same functions. Merging lives in
-``moslora_ext.merging``, saving and loading (this library's format, PEFT's,
-transformers checkpoints) in ``moslora_ext.checkpoints``.
+``moslora_ext.layers.dispatch``) goes through the same functions. Merging
+lives in ``moslora_ext.model.merging``, saving and loading in
+``moslora_ext.formats`` (this library's format and transformers checkpoints
+in ``moslora_ext.formats.native``, PEFT's in ``moslora_ext.formats.peft_lora``).
 """
 
 import contextlib
@@ -70,7 +71,7 @@ def add_adapters(model, target_modules=None, r=AdapterConfig.r, lora_alpha=Adapt
     as a ``target_modules`` list, e.g. ``["mlp.experts.gate_up_proj",
     "mlp.experts.down_proj"]``) of fused 3-D expert parameters of
     transformers' mixture-of-experts models, which get per-expert adapters
-    (``moslora_ext.experts``); other parameters are refused by name.
+    (``moslora_ext.layers.experts``); other parameters are refused by name.
     ``"all-linear"`` selects them too, and the routers, and warns, naming
     them, about the parameters PEFT's "all-linear" may adapt but this library
     leaves out (routers that are ``nn.Linear`` subclasses with a forward of

@@ -95,7 +95,7 @@ def _router_of(modules, parameter_name):
 def left_out_of_all_linear(model):
     """The parameters that PEFT's "all-linear" may adapt but this library
     does not: the weights of routers that are ``nn.Linear`` subclasses with a
-    forward of their own (refused, see ``moslora_ext.linear.NOT_PLAIN_LINEAR``)
+    forward of their own (refused, see ``moslora_ext.layers.linear.NOT_PLAIN_LINEAR``)
     and 3-D parameters outside a supported experts module."""
     left_out, inside_adapted = [], ()
     for name, module in model.named_modules():  # a module before its children
@@ -124,9 +124,9 @@ def matching_names(model, target_modules):
     ``is_linear``, see ``moslora_ext.layers.dispatch``) that can take an
     adapter (see ``check_adaptable``) except the output head, the module that ``model.get_output_embeddings()`` returns
     on a transformers model, the routers of mixture-of-experts models (their
-    weights, see ``moslora_ext.routers``) and every fused expert parameter of
+    weights, see ``moslora_ext.layers.routers``) and every fused expert parameter of
     transformers' experts modules (``<experts>.gate_up_proj``, ``.down_proj``;
-    see ``moslora_ext.experts``), as PEFT's "all-linear" targets them. Never
+    see ``moslora_ext.layers.experts``), as PEFT's "all-linear" targets them. Never
     the model itself, nor a module inside an adapted layer (its base module,
     its adapters).
     """

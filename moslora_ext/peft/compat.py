@@ -85,7 +85,8 @@ def register_with_peft():
 
 
 def _register():
-    """Import the tuner (``moslora_ext.peft.tuner``), which registers the route; a peft it cannot work with only warns."""
+    """Import the tuner (``moslora_ext.peft.tuner``), which registers the route; a peft it cannot work with
+    only warns."""
     try:
         importlib.import_module("moslora_ext.peft.tuner")
     except ImportError as exc:

@@ -43,7 +43,7 @@ KEPT_FIELDS = {
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
     "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "trainable_token_indices", "runtime_config",
-    "target_parameters",  # MoE expert stacks: moslora_ext.peft_param_wrapper
+    "target_parameters",  # MoE expert stacks: moslora_ext.peft.param_wrapper
     "megatron_core", "qalora_group_size",  # read only with megatron_config and use_qalora, both refused
 }
 
@@ -107,7 +107,7 @@ class MoSLoRAConfig(LoraConfig):
         self.check()
 
     def save_pretrained(self, save_directory, **kwargs):
-        """PEFT's save, then the model card's section on loading (``moslora_ext.peft_folder``)."""
+        """PEFT's save, then the model card's section on loading (``moslora_ext.peft.folder``)."""
         super().save_pretrained(save_directory, **kwargs)
         peft_folder.write_card_section(save_directory)
 

@@ -4,11 +4,11 @@ PEFT's ``lora.ParamWrapper`` with one r x r mixer per expert.
 PEFT's ParamWrapper adapts one parameter (a fused (E, out, in) or (E, in, out)
 expert stack, or a 2-D weight) and calls the base module's own forward with
 that parameter parametrised as W + ΔW; its layout is that of
-``moslora_ext.peft_experts`` (lora_A (E·r, in), lora_B (out, r·E)). The
+``moslora_ext.formats.peft_lora_experts`` (lora_A (E·r, in), lora_B (out, r·E)). The
 mixers are ``lora_mixer.weight`` (E, r, r), one per expert, as in
 ``moslora_ext.Experts``: ΔW_e = s · B_e M_e A_e.
 
-Why ΔW per forward and not the fused ``expert_ops.add_experts_moslora``: the
+Why ΔW per forward and not the fused ``moslora_ext.ops.experts.add_experts_moslora``: the
 fused op adds the adapter on each expert's routed rows, which exist only
 inside the experts module's forward (routing, sorting, grouped GEMMs). A
 ParamWrapper sees the module's inputs, not those rows, and nested wrappers

@@ -53,7 +53,7 @@ from .layers import MoSLoRALayer, base_of, layer_factory, route_refusal  # noqa:
 class MoSLoRAModel(TunerGuards, AllOrNothingInjection, lora.LoraModel):
     """PEFT's ``LoraModel`` with MoSLoRA layers: the tuner of peft_type "MOSLORA".
     A refused adapter leaves the model as it was (``AllOrNothingInjection``); see
-    ``peft_guards`` for stock LoRA in the same model, mixed-batch hooks and loads."""
+    ``moslora_ext.peft.guards`` for stock LoRA in the same model, mixed-batch hooks and loads."""
 
     def _check_new_adapter_config(self, config):
         if not isinstance(config, MoSLoRAConfig):
@@ -96,7 +96,7 @@ class MoSLoRAModel(TunerGuards, AllOrNothingInjection, lora.LoraModel):
         layer's merged weight is computed first and a non-finite one refused
         before any layer changes (as ``moslora_ext.merge_adapters``); then a
         base weight that other modules share (GPT-2's tied ``wte`` and
-        ``lm_head``) is untied (``moslora_ext.merging.untie_weights``)."""
+        ``lm_head``) is untied (``moslora_ext.model.merging.untie_weights``)."""
         layers = {name: (layer, adapters) for name, layer in self.model.named_modules()
                   if isinstance(layer, MoSLoRALayer) and (adapters := _adapters_to_merge(layer, adapter_names))}
         if safe_merge:
