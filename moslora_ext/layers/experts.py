@@ -31,9 +31,8 @@ import torch
 from torch import nn
 
 from ..ops import experts as expert_ops
-from .base import DEFAULT_ADAPTER, Adapter, AdapterLayer, class_path, refuse_non_finite
+from .base import Adapter, AdapterLayer, class_path, refuse_non_finite
 from .linear import Linear
-from .routers import RouterWeight, is_router
 
 # The fused parameters of transformers' experts modules that take adapters.
 FUSED_PARAMETERS = ("gate_up_proj", "up_proj", "down_proj")
