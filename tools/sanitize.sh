@@ -14,7 +14,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-cp -r "$REPO/setup.py" "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/LICENSE" "$REPO/csrc" "$REPO/moslora_ext" "$REPO/tests" "$WORK/"
+cp -r "$REPO/setup.py" "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/LICENSE" "$REPO/csrc" "$REPO/moslora_ext" "$REPO/tests" \
+    "$REPO/tools" "$WORK/"
 rm -f "$WORK"/moslora_ext/_C.*.so "$WORK"/moslora_ext/_testing.*.so
 
 cd "$WORK"
