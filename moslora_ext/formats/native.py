@@ -66,11 +66,11 @@ def adapter_state_dict(model, adapter_name=DEFAULT_ADAPTER):
     return tensors | saved_module_tensors(model)
 
 
-def not_for_peft(model, layers, adapters):
+def not_for_peft(model, adapters, experts, as_parameters, modules):
     """Why no one ``MoSLoRAConfig`` computes the adapters {target: Adapter}
-    on the layers {name: layer} as they do (a list of reasons, empty when
-    one does)."""
-    experts, linear, as_parameters = split_targets(model, layers)
+    as they are (a list of reasons, empty when one does), given their layers
+    as ``split_targets`` splits them and the ``modules`` that target_modules
+    must select."""
     reasons = [f"{name} holds adapters on fused expert parameters" for name in experts]
     reasons += [f"{name} is a router or a layer that PEFT remaps to experts (a target_parameters adapter)"
                 for name in as_parameters]
@@ -78,7 +78,6 @@ def not_for_peft(model, layers, adapters):
         values = {getattr(adapter.config, setting) for adapter in adapters.values()}
         if len(values) > 1:
             reasons.append(f"the layers differ in {setting} ({sorted(values)}), which a MoSLoRAConfig holds once")
-    modules = [name for name in linear if name not in as_parameters]
     if modules and set(matching_names(model, target_modules_of(model, modules))) != set(modules):
         reasons.append("no target_modules selects exactly the adapted layers")
     return reasons
@@ -91,10 +90,10 @@ def folder_config(model, layers, adapters):
     and in its ``RECORD_FIELD`` record each layer's settings, the modules
     to save, this library's format and the reasons it is not a MOSLORA
     folder, if any."""
-    reasons = not_for_peft(model, layers, adapters)
-    _, linear, as_parameters = split_targets(model, layers)
-    shared = {s: most_common(getattr(a.config, s) for a in adapters.values()) for s in SHARED_SETTINGS}
+    experts, linear, as_parameters = split_targets(model, layers)
     modules = {name: layer for name, layer in linear.items() if name not in as_parameters}
+    reasons = not_for_peft(model, adapters, experts, as_parameters, modules)
+    shared = {s: most_common(getattr(a.config, s) for a in adapters.values()) for s in SHARED_SETTINGS}
     record = {**peft_folder.record(), "format": FORMAT, "layers": {t: dataclasses.asdict(a.config)
                                                                   for t, a in adapters.items()},
               "modules_to_save": list(saved_modules(model)), "not_for_peft": reasons}

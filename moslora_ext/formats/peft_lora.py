@@ -75,7 +75,7 @@ def save_peft_adapter(model, path, adapter_name=DEFAULT_ADAPTER, engine=None):
     PEFT's LoRA has one lora_dropout and use_rslora per adapter: ValueError
     if the adapted layers differ in one of them. r and lora_alpha are written
     as their most common value, with ``rank_pattern`` / ``alpha_pattern``
-    entries (escaped full names) for the targets that differ. Refuses a
+    entries (anchored full names) for the targets that differ. Refuses a
     merged model.
 
     ``engine="vllm"`` also refuses (ValueError, naming each setting, nothing
@@ -172,7 +172,7 @@ def saved_module_tensors(model):
 
 def pattern_settings(adapters, key_of=str):
     """r and lora_alpha of the adapters {target: Adapter}: their most common values, and ``rank_pattern`` /
-    ``alpha_pattern`` entries (escaped PEFT keys, ``key_of(target)``) for the targets that differ."""
+    ``alpha_pattern`` entries (anchored PEFT keys, ``key_of(target)``) for the targets that differ."""
     config = {}
     for setting, pattern in PEFT_PATTERN_SETTINGS.items():
         values = {key_of(t): getattr(a.config, setting) for t, a in adapters.items()}
