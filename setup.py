@@ -7,6 +7,11 @@ MOSLORA_BUILD_CUDA=0 or 1 to force them off or on. MOSLORA_SANITIZE (e.g.
 "address,undefined") builds the C++ sources with those sanitizers, for
 tools/sanitize.sh. What was built is recorded in moslora_ext/_build_config.py,
 which the package checks on import.
+
+Both modules are built on LibTorch's stable ABI (torch/csrc/stable, the
+header-only torch/headeronly) with TORCH_TARGET_VERSION = torch 2.11, and on
+Python's limited API: one abi3 wheel serves every torch from 2.11 on (of the
+same CUDA major version, for a CUDA build) and every CPython from 3.10 on.
 """
 
 import glob
@@ -22,6 +27,10 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FALLBACK_CUDA_ARCHS = "8.0;9.0+PTX"  # if neither torch nor nvcc can say which to build
+# The oldest torch whose stable ABI the extension targets, and the oldest CPython
+# of the limited API (requires-python in pyproject.toml).
+TORCH_TARGET_VERSION = (2, 11)
+PY_LIMITED_API = "0x030A0000"
 
 
 def find_cuda_home():
@@ -125,12 +134,19 @@ def cuda_wheel_include_dirs():
     return dirs
 
 
+def stable_abi_macros():
+    """The macros of a build on the stable ABI and the limited API."""
+    major, minor = TORCH_TARGET_VERSION
+    return [("TORCH_TARGET_VERSION", f"0x{major:02x}{minor:02x}000000000000"), ("Py_LIMITED_API", PY_LIMITED_API)]
+
+
 def write_build_config(with_cuda, archs):
     path = os.path.join(ROOT, "moslora_ext", "_build_config.py")
     with open(path, "w") as f:
         f.write(
             "# Written by setup.py: what moslora_ext._C was built with.\n"
-            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_VERSION = {torch.__version__!r}  # the torch it was compiled against\n"
+            f"TORCH_TARGET_VERSION = {'.'.join(map(str, TORCH_TARGET_VERSION))!r}  # the oldest torch it runs on\n"
             f"WITH_CUDA = {with_cuda!r}\n"
             f"CUDA_ARCHS = {archs!r}\n"
             f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}  # torch's\n"
@@ -157,14 +173,14 @@ def extensions():
     # a module of their own: one source, CPU-only whether or not _C has CUDA.
     testing = cpp_extension.CppExtension(
         "moslora_ext._testing", ["csrc/testing.cpp"], extra_compile_args={"cxx": list(extra_compile_args["cxx"])},
-        extra_link_args=list(extra_link_args), py_limited_api=False,
+        extra_link_args=list(extra_link_args), define_macros=stable_abi_macros(), py_limited_api=True,
     )
     with_cuda = want_cuda()
     if not with_cuda:
         write_build_config(False, None)
         return [cpp_extension.CppExtension(
             "moslora_ext._C", sources, extra_compile_args=extra_compile_args, extra_link_args=extra_link_args,
-            py_limited_api=False,
+            define_macros=stable_abi_macros(), py_limited_api=True,
         ), testing]
     archs = cuda_arch_list()
     write_build_config(True, archs)
@@ -175,13 +191,16 @@ def extensions():
         "moslora_ext._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs,
-        define_macros=[("WITH_CUDA", None)],
+        # USE_CUDA: the stable C shim's CUDA functions (the current stream).
+        define_macros=[("WITH_CUDA", None), ("USE_CUDA", None), *stable_abi_macros()],
         extra_compile_args=extra_compile_args,
         extra_link_args=extra_link_args,
+        py_limited_api=True,
     ), testing]
 
 
 setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},  # an abi3 wheel
 )

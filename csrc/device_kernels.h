@@ -3,9 +3,12 @@
 // specialisation), and the products under dropout built on them.
 #pragma once
 
+#include "aten_calls.h"
 #include "dropout_kernels.h"
 
-#include <ATen/core/Tensor.h>
+#include <torch/headeronly/core/Dispatch.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -14,10 +17,34 @@
 
 namespace moslora {
 
+// The type a kernel on scalar_t accumulates in (at::opmath_type): fp32 for half precision.
+template <typename T>
+struct OpMath {
+  using type = T;
+};
+template <>
+struct OpMath<c10::Half> {
+  using type = float;
+};
+template <>
+struct OpMath<c10::BFloat16> {
+  using type = float;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
+
+// AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16, ...): the body with scalar_t set.
+#define MOSLORA_DISPATCH_FLOATING(TYPE, NAME, ...)                           \
+  THO_DISPATCH_SWITCH(TYPE, NAME,                                            \
+                      THO_DISPATCH_CASE(::moslora::ScalarType::Double, __VA_ARGS__) \
+                      THO_DISPATCH_CASE(::moslora::ScalarType::Float, __VA_ARGS__)  \
+                      THO_DISPATCH_CASE(::moslora::ScalarType::Half, __VA_ARGS__)   \
+                      THO_DISPATCH_CASE(::moslora::ScalarType::BFloat16, __VA_ARGS__))
+
 // The kernels' view of a 2-D tensor with unit column stride; T is const for
 // a tensor that is only read.
 template <typename T>
-Rows<T> rows_of(const at::Tensor& t) {
+Rows<T> rows_of(const Tensor& t) {
   using scalar_t = std::remove_const_t<T>;
   T* data;
   if constexpr (std::is_const_v<T>) {
@@ -27,6 +54,9 @@ Rows<T> rows_of(const at::Tensor& t) {
   }
   return Rows<T>{data, t.size(1), t.stride(0), groups_aligned(data, t.stride(0))};
 }
+
+// Elements per task of the CPU kernels' parallel loops (ATen's GRAIN_SIZE).
+constexpr int64_t kGrainSize = 32768;
 
 // Rows per block of a row-blocked loop, so that a block's temporaries hold
 // about 2^20 elements (merge's fp32 rows, the CPU's tiles under dropout).
@@ -40,46 +70,46 @@ inline int64_t rows_per_block(int64_t cols) {
 // (linear_ops.cpp), so no half-precision intermediate holds a scaled value.
 
 // v = u @ mixer^T, u (N, r) and mixer (r, r) contiguous.
-template <c10::DeviceType device>
-at::Tensor mixer_forward(const at::Tensor& u, const at::Tensor& mixer);
+template <DeviceType device>
+Tensor mixer_forward(const Tensor& u, const Tensor& mixer);
 
 // (du, dmixer) = (dv @ mixer, dv^T @ u) in one pass over the rows; dmixer is
 // undefined unless need_dmixer.
-template <c10::DeviceType device>
-std::tuple<at::Tensor, at::Tensor> mixer_backward(const at::Tensor& dv, const at::Tensor& u,
-                                                  const at::Tensor& mixer, bool need_dmixer);
+template <DeviceType device>
+std::tuple<Tensor, Tensor> mixer_backward(const Tensor& dv, const Tensor& u,
+                                                  const Tensor& mixer, bool need_dmixer);
 
 // out = dropout of the rows first_row, first_row + 1, ... of the (rows, cols)
 // matrix x (unit column stride); out has x's shape and dtype and contiguous rows.
-template <c10::DeviceType device>
-void dropout_rows(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec, int64_t first_row);
+template <DeviceType device>
+void dropout_rows(const Tensor& x, const Tensor& out, const DropoutSpec& spec, int64_t first_row);
 
 // Backward's pass over the rows first_row, ... of x (rows, cols): each mask
 // group drawn once for dropped = dropout(x) (out of place, contiguous rows;
 // the dtype the device's dA GEMM reads: fp32 for half precision on a CPU,
 // x's dtype on CUDA) and dx = dropout(dx) (in place, (rows, cols) of x's
 // dtype with unit column stride); either may be undefined.
-template <c10::DeviceType device>
-void dropout_pair_rows(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& dx, const DropoutSpec& spec,
+template <DeviceType device>
+void dropout_pair_rows(const Tensor& x, const Tensor& dropped, const Tensor& dx, const DropoutSpec& spec,
                        int64_t first_row);
 
 // kernel<kCUDA>(args...) for CUDA operands, kernel<kCPU>(args...) otherwise.
 #ifdef WITH_CUDA
 #define ON_DEVICE(is_cuda, kernel, ...) \
-  ((is_cuda) ? moslora::kernel<c10::kCUDA>(__VA_ARGS__) : moslora::kernel<c10::kCPU>(__VA_ARGS__))
+  ((is_cuda) ? moslora::kernel<DeviceType::CUDA>(__VA_ARGS__) : moslora::kernel<DeviceType::CPU>(__VA_ARGS__))
 #else
-#define ON_DEVICE(is_cuda, kernel, ...) ((void)(is_cuda), moslora::kernel<c10::kCPU>(__VA_ARGS__))
+#define ON_DEVICE(is_cuda, kernel, ...) ((void)(is_cuda), moslora::kernel<DeviceType::CPU>(__VA_ARGS__))
 #endif
 
 // The products under dropout (dropout_matmul.cpp, for either device), for
 // x (N, d) and lora_A (r, d) with unit column strides and du (N, r)
 // contiguous; accumulation in fp32 for half precision, rounded once.
 // u = dropout(x) lora_A^T (N, r).
-at::Tensor dropout_project_down(const at::Tensor& x, const at::Tensor& lora_A, const DropoutSpec& spec);
+Tensor dropout_project_down(const Tensor& x, const Tensor& lora_A, const DropoutSpec& spec);
 
 // dA = du^T dropout(x) (r, d), returned when need_dA (else undefined), and
 // dx = dropout(du lora_A) written into dx (N, d, contiguous) when dx is defined.
-at::Tensor dropout_grads(const at::Tensor& x, const at::Tensor& du, const at::Tensor& lora_A, const at::Tensor& dx,
+Tensor dropout_grads(const Tensor& x, const Tensor& du, const Tensor& lora_A, const Tensor& dx,
                          bool need_dA, const DropoutSpec& spec);
 
 // Rows of x (cols columns of element_size bytes) per tile of the products

@@ -1,29 +1,20 @@
 // The dense moslora_ext operators (forward, backward, merge_, dropout): their
-// argument checks and the device-generic algorithm (ATen GEMMs, which are
-// cuBLAS on CUDA), calling the device kernels of device_kernels.h for the
-// mixer step and the dropout mask.
+// argument checks and the device-generic algorithm (ATen GEMMs through the
+// stable dispatcher, which are cuBLAS on CUDA), calling the device kernels of
+// device_kernels.h for the mixer step and the dropout mask.
+#include "linear_ops.h"
+
 #include "checks.h"
 #include "device_kernels.h"
 
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/DispatchKeySet.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/util/accumulate.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
-#ifdef WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#endif
-
 namespace moslora {
 namespace {
-
-using at::Tensor;
 
 // ---------------------------------------------------------------------------
 // Argument checks (the ones the expert operators share are in checks.h).
@@ -35,65 +26,66 @@ using at::Tensor;
 // An undefined weight (adapter-only mode) leaves d to lora_A and k to lora_B.
 void check_adapter(const Tensor& ref, const char* ref_name, const Tensor& weight, const Tensor& lora_A,
                    const Tensor& mixer, const Tensor& lora_B, bool adapter_dtype_free = false) {
-  TORCH_CHECK_TYPE(at::isFloatingType(ref.scalar_type()), "moslora_ext: ", ref_name,
+  MOSLORA_CHECK_TYPE(is_floating(ref.scalar_type()), "moslora_ext: ", ref_name,
                    " must be a floating point tensor, got dtype ", ref.scalar_type());
   const auto check = adapter_dtype_free ? check_floating_same_device : check_same_dtype_device;
   check(ref, ref_name, lora_A, "lora_A");
   check(ref, ref_name, mixer, "mixer");
   check(ref, ref_name, lora_B, "lora_B");
-  TORCH_CHECK_VALUE(lora_A.dim() == 2 && lora_B.dim() == 2, "moslora_ext: lora_A and lora_B must be 2-D, got ",
+  MOSLORA_CHECK_VALUE(lora_A.dim() == 2 && lora_B.dim() == 2, "moslora_ext: lora_A and lora_B must be 2-D, got ",
                     lora_A.sizes(), " and ", lora_B.sizes());
   if (weight.defined()) {
     check_same_dtype_device(ref, ref_name, weight, "weight");
-    TORCH_CHECK_VALUE(weight.dim() == 2, "moslora_ext: weight must be 2-D (out_features, in_features), got shape ",
+    MOSLORA_CHECK_VALUE(weight.dim() == 2, "moslora_ext: weight must be 2-D (out_features, in_features), got shape ",
                       weight.sizes());
-    TORCH_CHECK_VALUE(lora_A.size(1) == weight.size(1), "moslora_ext: lora_A must have shape (r, in_features) "
+    MOSLORA_CHECK_VALUE(lora_A.size(1) == weight.size(1), "moslora_ext: lora_A must have shape (r, in_features) "
                       "with in_features = ", weight.size(1), " (weight has shape ", weight.sizes(), "), got ",
                       lora_A.sizes());
   }
   const int64_t k = weight.defined() ? weight.size(0) : lora_B.size(0);
   const int64_t r = lora_A.size(0);
-  TORCH_CHECK_VALUE(r >= 1, "moslora_ext: the rank r must be >= 1, lora_A has shape ", lora_A.sizes());
-  TORCH_CHECK_VALUE(mixer.dim() == 2 && mixer.size(0) == r && mixer.size(1) == r,
+  MOSLORA_CHECK_VALUE(r >= 1, "moslora_ext: the rank r must be >= 1, lora_A has shape ", lora_A.sizes());
+  MOSLORA_CHECK_VALUE(mixer.dim() == 2 && mixer.size(0) == r && mixer.size(1) == r,
                     "moslora_ext: mixer must have shape (r, r) = (", r, ", ", r, ") to match lora_A ",
                     lora_A.sizes(), ", got ", mixer.sizes());
-  TORCH_CHECK_VALUE(lora_B.size(0) == k && lora_B.size(1) == r,
+  MOSLORA_CHECK_VALUE(lora_B.size(0) == k && lora_B.size(1) == r,
                     "moslora_ext: lora_B must have shape (out_features, r) = (", k, ", ", r, ") to match ",
-                    weight.defined() ? "weight " + c10::str(weight.sizes()) + " and " : "", "lora_A ",
+                    weight.defined() ? message("weight ", weight.sizes(), " and ") : "", "lora_A ",
                     lora_A.sizes(), ", got ", lora_B.sizes());
 }
 
 void check_input(const Tensor& x, const Tensor& lora_A) {
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == lora_A.size(1), "moslora_ext: x must have in_features = ",
-                    lora_A.size(1), " in its last dimension (lora_A has shape ", lora_A.sizes(),
-                    "), got x of shape ", x.sizes());
+  MOSLORA_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == lora_A.size(1), "moslora_ext: x must have in_features = ",
+                      lora_A.size(1), " in its last dimension (lora_A has shape ", lora_A.sizes(),
+                      "), got x of shape ", x.sizes());
 }
 
 // Dropout is refused under CUDA-graph capture, where the seed, read on the
 // host, would be baked into the graph and every replay would apply one mask.
-// Called under the op's DeviceGuard, so that the stream asked about is the
-// current stream of x's device, not of whichever device was current.
+// Asks about the current stream of x's device, not of whichever device was current.
 void refuse_capture(const Tensor& x, double p) {
 #ifdef WITH_CUDA
-  TORCH_CHECK(p == 0.0 || !x.is_cuda() ||
-                  c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              "moslora_ext: dropout (p = ", p, ") cannot be captured in a CUDA graph: its mask seed is read "
-              "on the host, so every replay would apply the same mask. Capture with lora_dropout = 0 (or "
-              "the layer in eval mode), or run without CUDA graphs (torch.compile without "
-              "mode=\"reduce-overhead\")");
+  if (p == 0.0 || !x.is_cuda()) return;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  STD_CUDA_CHECK(cudaStreamIsCapturing(current_cuda_stream(x.get_device_index()), &status));
+  MOSLORA_CHECK(status == cudaStreamCaptureStatusNone,
+                "moslora_ext: dropout (p = ", p, ") cannot be captured in a CUDA graph: its mask seed is read "
+                "on the host, so every replay would apply the same mask. Capture with lora_dropout = 0 (or "
+                "the layer in eval mode), or run without CUDA graphs (torch.compile without "
+                "mode=\"reduce-overhead\")");
 #else
   (void)x, (void)p;
 #endif
 }
 
 // `compute` is the dtype the op multiplies by scale in: scale must be finite there
-// too (1e40 overflows fp32 to inf, or makes ATen refuse alpha = 1e40 in addmm_).
-void check_scale(double scale, at::ScalarType compute) {
-  TORCH_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
-  const double max = compute == at::kDouble ? std::numeric_limits<double>::max()
-                                            : std::numeric_limits<float>::max();
-  TORCH_CHECK_VALUE(std::abs(scale) <= max, "moslora_ext: scale = ", scale, " overflows ", compute,
-                    ", the dtype this op computes in");
+// too (1e40 overflows fp32 to inf, or makes ATen refuse alpha = 1e40 in addmm).
+void check_scale(double scale, ScalarType compute) {
+  MOSLORA_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
+  const double max = compute == ScalarType::Double ? std::numeric_limits<double>::max()
+                                                   : std::numeric_limits<float>::max();
+  MOSLORA_CHECK_VALUE(std::abs(scale) <= max, "moslora_ext: scale = ", scale, " overflows ", compute,
+                      ", the dtype this op computes in");
 }
 
 // The checks forward and backward share; returns their dropout mask spec.
@@ -102,96 +94,103 @@ DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor
                              const std::optional<Tensor>& dropout_seed) {
   check_adapter(x, "x", weight, lora_A, mixer, lora_B);
   check_input(x, lora_A);
-  check_scale(scale, at::toOpMathType(x.scalar_type()));
+  check_scale(scale, opmath_type(x.scalar_type()));
   return dropout_spec(dropout_p, dropout_seed);
 }
 
 // The operators compute in their operands' dtypes: autocast is applied by the
-// Python wrapper, before the call. Without this guard the ATen GEMMs inside
-// would be autocast again (to mixed dtypes, e.g. merge under a bf16 autocast).
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
-
-int64_t leading_rows(const Tensor& x) {
-  return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-}
+// Python wrapper, before the call. The GEMMs inside are the out= variants,
+// which autocast leaves alone (it would cast the functional mm and addmm to
+// mixed dtypes, e.g. merge under a bf16 autocast).
 
 // scale * a @ b, the scale applied to the GEMM's accumulator (fp32 for half
 // precision) as its alpha: no half-precision intermediate holds a scaled
 // value, so nothing overflows that the result does not (s = 64 times an fp16
 // U of 2000 would). beta = 0: the uninitialised output is not read.
 Tensor scaled_mm(const Tensor& a, const Tensor& b, double scale) {
-  return at::empty({a.size(0), b.size(1)}, a.options()).addmm_(a, b, /*beta=*/0, /*alpha=*/scale);
+  auto out = torch::stable::new_empty(a, {a.size(0), b.size(1)});
+  addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/scale);
+  return out;
 }
 
 // x as (N, d) rows with unit column stride, as the dropout kernels read it
 // (a copy only for an x whose last dimension is strided).
 Tensor unit_column_rows(const Tensor& x2) {
-  return x2.stride(1) == 1 ? x2 : x2.contiguous();
+  return x2.stride(1) == 1 ? x2 : torch::stable::contiguous(x2);
 }
+
+Tensor option_or_undefined(const std::optional<Tensor>& t) {
+  return t.has_value() ? *t : Tensor();
+}
+
+// y's shape: x's with out_features k in place of in_features.
+std::vector<int64_t> output_sizes(const Tensor& x, int64_t k) {
+  auto sizes = sizes_of(x);
+  sizes.back() = k;
+  return sizes;
+}
+
+bool same_sizes(const Tensor& t, const std::vector<int64_t>& sizes) {
+  const auto s = t.sizes();
+  return s.size() == sizes.size() && std::equal(s.begin(), s.end(), sizes.begin());
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------------------
 // Operators
 // ---------------------------------------------------------------------------
-
-// y's shape: x's with out_features k in place of in_features.
-std::vector<int64_t> output_sizes(const Tensor& x, int64_t k) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = k;
-  return sizes;
-}
 
 std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>& weight_or_none,
                                    const std::optional<Tensor>& bias, const Tensor& lora_A, const Tensor& mixer,
                                    const Tensor& lora_B, double scale, double dropout_p,
                                    const std::optional<Tensor>& dropout_seed,
                                    const std::optional<Tensor>& base_out_or_none) {
-  const Tensor weight = weight_or_none.value_or(Tensor());
-  const Tensor base_out = base_out_or_none.value_or(Tensor());
+  const Tensor weight = option_or_undefined(weight_or_none);
+  const Tensor base_out = option_or_undefined(base_out_or_none);
   const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK_VALUE(weight.defined() != base_out.defined(), "moslora_ext: forward needs either weight (the base "
-                    "output computed here) or base_out (computed by the caller), not both nor neither");
-  TORCH_CHECK_VALUE(!(has_bias && base_out.defined()),
-                    "moslora_ext: with base_out the bias belongs in base_out; pass bias=None");
+  MOSLORA_CHECK_VALUE(weight.defined() != base_out.defined(), "moslora_ext: forward needs either weight (the base "
+                      "output computed here) or base_out (computed by the caller), not both nor neither");
+  MOSLORA_CHECK_VALUE(!(has_bias && base_out.defined()),
+                      "moslora_ext: with base_out the bias belongs in base_out; pass bias=None");
   const DropoutSpec dropout = check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed);
   const int64_t n = leading_rows(x), d = lora_A.size(1), k = lora_B.size(0);
   const auto y_sizes = output_sizes(x, k);
   if (has_bias) {
     check_same_dtype_device(x, "x", *bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == k, "moslora_ext: bias must have shape (out_features,) = (",
-                      k, ",), got ", bias->sizes());
+    MOSLORA_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == k,
+                        "moslora_ext: bias must have shape (out_features,) = (", k, ",), got ", bias->sizes());
   }
   if (base_out.defined()) {
     check_same_dtype_device(x, "x", base_out, "base_out");
-    TORCH_CHECK_VALUE(base_out.sizes() == at::IntArrayRef(y_sizes), "moslora_ext: base_out must have the output's "
-                      "shape ", at::IntArrayRef(y_sizes), ", got ", base_out.sizes());
+    MOSLORA_CHECK_VALUE(same_sizes(base_out, y_sizes), "moslora_ext: base_out must have the output's shape ",
+                        torch::headeronly::IntHeaderOnlyArrayRef(y_sizes), ", got ", base_out.sizes());
   }
-  const NoAutocast no_autocast;
-  const c10::DeviceGuard guard(x.device());
+  const DeviceGuard guard(x);
   refuse_capture(x, dropout_p);
-  const auto x2 = x.reshape({n, d});
+  const auto x2 = torch::stable::reshape(x, {n, d});
   const bool cuda = x.is_cuda();
-  auto u = dropout_p == 0.0 ? at::mm(x2, lora_A.t())
-                            : dropout_project_down(unit_column_rows(x2), lora_A.contiguous(), dropout);
-  const auto v = ON_DEVICE(cuda, mixer_forward, u, mixer.contiguous());
+  const auto u = dropout_p == 0.0
+                     ? mm(x2, t(lora_A))
+                     : dropout_project_down(unit_column_rows(x2), torch::stable::contiguous(lora_A), dropout);
+  const auto v = ON_DEVICE(cuda, mixer_forward, u, torch::stable::contiguous(mixer));
   // y is allocated in its final shape and filled through a 2-D view, so the op
   // returns a tensor of its own rather than a view: callers may change it in
   // place (y += residual), as they may nn.Linear's output.
-  auto y = at::empty(y_sizes, x.options());
-  auto y2 = y.view({n, k});
+  auto y = torch::stable::new_empty(x, y_sizes);
+  auto y2 = torch::stable::view(y, {n, k});
   // The small adapter GEMM writes y (with the bias, or on top of the caller's
   // base output) and the base GEMM accumulates into it (beta = 1): y is
   // written once and read once, with no separate add, scale or bias pass.
   // The scale is that GEMM's alpha (see scaled_mm).
   if (base_out.defined()) {
-    at::addmm_out(y2, base_out.reshape({n, k}), v, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
+    addmm_out(y2, torch::stable::reshape(base_out, {n, k}), v, t(lora_B), /*beta=*/1, /*alpha=*/scale);
   } else if (has_bias) {
-    at::addmm_out(y2, *bias, v, lora_B.t(), /*beta=*/1, /*alpha=*/scale);
+    addmm_out(y2, *bias, v, t(lora_B), /*beta=*/1, /*alpha=*/scale);
   } else {
-    y2.addmm_(v, lora_B.t(), /*beta=*/0, /*alpha=*/scale);
+    addmm_out(y2, y2, v, t(lora_B), /*beta=*/0, /*alpha=*/scale);
   }
-  if (weight.defined()) y2.addmm_(x2, weight.t());
+  if (weight.defined()) addmm_out(y2, y2, x2, t(weight), 1, 1);
   return {y, u};
 }
 
@@ -200,69 +199,71 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
                                                     const Tensor& mixer, const Tensor& lora_B, const Tensor& u,
                                                     double scale, double dropout_p,
                                                     const std::optional<Tensor>& dropout_seed,
-                                                    std::array<bool, 4> output_mask) {
-  const Tensor weight = weight_or_none.value_or(Tensor());
+                                                    std::vector<bool> output_mask) {
+  const Tensor weight = option_or_undefined(weight_or_none);
   const DropoutSpec dropout = check_layer_args(x, weight, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed);
   check_same_dtype_device(x, "x", grad_out, "grad_out");
   check_same_dtype_device(x, "x", u, "u");
   const int64_t n = leading_rows(x), d = lora_A.size(1), k = lora_B.size(0), r = lora_A.size(0);
   const auto y_sizes = output_sizes(x, k);
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(y_sizes), "moslora_ext: grad_out must have the output's shape ",
-                    at::IntArrayRef(y_sizes), ", got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(u.dim() == 2 && u.size(0) == n && u.size(1) == r, "moslora_ext: u must have shape (", n, ", ",
-                    r, ") as returned by forward, got ", u.sizes());
-  const auto [need_dx, need_dA, need_dmixer, need_dB] = output_mask;
-  const NoAutocast no_autocast;
-  const c10::DeviceGuard guard(x.device());
+  MOSLORA_CHECK_VALUE(same_sizes(grad_out, y_sizes), "moslora_ext: grad_out must have the output's shape ",
+                      torch::headeronly::IntHeaderOnlyArrayRef(y_sizes), ", got ", grad_out.sizes());
+  MOSLORA_CHECK_VALUE(u.dim() == 2 && u.size(0) == n && u.size(1) == r, "moslora_ext: u must have shape (", n,
+                      ", ", r, ") as returned by forward, got ", u.sizes());
+  MOSLORA_CHECK_VALUE(output_mask.size() == 4, "moslora_ext: output_mask must have 4 entries");
+  const bool need_dx = output_mask[0], need_dA = output_mask[1], need_dmixer = output_mask[2],
+             need_dB = output_mask[3];
+  const DeviceGuard guard(x);
   refuse_capture(x, dropout_p);
   // Contiguous once here rather than once per GEMM (an expanded grad, e.g. of
   // y.sum(), would otherwise be copied by each of them).
-  const auto g = grad_out.reshape({n, k}).contiguous();
-  const auto x2 = x.reshape({n, d});
-  const auto u_c = u.contiguous();
-  const auto mixer_c = mixer.contiguous();
+  const auto g = torch::stable::contiguous(torch::stable::reshape(grad_out, {n, k}));
+  const auto x2 = torch::stable::reshape(x, {n, d});
+  const auto u_c = torch::stable::contiguous(u);
+  const auto mixer_c = torch::stable::contiguous(mixer);
   Tensor dx, dx2, dA, dmixer, dB;
   if (need_dx) {  // as y in forward: allocated in x's shape, filled through a 2-D view
-    dx = at::empty(x.sizes(), x.options());
-    dx2 = dx.view({n, d});
+    dx = torch::stable::new_empty(x, x.sizes());
+    dx2 = torch::stable::view(dx, {n, d});
   }
   const bool cuda = x.is_cuda();
   // The scale enters as the alpha of the two GEMMs that read G, dB = s G^T V
   // and dV = s G B, so that G's products carry it from their accumulator on
   // and the mixer step, dA and dX need no scale of their own.
-  if (need_dB) dB = scaled_mm(g.t(), ON_DEVICE(cuda, mixer_forward, u_c, mixer_c), scale);
+  if (need_dB) dB = scaled_mm(t(g), ON_DEVICE(cuda, mixer_forward, u_c, mixer_c), scale);
   if (need_dx || need_dA || need_dmixer) {
     const auto dv = scaled_mm(g, lora_B, scale);
     Tensor du;
     std::tie(du, dmixer) = ON_DEVICE(cuda, mixer_backward, dv, u_c, mixer_c, need_dmixer);
     if (dropout_p == 0.0) {
-      if (need_dA) dA = at::mm(du.t(), x2);
-      if (need_dx) at::mm_out(dx2, du, lora_A);
+      if (need_dA) dA = mm(t(du), x2);
+      if (need_dx) mm_out(dx2, du, lora_A);
     } else {
       // The mask of forward, regenerated: dA = dU^T dropout(X), dX = dropout(dU A).
-      dA = dropout_grads(unit_column_rows(x2), du, lora_A.contiguous(), dx2, need_dA, dropout);
+      dA = dropout_grads(unit_column_rows(x2), du, torch::stable::contiguous(lora_A), dx2, need_dA, dropout);
     }
   }
   // As in forward, the base GEMM accumulates into the adapter's part; without
   // a weight the caller's base module adds its own.
-  if (need_dx && weight.defined()) dx2.addmm_(g, weight);
+  if (need_dx && weight.defined()) addmm_out(dx2, dx2, g, weight, 1, 1);
   return {dx, dA, dmixer, dB};
 }
+
+namespace {
 
 // The adapter may have another floating dtype than the weight (fp32 adapters
 // on a bf16 base): it is read in the accumulation precision, the weight's own
 // or fp32 for a half-precision weight.
 void merge_(Tensor weight, const Tensor& lora_A, const Tensor& mixer, const Tensor& lora_B, double scale) {
   check_adapter(weight, "weight", weight, lora_A, mixer, lora_B, /*adapter_dtype_free=*/true);
-  const bool reduced = weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16;
-  const auto acc_type = reduced ? at::kFloat : weight.scalar_type();
+  const auto acc_type = opmath_type(weight.scalar_type());
+  const bool reduced = acc_type != weight.scalar_type();
   check_scale(scale, acc_type);
-  const NoAutocast no_autocast;
-  const c10::DeviceGuard guard(weight.device());
-  const auto b_mixer = at::mm(lora_B.to(acc_type), mixer.to(acc_type));
-  const auto a = lora_A.to(acc_type);
+  const DeviceGuard guard(weight);
+  const auto b_mixer = mm(torch::stable::to(lora_B, acc_type), torch::stable::to(mixer, acc_type));
+  const auto a = torch::stable::to(lora_A, acc_type);
   if (!reduced) {
-    weight.addmm_(b_mixer, a, 1.0, scale);
+    addmm_out(weight, weight, b_mixer, a, 1.0, scale);
     return;
   }
   // Half precision: add in fp32 and round once, a block of rows at a time,
@@ -270,58 +271,44 @@ void merge_(Tensor weight, const Tensor& lora_A, const Tensor& mixer, const Tens
   const int64_t k = weight.size(0), block = rows_per_block(weight.size(1));
   for (int64_t first = 0; first < k; first += block) {
     const int64_t rows = std::min(block, k - first);
-    auto w_block = weight.narrow(0, first, rows);
-    auto acc_block = w_block.to(at::kFloat);
-    acc_block.addmm_(b_mixer.narrow(0, first, rows), a, 1.0, scale);
-    w_block.copy_(acc_block);
+    auto w_block = row_range(weight, first, rows);
+    auto acc_block = torch::stable::to(w_block, ScalarType::Float);
+    addmm_out(acc_block, acc_block, row_range(b_mixer, first, rows), a, 1.0, scale);
+    copy_into(w_block, acc_block);
   }
 }
 
 Tensor dropout(const Tensor& x, double p, const Tensor& seed) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "moslora_ext: dropout needs a floating point x, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1, "moslora_ext: dropout needs x with at least one dimension");
+  MOSLORA_CHECK_TYPE(is_floating(x.scalar_type()), "moslora_ext: dropout needs a floating point x, got ",
+                     x.scalar_type());
+  MOSLORA_CHECK_VALUE(x.dim() >= 1, "moslora_ext: dropout needs x with at least one dimension");
   const DropoutSpec spec = dropout_spec(p, seed);
-  if (p == 0.0) return x.clone();
-  const c10::DeviceGuard guard(x.device());
+  if (p == 0.0) return torch::stable::clone(x);
+  const DeviceGuard guard(x);
   refuse_capture(x, p);
   const int64_t rows = leading_rows(x), cols = x.size(-1);
-  auto out = at::empty(x.sizes(), x.options());  // not a view, as forward's y
-  ON_DEVICE(x.is_cuda(), dropout_rows, unit_column_rows(x.reshape({rows, cols})), out.view({rows, cols}), spec, 0);
+  auto out = torch::stable::new_empty(x, x.sizes());  // not a view, as forward's y
+  ON_DEVICE(x.is_cuda(), dropout_rows, unit_column_rows(torch::stable::reshape(x, {rows, cols})),
+            torch::stable::view(out, {rows, cols}), spec, 0);
   return out;
 }
 
-void register_kernels(torch::Library& m) {
-  m.impl("forward", &forward);
-  m.impl("backward", &backward);
-  m.impl("merge_", &merge_);
-  m.impl("dropout", &dropout);
-}
-
-#ifndef WITH_CUDA
-// A build without the CUDA kernels says so for CUDA tensors, instead of the
-// dispatcher's generic "could not run with arguments from the CUDA backend".
-void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
-  TORCH_CHECK(false, "moslora_ext was built without its CUDA kernels, so ", op.schema().name(),
-              " cannot run on CUDA tensors; rebuild with nvcc available: "
-              "MOSLORA_BUILD_CUDA=1 pip install --no-build-isolation .");
-}
-#endif
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moslora_ext, CPU, m) {
-  register_kernels(m);
-}
-
-TORCH_LIBRARY_IMPL(moslora_ext, CUDA, m) {
-#ifdef WITH_CUDA
-  register_kernels(m);
-#else
-  for (const char* name : {"forward", "backward", "merge_", "dropout"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
-  }
-#endif
-}
-
 }  // namespace moslora
+
+STABLE_TORCH_LIBRARY_IMPL(moslora_ext, CPU, m) {
+  m.impl("forward", TORCH_BOX(&moslora::forward));
+  m.impl("backward", TORCH_BOX(&moslora::backward));
+  m.impl("merge_", TORCH_BOX(&moslora::merge_));
+  m.impl("dropout", TORCH_BOX(&moslora::dropout));
+}
+
+#ifdef WITH_CUDA
+STABLE_TORCH_LIBRARY_IMPL(moslora_ext, CUDA, m) {
+  m.impl("forward", TORCH_BOX(&moslora::forward));
+  m.impl("backward", TORCH_BOX(&moslora::backward));
+  m.impl("merge_", TORCH_BOX(&moslora::merge_));
+  m.impl("dropout", TORCH_BOX(&moslora::dropout));
+}
+#endif

@@ -2,20 +2,18 @@
 // CUDA) row by row, rows in parallel.
 #include "../device_kernels.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
+#include <torch/csrc/stable/ops.h>
+
 
 namespace moslora {
 namespace {
 
 // fn(row, group) for every column group of rows 0 .. rows - 1 of `cols`
-// columns, rows in parallel (tasks of about GRAIN_SIZE elements).
+// columns, rows in parallel (tasks of about kGrainSize elements).
 template <typename Fn>
 void for_each_row_group(int64_t rows, int64_t cols, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(cols, 1));
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t g = 0; g < column_groups(cols); ++g) fn(row, g);
     }
@@ -25,10 +23,10 @@ void for_each_row_group(int64_t rows, int64_t cols, const Fn& fn) {
 }  // namespace
 
 template <>
-void dropout_rows<c10::kCPU>(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec,
+void dropout_rows<DeviceType::CPU>(const Tensor& x, const Tensor& out, const DropoutSpec& spec,
                              int64_t first_row) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  MOSLORA_DISPATCH_FLOATING(x.scalar_type(), "moslora_dropout", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const auto in = rows_of<const scalar_t>(x);
     const auto res = rows_of<scalar_t>(out);
     const auto mask = mask_of<acc_t>(spec);
@@ -38,10 +36,10 @@ void dropout_rows<c10::kCPU>(const at::Tensor& x, const at::Tensor& out, const D
 }
 
 template <>
-void dropout_pair_rows<c10::kCPU>(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& dx,
+void dropout_pair_rows<DeviceType::CPU>(const Tensor& x, const Tensor& dropped, const Tensor& dx,
                                   const DropoutSpec& spec, int64_t first_row) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout_pair", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  MOSLORA_DISPATCH_FLOATING(x.scalar_type(), "moslora_dropout_pair", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const auto in = rows_of<const scalar_t>(x);
     const auto dropped_rows = dropped.defined() ? rows_of<acc_t>(dropped) : Rows<acc_t>{};
     const auto dx_rows = dx.defined() ? rows_of<scalar_t>(dx) : Rows<scalar_t>{};

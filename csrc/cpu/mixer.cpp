@@ -5,28 +5,24 @@
 #include "../device_kernels.h"
 #include "../mixer_kernels.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/TensorIterator.h>  // at::internal::GRAIN_SIZE
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
+
+#include <torch/csrc/stable/ops.h>
 
 #include <vector>
 
 namespace moslora {
 
 template <>
-at::Tensor mixer_forward<c10::kCPU>(const at::Tensor& u, const at::Tensor& mixer) {
-  auto v = at::empty_like(u);
+Tensor mixer_forward<DeviceType::CPU>(const Tensor& u, const Tensor& mixer) {
+  auto v = torch::stable::empty_like(u);
   const int64_t n = u.size(0), r = u.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "moslora_mixer_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  MOSLORA_DISPATCH_FLOATING(u.scalar_type(), "moslora_mixer_forward", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* u_ptr = u.const_data_ptr<scalar_t>();
     const scalar_t* m_ptr = mixer.const_data_ptr<scalar_t>();
     scalar_t* v_ptr = v.mutable_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (r * r));
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kGrainSize / (r * r));
+    torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin * r; idx < end * r; ++idx) mixer_forward_element<acc_t>(u_ptr, m_ptr, v_ptr, r, idx);
     });
   });
@@ -34,14 +30,14 @@ at::Tensor mixer_forward<c10::kCPU>(const at::Tensor& u, const at::Tensor& mixer
 }
 
 template <>
-std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCPU>(
-    const at::Tensor& dv, const at::Tensor& u, const at::Tensor& mixer, bool need_dmixer) {
-  auto du = at::empty_like(dv);
+std::tuple<Tensor, Tensor> mixer_backward<DeviceType::CPU>(
+    const Tensor& dv, const Tensor& u, const Tensor& mixer, bool need_dmixer) {
+  auto du = torch::stable::empty_like(dv);
   const int64_t n = dv.size(0), r = dv.size(1);
   const RowChunks chunks = mixer_row_chunks(n);
-  at::Tensor dmixer;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dv.scalar_type(), "moslora_mixer_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  Tensor dmixer;
+  MOSLORA_DISPATCH_FLOATING(dv.scalar_type(), "moslora_mixer_backward", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* dv_ptr = dv.const_data_ptr<scalar_t>();
     const scalar_t* u_ptr = u.const_data_ptr<scalar_t>();
     const scalar_t* m_ptr = mixer.const_data_ptr<scalar_t>();
@@ -49,14 +45,14 @@ std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCPU>(
     // partials[c] = dV[rows of c]^T U[rows of c], in acc_t.
     std::vector<acc_t> partials(need_dmixer ? chunks.count * r * r : 0);
     acc_t* partials_ptr = need_dmixer ? partials.data() : nullptr;
-    at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         mixer_backward_thread(dv_ptr, u_ptr, m_ptr, du_ptr, partials_ptr, n, r, chunks.rows, c, /*thread=*/0,
                               /*threads=*/1);
       }
     });
     if (!need_dmixer) return;
-    dmixer = at::empty({r, r}, dv.options());
+    dmixer = torch::stable::new_empty(dv, {r, r});
     scalar_t* dm_ptr = dmixer.mutable_data_ptr<scalar_t>();
     for (int64_t idx = 0; idx < r * r; ++idx) reduce_partials_element(partials_ptr, dm_ptr, chunks.count, r * r, idx);
   });

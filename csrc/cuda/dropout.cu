@@ -4,9 +4,8 @@
 #include "../device_kernels.h"
 #include "launch.cuh"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/stable/ops.h>
+
 
 namespace moslora {
 namespace {
@@ -36,35 +35,35 @@ __global__ void __launch_bounds__(kGroupThreads)
 }  // namespace
 
 template <>
-void dropout_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& out, const DropoutSpec& spec,
+void dropout_rows<DeviceType::CUDA>(const Tensor& x, const Tensor& out, const DropoutSpec& spec,
                               int64_t first_row) {
   const int64_t n = x.size(0);
   if (n == 0 || x.size(1) == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const DeviceGuard guard(x);
+  const cudaStream_t stream = current_cuda_stream(x.get_device_index());
+  MOSLORA_DISPATCH_FLOATING(x.scalar_type(), "moslora_dropout", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const Launch launch = row_group_launch(n, x.size(1));
     dropout_kernel<<<grid_of(launch), block_of(launch), 0, stream>>>(
         rows_of<const scalar_t>(x), rows_of<scalar_t>(out), mask_of<acc_t>(spec), first_row, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 template <>
-void dropout_pair_rows<c10::kCUDA>(const at::Tensor& x, const at::Tensor& dropped, const at::Tensor& dx,
+void dropout_pair_rows<DeviceType::CUDA>(const Tensor& x, const Tensor& dropped, const Tensor& dx,
                                    const DropoutSpec& spec, int64_t first_row) {
   const int64_t n = x.size(0);
   if (n == 0 || x.size(1) == 0 || (!dropped.defined() && !dx.defined())) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moslora_dropout_pair", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const DeviceGuard guard(x);
+  const cudaStream_t stream = current_cuda_stream(x.get_device_index());
+  MOSLORA_DISPATCH_FLOATING(x.scalar_type(), "moslora_dropout_pair", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const Launch launch = row_group_launch(n, x.size(1));
     dropout_pair_kernel<<<grid_of(launch), block_of(launch), 0, stream>>>(
         rows_of<const scalar_t>(x), dropped.defined() ? rows_of<scalar_t>(dropped) : Rows<scalar_t>{},
         dx.defined() ? rows_of<scalar_t>(dx) : Rows<scalar_t>{}, mask_of<acc_t>(spec), first_row, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

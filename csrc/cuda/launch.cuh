@@ -3,8 +3,7 @@
 
 #include "../launch.h"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/stable/macros.h>
 
 #include <cstdint>
 

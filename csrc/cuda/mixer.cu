@@ -5,11 +5,8 @@
 #include "../mixer_kernels.h"
 #include "launch.cuh"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/stable/ops.h>
+
 
 namespace moslora {
 namespace {
@@ -42,52 +39,52 @@ __global__ void reduce_partials_kernel(const acc_t* __restrict__ partials, scala
 }  // namespace
 
 template <>
-at::Tensor mixer_forward<c10::kCUDA>(const at::Tensor& u, const at::Tensor& mixer) {
-  auto v = at::empty_like(u);
+Tensor mixer_forward<DeviceType::CUDA>(const Tensor& u, const Tensor& mixer) {
+  auto v = torch::stable::empty_like(u);
   const int64_t n = u.size(0), r = u.size(1);
   if (n == 0) return v;
-  const c10::cuda::CUDAGuard guard(u.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "moslora_mixer_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  const DeviceGuard guard(u);
+  const cudaStream_t stream = current_cuda_stream(u.get_device_index());
+  MOSLORA_DISPATCH_FLOATING(u.scalar_type(), "moslora_mixer_forward", [&] {
+    using acc_t = opmath_t<scalar_t>;
     const Launch launch = grid_stride_launch(n * r);
     mixer_forward_kernel<scalar_t, acc_t><<<grid_of(launch), block_of(launch), 0, stream>>>(
         u.const_data_ptr<scalar_t>(), mixer.const_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), n, r);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return v;
 }
 
 template <>
-std::tuple<at::Tensor, at::Tensor> mixer_backward<c10::kCUDA>(
-    const at::Tensor& dv, const at::Tensor& u, const at::Tensor& mixer, bool need_dmixer) {
-  auto du = at::empty_like(dv);
+std::tuple<Tensor, Tensor> mixer_backward<DeviceType::CUDA>(
+    const Tensor& dv, const Tensor& u, const Tensor& mixer, bool need_dmixer) {
+  auto du = torch::stable::empty_like(dv);
   const int64_t n = dv.size(0), r = dv.size(1);
-  at::Tensor dmixer = need_dmixer ? at::empty({r, r}, dv.options()) : at::Tensor();
+  Tensor dmixer = need_dmixer ? torch::stable::new_empty(dv, {r, r}) : Tensor();
   if (n == 0) {
-    if (need_dmixer) dmixer.zero_();
+    if (need_dmixer) torch::stable::zero_(dmixer);
     return {du, dmixer};
   }
-  const c10::cuda::CUDAGuard guard(dv.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceGuard guard(dv);
+  const cudaStream_t stream = current_cuda_stream(dv.get_device_index());
   const RowChunks chunks = mixer_row_chunks(n);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dv.scalar_type(), "moslora_mixer_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor partials;
+  MOSLORA_DISPATCH_FLOATING(dv.scalar_type(), "moslora_mixer_backward", [&] {
+    using acc_t = opmath_t<scalar_t>;
+    Tensor partials;
     if (need_dmixer) {
-      partials = at::empty({chunks.count, r, r}, dv.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      partials = torch::stable::new_empty(dv, {chunks.count, r, r}, opmath_type(dv.scalar_type()));  // of acc_t
     }
     acc_t* partials_ptr = need_dmixer ? partials.mutable_data_ptr<acc_t>() : nullptr;
     const Launch launch = mixer_backward_launch(chunks);
     mixer_backward_kernel<scalar_t, acc_t><<<grid_of(launch), block_of(launch), 0, stream>>>(
         dv.const_data_ptr<scalar_t>(), u.const_data_ptr<scalar_t>(), mixer.const_data_ptr<scalar_t>(),
         du.mutable_data_ptr<scalar_t>(), partials_ptr, n, r, chunks.rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    STD_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_dmixer) {
       const Launch reduce = grid_stride_launch(r * r);
       reduce_partials_kernel<scalar_t, acc_t><<<grid_of(reduce), block_of(reduce), 0, stream>>>(
           partials_ptr, dmixer.mutable_data_ptr<scalar_t>(), chunks.count, r * r);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      STD_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {du, dmixer};
