@@ -50,10 +50,13 @@ try:
 except ImportError:
     raise _not_built_error() from None
 
-if _build_config.TORCH_VERSION != torch.__version__:
+# One build serves every torch from its stable-ABI target version on (csrc/ is on LibTorch's stable ABI).
+_TORCH_TARGET = tuple(int(part) for part in _build_config.TORCH_TARGET_VERSION.split("."))
+if tuple(int(part) for part in torch.__version__.split(".")[:2]) < _TORCH_TARGET:
     raise ImportError(
-        f"moslora_ext was built against torch {_build_config.TORCH_VERSION} but torch {torch.__version__} "
-        f"is installed; {_REBUILD_HINT}"
+        f"moslora_ext needs torch >= {_build_config.TORCH_TARGET_VERSION} (its extension is built on LibTorch's "
+        f"stable ABI of torch {_build_config.TORCH_TARGET_VERSION}, and runs on that torch and every later one) "
+        f"but torch {torch.__version__} is installed; upgrade torch"
     )
 
 try:
@@ -114,18 +117,22 @@ def build_info():
     """What the installed extension was built with.
 
     Returns a dict with ``torch_version`` (the torch it was compiled against),
+    ``torch_target_version`` (the oldest torch it runs on: the stable ABI it
+    targets), ``torch_runtime_version`` (the torch it runs on now),
     ``with_cuda`` (whether the CUDA kernels were compiled), ``cuda_archs``
-    (the TORCH_CUDA_ARCH_LIST used, or None), ``cuda_version`` (that torch's
-    CUDA) and ``nvcc_version`` (the CUDA release of the nvcc that compiled
-    the kernels, which may be older; None for a build by an older setup.py).
+    (the TORCH_CUDA_ARCH_LIST used, or None), ``cuda_version`` (the CUDA of the
+    torch it was compiled against) and ``nvcc_version`` (the CUDA release of
+    the nvcc that compiled the kernels, which may be older; None without them).
     """
     return {
         "version": __version__,
         "torch_version": _build_config.TORCH_VERSION,
+        "torch_target_version": _build_config.TORCH_TARGET_VERSION,
+        "torch_runtime_version": torch.__version__,
         "with_cuda": _build_config.WITH_CUDA,
         "cuda_archs": _build_config.CUDA_ARCHS,
         "cuda_version": _build_config.CUDA_VERSION,
-        "nvcc_version": getattr(_build_config, "NVCC_VERSION", None),
+        "nvcc_version": _build_config.NVCC_VERSION,
     }
 
 

@@ -430,10 +430,21 @@ def test_from_linear_refusal_leaves_the_base_layer_untouched():
         moslora_ext.Linear.from_linear(nn.Conv1d(4, 4, 1))
 
 
-def test_import_under_another_torch_says_how_to_rebuild():
-    code = "import torch; torch.__version__ = '0.0.0'; import moslora_ext"
+def test_import_under_a_torch_older_than_the_target_names_the_range():
+    code = "import torch; torch.__version__ = '2.10.0'; import moslora_ext"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=os.path.dirname(__file__))
     assert result.returncode != 0
-    assert "ImportError" in result.stderr and "built against torch" in result.stderr
-    assert "--no-build-isolation" in result.stderr
+    assert "ImportError" in result.stderr and "needs torch >= 2.11" in result.stderr
+    assert "torch 2.10.0 is installed; upgrade torch" in result.stderr
+
+
+def test_import_under_a_later_torch_than_the_build_loads():
+    """The extension is on the stable ABI: a torch newer than the one it was compiled against runs it."""
+    code = ("import torch; torch.__version__ = '99.0.0'; import moslora_ext; "
+            "print(moslora_ext.ops.moslora_linear(*[torch.ones(2, 2)] * 2, None, torch.ones(1, 2), torch.ones(1, 1), "
+            "torch.ones(2, 1), 1.0).tolist())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[[4.0, 4.0], [4.0, 4.0]]"

@@ -360,7 +360,7 @@ def test_differentiating_func_transforms_are_refused(transform):
 def test_cuda_build_required_by_ci():
     """CI sets MOSLORA_REQUIRE_CUDA_BUILD=1: there, a build without the CUDA kernels fails."""
     info = moslora_ext.build_info()
-    assert info["torch_version"] == torch.__version__
+    assert info["torch_runtime_version"] == torch.__version__
     if info["with_cuda"]:
         assert info["cuda_archs"]
     else:

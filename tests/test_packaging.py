@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 import moslora_ext
 from conftest import require_peft_route, run_python
 
@@ -50,11 +52,31 @@ def test_unbuilt_source_tree_says_what_to_do_without_a_chained_circular_import_e
     assert str(tmp_path / "moslora_ext") in stderr
 
 
-def test_build_for_another_torch_gives_a_rebuild_command_that_leaves_torch_alone(tmp_path):
-    stderr = import_copy(tmp_path, "TORCH_VERSION = '0.0.1'\nWITH_CUDA = False\nCUDA_ARCHS = None\n"
-                                   "CUDA_VERSION = None\n")
-    assert "built against torch 0.0.1" in stderr
-    assert "`pip install --no-build-isolation .`" in stderr and "--force-reinstall" not in stderr
+def test_build_targeting_a_later_torch_is_refused_naming_the_range(tmp_path):
+    stderr = import_copy(tmp_path, "TORCH_VERSION = '99.0.1'\nTORCH_TARGET_VERSION = '99.0'\nWITH_CUDA = False\n"
+                                   "CUDA_ARCHS = None\nCUDA_VERSION = None\nNVCC_VERSION = None\n")
+    assert "needs torch >= 99.0" in stderr and f"but torch {torch.__version__} is installed" in stderr
+
+
+def _undefined_dynamic_symbols(path):
+    result = subprocess.run(["nm", "-D", "--undefined-only", "--demangle", path], capture_output=True, text=True,
+                            check=True)
+    return [line.split(None, 1)[-1] for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+@pytest.mark.parametrize("module", ["moslora_ext._C", "moslora_ext._testing"])
+def test_the_extensions_import_no_cpp_symbol_of_libtorch(module):
+    """On the stable ABI: the compiled modules call libtorch through its C shim only. A C++ symbol of
+    torch, at::, c10:: or caffe2:: among their undefined symbols would tie them to one torch release."""
+    import importlib
+
+    path = importlib.import_module(module).__file__
+    assert path.endswith(".abi3.so"), path  # Python's limited API: one build for every CPython >= 3.10
+    undefined = _undefined_dynamic_symbols(path)
+    assert any(name.startswith("aoti_torch_") or name.startswith("torch_") for name in undefined)
+    tied = [name for name in undefined if re.match(r"(torch|at|c10|caffe2|pybind11)::", name)]
+    assert not tied, tied
 
 
 # --- the PEFT route under another peft, a broken one, or none ---------------------------------------
@@ -269,6 +291,7 @@ def test_setup_records_the_nvcc_that_compiles_the_kernels_beside_torchs_cuda(tmp
 def test_build_info_reports_torchs_cuda_and_the_nvcc_that_compiled_the_kernels():
     info = moslora_ext.build_info()
     assert {"cuda_version", "nvcc_version"} <= info.keys()
+    assert info["torch_target_version"] == "2.11" and info["torch_runtime_version"] == torch.__version__
     if not info["with_cuda"]:
         assert info["cuda_version"] is None and info["nvcc_version"] is None
 

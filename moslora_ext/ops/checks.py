@@ -171,3 +171,32 @@ def check_expert_rows(x, tensors, lora_A, mixer, lora_B, scale, dropout_p, dropo
     check_dropout(dropout_p, dropout_seed, x)
     for name, t in tensors.items():
         check_same_dtype_device(x, "x", t, name)
+
+
+# --- the C++ kernels' errors ---------------------------------------------------------------------
+
+
+def raise_typed_errors(op_name, fake):
+    """Gives the eager kernels of ``moslora_ext::<op_name>`` the exception types of ``fake``'s checks.
+
+    The C++ kernels are built on LibTorch's stable ABI, whose exceptions reach Python as ValueError
+    (std::invalid_argument) or RuntimeError: nothing there maps to TypeError. So a dtype misuse
+    comes out of C++ as a RuntimeError, and this kernel (on ADInplaceOrView, in front of the CPU and
+    CUDA kernels; nothing on success) re-runs the op's fake kernel on the same arguments, whose checks
+    raise the same message with its type. Under torch.inference_mode, which skips ADInplaceOrView,
+    the RuntimeError stays.
+    """
+    op = getattr(torch.ops.moslora_ext, op_name).default
+    after = torch._C._after_ADInplaceOrView_keyset
+
+    def kernel(keyset, *args):
+        try:
+            return op.redispatch(keyset & after, *args)
+        except RuntimeError:
+            fake(*args)  # raises the TypeError or ValueError of the same check, if a check failed
+            raise
+
+    _LIBRARY.impl(op_name, kernel, "ADInplaceOrView", with_keyset=True)
+
+
+_LIBRARY = torch.library.Library("moslora_ext", "IMPL")

@@ -12,7 +12,7 @@ stacked as lora_A (E, r, in), lora_mixer (E, r, r), lora_B (E, out, r).
 import torch
 
 from .common import autocast_dtype, autocast_to, cast_floating, new_dropout_seed, refuse_double_backward
-from .checks import check_expert_adapter, check_expert_rows, check_offsets
+from .checks import check_expert_adapter, check_expert_rows, check_offsets, raise_typed_errors
 from .linear import merge_
 
 _C_OPS = torch.ops.moslora_ext
@@ -91,6 +91,10 @@ def _experts_backward_fake(grad_out, x, offsets, lora_A, mixer, lora_B, u, scale
     check_offsets(offsets, x, lora_A.shape[0])
     check_expert_rows(x, {"grad_out": grad_out, "u": u}, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed)
     return tuple(t.new_empty(t.shape) if needed else None for t, needed in zip((x, lora_A, mixer, lora_B), output_mask))
+
+
+raise_typed_errors("experts_forward", _experts_forward_fake)
+raise_typed_errors("experts_backward", _experts_backward_fake)
 
 
 # --- autograd ----------------------------------------------------------------------------------

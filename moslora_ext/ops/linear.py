@@ -26,6 +26,7 @@ from .checks import (
     check_scale,
     dtype_name,
     opmath_dtype,
+    raise_typed_errors,
 )
 
 _C_OPS = torch.ops.moslora_ext
@@ -169,6 +170,11 @@ def _dropout_fake(x, p, seed):
     check_dropout(p, seed, x)
     # As the op: p = 0 is x.clone() (x's strides where dense), else a new contiguous tensor.
     return torch.empty_like(x) if p == 0 else x.new_empty(x.shape)
+
+
+for _name, _fake in (("forward", _forward_fake), ("backward", _backward_fake), ("merge_", _merge_fake),
+                     ("dropout", _dropout_fake)):
+    raise_typed_errors(_name, _fake)
 
 
 # ---------------------------------------------------------------------------
