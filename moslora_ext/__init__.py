@@ -51,8 +51,9 @@ except ImportError:
     raise _not_built_error() from None
 
 # One build serves every torch from its stable-ABI target version on (csrc/ is on LibTorch's stable ABI).
-_TORCH_TARGET = tuple(int(part) for part in _build_config.TORCH_TARGET_VERSION.split("."))
-if tuple(int(part) for part in torch.__version__.split(".")[:2]) < _TORCH_TARGET:
+# A folder without that record (a build by an older setup.py) has no extension that loads: see below.
+_TORCH_TARGET = getattr(_build_config, "TORCH_TARGET_VERSION", "0.0")
+if tuple(int(part) for part in torch.__version__.split(".")[:2]) < tuple(int(p) for p in _TORCH_TARGET.split(".")):
     raise ImportError(
         f"moslora_ext needs torch >= {_build_config.TORCH_TARGET_VERSION} (its extension is built on LibTorch's "
         f"stable ABI of torch {_build_config.TORCH_TARGET_VERSION}, and runs on that torch and every later one) "
