@@ -86,13 +86,14 @@ inline ScalarType opmath_type(ScalarType t) {
 // ATen operators through the stable dispatcher.
 // ---------------------------------------------------------------------------
 
-// Calls aten::name.overload on args (as its schema orders them); returns the
-// stack, whose first entry holds the first result.
+// Calls aten::name.overload on args (as its schema orders them) and returns
+// its (first and only) result, which owns the reference the call returned:
+// an out= variant's result, dropped, must be released too, or the out tensor leaks.
 template <typename... Args>
-std::array<StableIValue, sizeof...(Args)> call_aten(const char* name, const char* overload, const Args&... args) {
+Tensor call_aten(const char* name, const char* overload, const Args&... args) {
   std::array<StableIValue, sizeof...(Args)> stack{torch::stable::detail::from(args)...};
   TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
-  return stack;
+  return torch::stable::detail::to<Tensor>(stack[0]);
 }
 
 inline Tensor t(const Tensor& m) {
@@ -108,7 +109,7 @@ inline void mm_out(const Tensor& out, const Tensor& a, const Tensor& b) {
 // (CUDA: the accumulator, unrounded).
 inline Tensor mm(const Tensor& a, const Tensor& b, std::optional<ScalarType> out_dtype = std::nullopt) {
   if (out_dtype && *out_dtype != a.scalar_type()) {
-    return torch::stable::detail::to<Tensor>(call_aten("aten::mm", "dtype", a, b, *out_dtype)[0]);
+    return call_aten("aten::mm", "dtype", a, b, *out_dtype);
   }
   auto out = torch::stable::new_empty(a, {a.size(0), b.size(1)});
   mm_out(out, a, b);

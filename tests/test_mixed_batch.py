@@ -88,8 +88,10 @@ def test_the_base_runs_once_and_each_adapter_once():
         layer(x, adapter_names=ROWS)
     counts = {event.key: event.count for event in profile.key_averages()}
     assert counts["moslora_ext::forward"] == len(NAMES)  # one fused adapter op per adapter, on its rows ...
-    assert counts["aten::addmm"] + counts["aten::addmm_"] == 1 + len(NAMES)  # ... each adding its up-projection;
-    assert counts["aten::addmm_"] == 1  # and the base GEMM once, into them
+    # ... each projecting them down once (its up-projection is an addmm through LibTorch's stable C shim,
+    # which calls the kernel without the dispatcher, so the profiler does not see it) ...
+    assert counts["aten::mm"] == len(NAMES)
+    assert counts["aten::addmm_"] == 1  # ... and the base GEMM once, into them
 
 
 def test_mixed_batch_under_autocast_matches_each_row_alone():

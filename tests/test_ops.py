@@ -270,6 +270,22 @@ def test_opcheck_backward(device, output_mask, dropout_p, contiguous):
     assert [g is not None for g in grads] == output_mask
 
 
+def test_backward_op_takes_operands_that_require_grad(device):
+    """Called directly with grad mode on, as opcheck calls it: the ATen out= calls inside the kernel
+    refused operands that require grad (the op's own work, not a graph to record)."""
+    a = make_adapter(K, D, 4, torch.float64, device)
+    leaves = {name: a[name].requires_grad_() for name in ("weight", "lora_A", "mixer", "lora_B")}
+    x = torch.randn(3, 5, D, dtype=torch.float64, device=device, requires_grad=True)
+    grad_y = torch.randn(3, 5, K, dtype=torch.float64, device=device)
+    _, u = OPS.forward(x, *adapter_args({**a, "bias": None}))
+    got = OPS.backward(grad_y, x, leaves["weight"], leaves["lora_A"], leaves["mixer"], leaves["lora_B"], u, 0.7,
+                       0.0, None, [True, True, True, True])
+    y = moslora_reference(x, **{**leaves, "bias": None}, scale=0.7)
+    want = torch.autograd.grad(y, [x, leaves["lora_A"], leaves["mixer"], leaves["lora_B"]], grad_y)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
 @LAYOUTS
 def test_opcheck_merge(device, contiguous):
     a = make_adapter(K, D, 4, torch.float32, device)

@@ -185,13 +185,18 @@ def raise_typed_errors(op_name, fake):
     CUDA kernels; nothing on success) re-runs the op's fake kernel on the same arguments, whose checks
     raise the same message with its type. Under torch.inference_mode, which skips ADInplaceOrView,
     the RuntimeError stays.
+
+    The kernel also runs the C++ kernel below autograd (at::AutoDispatchBelowADInplaceOrView, which
+    the stable ABI lacks): the ATen calls inside are the op's own work, and their out= variants refuse
+    operands that require grad where grad mode is on (the backward ops called directly, as opcheck does).
     """
     op = getattr(torch.ops.moslora_ext, op_name).default
     after = torch._C._after_ADInplaceOrView_keyset
 
     def kernel(keyset, *args):
         try:
-            return op.redispatch(keyset & after, *args)
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                return op.redispatch(keyset & after, *args)
         except RuntimeError:
             fake(*args)  # raises the TypeError or ValueError of the same check, if a check failed
             raise
