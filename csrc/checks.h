@@ -9,7 +9,9 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 namespace moslora {
@@ -30,6 +32,16 @@ inline void check_floating_same_device(const at::Tensor& ref, const char* ref_na
                    " must be a floating point tensor, got dtype ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == ref.device(), "moslora_ext: ", name, " is on ", t.device(), " but ", ref_name,
                     " is on ", ref.device());
+}
+
+// `compute` is the dtype the op multiplies by scale in: scale must be finite there
+// too (1e40 overflows fp32 to inf, or makes ATen refuse alpha = 1e40 in addmm_).
+inline void check_scale(double scale, at::ScalarType compute) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
+  const double max = compute == at::kDouble ? std::numeric_limits<double>::max()
+                                            : std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(std::abs(scale) <= max, "moslora_ext: scale = ", scale, " overflows ", compute,
+                    ", the dtype this op computes in");
 }
 
 // The value of a dropout_seed tensor: a one-element int64 CPU tensor.

@@ -4,21 +4,14 @@
 // mixer step and the dropout mask.
 #include "checks.h"
 #include "device_kernels.h"
+#include "op_guards.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/DispatchKeySet.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
-
-#ifdef WITH_CUDA
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#endif
 
 namespace moslora {
 namespace {
@@ -69,33 +62,6 @@ void check_input(const Tensor& x, const Tensor& lora_A) {
                     "), got x of shape ", x.sizes());
 }
 
-// Dropout is refused under CUDA-graph capture, where the seed, read on the
-// host, would be baked into the graph and every replay would apply one mask.
-// Called under the op's DeviceGuard, so that the stream asked about is the
-// current stream of x's device, not of whichever device was current.
-void refuse_capture(const Tensor& x, double p) {
-#ifdef WITH_CUDA
-  TORCH_CHECK(p == 0.0 || !x.is_cuda() ||
-                  c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-              "moslora_ext: dropout (p = ", p, ") cannot be captured in a CUDA graph: its mask seed is read "
-              "on the host, so every replay would apply the same mask. Capture with lora_dropout = 0 (or "
-              "the layer in eval mode), or run without CUDA graphs (torch.compile without "
-              "mode=\"reduce-overhead\")");
-#else
-  (void)x, (void)p;
-#endif
-}
-
-// `compute` is the dtype the op multiplies by scale in: scale must be finite there
-// too (1e40 overflows fp32 to inf, or makes ATen refuse alpha = 1e40 in addmm_).
-void check_scale(double scale, at::ScalarType compute) {
-  TORCH_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
-  const double max = compute == at::kDouble ? std::numeric_limits<double>::max()
-                                            : std::numeric_limits<float>::max();
-  TORCH_CHECK_VALUE(std::abs(scale) <= max, "moslora_ext: scale = ", scale, " overflows ", compute,
-                    ", the dtype this op computes in");
-}
-
 // The checks forward and backward share; returns their dropout mask spec.
 DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& mixer,
                              const Tensor& lora_B, double scale, double dropout_p,
@@ -105,13 +71,6 @@ DropoutSpec check_layer_args(const Tensor& x, const Tensor& weight, const Tensor
   check_scale(scale, at::toOpMathType(x.scalar_type()));
   return dropout_spec(dropout_p, dropout_seed);
 }
-
-// The operators compute in their operands' dtypes: autocast is applied by the
-// Python wrapper, before the call. Without this guard the ATen GEMMs inside
-// would be autocast again (to mixed dtypes, e.g. merge under a bf16 autocast).
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
 
 int64_t leading_rows(const Tensor& x) {
   return c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
@@ -129,6 +88,20 @@ Tensor scaled_mm(const Tensor& a, const Tensor& b, double scale) {
 // (a copy only for an x whose last dimension is strided).
 Tensor unit_column_rows(const Tensor& x2) {
   return x2.stride(1) == 1 ? x2 : x2.contiguous();
+}
+
+// The products under dropout with one lora_A (r, d) for every row.
+RowProducts dense_products(const Tensor& lora_A) {
+  return RowProducts{
+      [lora_A](const Tensor& tile, int64_t, Tensor out) { at::mm_out(out, tile, lora_A.t()); },
+      [lora_A](const Tensor& du_tile, int64_t, Tensor out) { at::mm_out(out, du_tile, lora_A); },
+      [](Tensor& dA, const Tensor& du_tile_t, const Tensor& tile, int64_t, bool fp32_result) {
+        if (fp32_result) {
+          dA.add_(at::mm(du_tile_t, tile, at::kFloat));
+        } else {
+          dA.addmm_(du_tile_t, tile);
+        }
+      }};
 }
 
 // ---------------------------------------------------------------------------
@@ -173,7 +146,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>&
   const auto x2 = x.reshape({n, d});
   const bool cuda = x.is_cuda();
   auto u = dropout_p == 0.0 ? at::mm(x2, lora_A.t())
-                            : dropout_project_down(unit_column_rows(x2), lora_A.contiguous(), dropout);
+                            : dropout_project_down(unit_column_rows(x2), lora_A.size(0), dropout,
+                                                   dense_products(lora_A.contiguous()));
   const auto v = ON_DEVICE(cuda, mixer_forward, u, mixer.contiguous());
   // y is allocated in its final shape and filled through a 2-D view, so the op
   // returns a tensor of its own rather than a view: callers may change it in
@@ -240,7 +214,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
       if (need_dx) at::mm_out(dx2, du, lora_A);
     } else {
       // The mask of forward, regenerated: dA = dU^T dropout(X), dX = dropout(dU A).
-      dA = dropout_grads(unit_column_rows(x2), du, lora_A.contiguous(), dx2, need_dA, dropout);
+      dA = dropout_grads(unit_column_rows(x2), du, dx2, need_dA, lora_A.sizes(), dropout,
+                         dense_products(lora_A.contiguous()));
     }
   }
   // As in forward, the base GEMM accumulates into the adapter's part; without
@@ -298,15 +273,6 @@ void register_kernels(torch::Library& m) {
   m.impl("dropout", &dropout);
 }
 
-#ifndef WITH_CUDA
-// A build without the CUDA kernels says so for CUDA tensors, instead of the
-// dispatcher's generic "could not run with arguments from the CUDA backend".
-void cuda_kernels_not_built(const c10::OperatorHandle& op, torch::jit::Stack*) {
-  TORCH_CHECK(false, "moslora_ext was built without its CUDA kernels, so ", op.schema().name(),
-              " cannot run on CUDA tensors; rebuild with nvcc available: "
-              "MOSLORA_BUILD_CUDA=1 pip install --no-build-isolation .");
-}
-#endif
 
 }  // namespace
 
@@ -318,9 +284,7 @@ TORCH_LIBRARY_IMPL(moslora_ext, CUDA, m) {
 #ifdef WITH_CUDA
   register_kernels(m);
 #else
-  for (const char* name : {"forward", "backward", "merge_", "dropout"}) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&cuda_kernels_not_built>());
-  }
+  refuse_on_cuda(m, {"forward", "backward", "merge_", "dropout"});
 #endif
 }
 
