@@ -1,6 +1,7 @@
 """Timing and memory measurements that the benchmarks share: interleaved repetitions (CUDA events on a
 GPU), one inference or training step of a module, and the bytes a forward saves for backward."""
 
+import os
 import random
 import statistics
 import time
@@ -81,3 +82,15 @@ def saved_bytes(module, x):
         module(x)
     total = sum(storages.values())
     return total, total - storages.get(x.untyped_storage().data_ptr(), 0)
+
+
+def profiler_activities(device):
+    """The torch profiler's activities for counting on ``device``. On a CPU, kineto's messages are
+    turned off first: a CUDA build of torch prints them on every profile (profiler_start/stop lines,
+    and without a GPU "gpuGetDeviceCount failed"); kineto reads the setting at its first use."""
+    from torch.profiler import ProfilerActivity
+
+    if device.type != "cuda":
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        return [ProfilerActivity.CPU]
+    return [ProfilerActivity.CPU, ProfilerActivity.CUDA]

@@ -179,7 +179,7 @@ def test_mann_whitney_matches_scipy(a, b):
 # results fit what a device run may send back (at most 8 files, no subfolders).
 GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 GPU_CHECK_FILES = {"env.txt", "summary.txt", "gpu_check.log", "tests.xml", "sanitizer.log", "latency-cuda.json",
-                   "latency-cuda.png"}
+                   "latency-cuda.png", "moe-cuda.json"}
 
 
 def run_gpu_check(out, **env):
@@ -232,6 +232,22 @@ def test_gpu_check_sanitizer_refused_by_the_device_is_a_skip(tmp_path):
     assert lines[0].startswith("preflight  PASS") and len(lines) == 2
     assert lines[1].startswith("sanitizer  SKIP") and "refuses compute-sanitizer" in lines[1]
     assert "Device not supported" in (out / "sanitizer.log").read_text()
+
+
+def test_moe_sweep_reports_each_number_of_experts_and_gemm_calls_that_do_not_grow_with_it(tmp_path, capsys):
+    pytest.importorskip("peft")
+    latency = load_script("latency")
+    latency.main(["--small", "--device", "cpu", "--tokens", "32", "--ranks", "2", "--reps", "1", "--warmup", "0",
+                  "--moe-only", "--moe-experts", "2", "8", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "moe-cpu.json").read_text())["moe"]
+    assert [row["experts"] for row in rows] == [2, 8] and not (tmp_path / "latency-cpu.json").exists()
+    contenders = {"moe_base", "moe_peft", "moe_ours", "moe_ours_mixer"}
+    for row in rows:
+        assert set(row["training_s"]) == set(row["gemm_calls"]) == contenders
+    # Ours: one grouped pass per expert layer, as many outermost GEMM calls for 8 experts as for 2.
+    calls = [{name: row["gemm_calls"][name]["outermost"] for name in contenders} for row in rows]
+    assert calls[0]["moe_ours"] == calls[1]["moe_ours"] > calls[0]["moe_base"] > 0
+    assert "8 experts" in capsys.readouterr().out
 
 
 def test_latency_benchmark_on_cpu_prints_no_profiler_messages(tmp_path):
