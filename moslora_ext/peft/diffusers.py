@@ -52,15 +52,13 @@ def _reading_moslora(create_lora_config):
     ``lora_mixer`` tensors without metadata."""
 
     def _create_lora_config(state_dict, network_alphas, metadata, *args, **kwargs):
-        from .config import MoSLoRAConfig
-
         if metadata is not None and metadata.get("peft_type") == MOSLORA_PEFT_TYPE:
-            return MoSLoRAConfig(**metadata)
+            return _moslora_config(metadata)
         if any(f".{RELEASED_MIXER_NAME}." in key for key in state_dict):
             with_route_mixer_names(state_dict)  # refuses a layer with two mixers before the model changes
             # diffusers' LoRA settings of A and B are the released code's; its mixer (kaiming, trained) is added
             lora = create_lora_config(state_dict, network_alphas, metadata, *args, **kwargs)
-            return MoSLoRAConfig(**{f.name: getattr(lora, f.name) for f in dataclasses.fields(lora)
+            return _moslora_config({f.name: getattr(lora, f.name) for f in dataclasses.fields(lora)
                                     if f.name != "peft_type"})
         if any(".lora_mixer." in key for key in state_dict):
             raise ValueError(
@@ -73,3 +71,11 @@ def _reading_moslora(create_lora_config):
 
     _create_lora_config.reads_moslora = True
     return _create_lora_config
+
+
+def _moslora_config(settings):
+    """``MoSLoRAConfig(**settings)``, imported only for MoSLoRA files: it refuses an unsupported peft, under
+    which diffusers' plain LoRA loads must still work."""
+    from .config import MoSLoRAConfig
+
+    return MoSLoRAConfig(**settings)
