@@ -81,14 +81,28 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
         assert "quantized base (nf4, bfloat16)" in table
 
 
-def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
-    pytest.importorskip("transformers")
-    result = subprocess.run([sys.executable, str(REPO / "examples" / "finetune_tiny_llama.py"), "--steps", "3",
-                             "--batch-size", "2", "--length", "32", "--out", str(tmp_path)],
+# example: (the packages it needs, its arguments for a short run, what it prints, the file it saves)
+EXAMPLES = {
+    "finetune_tiny_llama.py": (["transformers"], ["--steps", "3", "--batch-size", "2", "--length", "32"],
+                               ["reloaded adapter gives the same logits: True"], "adapter_model.safetensors"),
+    "finetune_tiny_sdxl.py": (["diffusers", "peft"], ["--steps", "3"],
+                              ["as a MoSLoRAConfig: same latents: True", "fuse_lora gives the unfused latents: True"],
+                              "pytorch_lora_weights.safetensors"),
+}
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_trains_saves_reloads_and_merges(tmp_path, example):
+    needs, arguments, printed, saved = EXAMPLES[example]
+    for package in needs:
+        pytest.importorskip(package)
+    if "peft" in needs and not moslora_ext.supported_peft_installed():
+        pytest.skip(moslora_ext.unsupported_peft_reason())
+    result = subprocess.run([sys.executable, str(REPO / "examples" / example), *arguments, "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "reloaded adapter gives the same logits: True" in result.stdout
-    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert all(line in result.stdout for line in printed), result.stdout
+    assert (tmp_path / saved).exists()
 
 
 TINY_QUALITY_RUN = ["--pretrain-steps", "3", "--steps", "2", "--eval-every", "1", "--seeds", "2", "--batch", "2"]
