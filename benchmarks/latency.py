@@ -36,6 +36,7 @@ forward and in one backward, at N/4 and at N tokens.
     python benchmarks/latency.py --quick --quantized  # adds a quantized-base (QLoRA) row per case
     python benchmarks/latency.py --quick --moe        # adds mixture-of-experts rows, E = 8, 64, 128 (benchmarks/moe.py)
     python benchmarks/latency.py --quick --moe-only   # those rows alone, to moe-<device>.json
+    OMP_NUM_THREADS=1 python benchmarks/latency.py --cpu-clock process ...  # steadier on a shared machine
     python benchmarks/latency.py --quick --mixed      # adds a mixed-adapter batch row per case
 
 Quantized-base row (--quantized, needs bitsandbytes): one bitsandbytes nf4
@@ -69,7 +70,7 @@ from torch import nn
 
 import moslora_ext
 from timing import (elapsed_seconds, inference_step, profiler_activities, saved_bytes, synchronize, time_round_robin,
-                    training_step)
+                    training_step, use_process_time)
 
 # (in_features, out_features) of LLaMA-7B/8B projections.
 SHAPES = {
@@ -533,6 +534,9 @@ def parse_args(argv):
     parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the dropout columns")
     parser.add_argument("--reps", type=int, help="repetitions per contender (default 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cpu-clock", choices=["wall", "process"], default="wall",
+                        help="on a CPU, time steps by wall clock or by this process's CPU time (steadier on a "
+                        "shared machine; with OMP_NUM_THREADS=1 it is the step's compute time)")
     parser.add_argument("--out", default="benchmark-results", help="folder for the JSON and PNG")
     parser.add_argument("--quantized", action="store_true",
                         help="also a quantized-base row per case: bitsandbytes nf4, ours against PEFT's QLoRA")
@@ -567,6 +571,8 @@ def parse_args(argv):
     args.shrink = 32 if args.small else 1  # --small divides every shape by 32
     args.moe_hidden = args.moe_hidden or (1024 if on_cuda else 256)
     args.moe = args.moe or args.moe_only
+    if args.cpu_clock == "process":
+        use_process_time()
     return args
 
 
