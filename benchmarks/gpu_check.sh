@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one check to run on a machine with a CUDA GPU, from the repository root:
 #   OUT=/some/folder bash benchmarks/gpu_check.sh
-# in one command of at most 6 minutes (steps and limits below; 16 cores, one H200):
+# in one command of at most 7 minutes (steps and limits below; 16 cores, one H200):
 #   preflight  20 s  records GPU, driver, torch, nvcc, compute-sanitizer into env.txt;
 #                    stops (exit 2) where torch cannot be imported, is not a CUDA
 #                    build, is older than 2.6 or sees no GPU
@@ -14,11 +14,15 @@
 #                    shared memory
 #   latency    45 s  a short latency table (no torch.compile contender) ->
 #                    latency-cuda.json, rewritten after every case
-# Limits add up to 355 s; a step past its limit is stopped and recorded as such.
+#   experts    60 s  the expert-adapter sweep: a Mixtral block with 8, 64 and 128
+#                    experts, bf16, training step per contender (ours, PEFT's
+#                    target_parameters LoRA, the frozen block) and the kernels
+#                    it launches -> moe-cuda.json
+# Limits add up to 415 s; a step past its limit is stopped and recorded as such.
 # Every step appends its verdict (PASS, FAIL, SKIP) to summary.txt as it ends;
-# gpu_check.log is the whole console. At most 7 files under $OUT (env.txt,
+# gpu_check.log is the whole console. At most 8 files under $OUT (env.txt,
 # summary.txt, gpu_check.log, tests.xml, sanitizer.log, latency-cuda.json,
-# latency-cuda.png), none in subfolders.
+# latency-cuda.png, moe-cuda.json), none in subfolders.
 # GPU_CHECK_STEPS picks steps to rerun (e.g. "tests latency"; build is
 # incremental); GPU_CHECK_REHEARSE=1 lets the preflight go on without a GPU, to
 # rehearse the steps that need none (the sanitizer's probe and SKIP logic).
@@ -27,7 +31,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/gpu-check-results}
 PYTHON=${PYTHON:-python3}
-STEPS=${GPU_CHECK_STEPS:-build tests sanitizer latency}
+STEPS=${GPU_CHECK_STEPS:-build tests sanitizer latency experts}
 mkdir -p "$OUT"
 cd "$REPO"
 : > "$OUT/summary.txt"
@@ -245,6 +249,12 @@ if wants latency; then
     PYTHONPATH="$REPO" run_step latency 45 "$PYTHON" benchmarks/latency.py --device cuda --quick \
         --tokens 2048 8192 --reps 20 --contenders base lora_torch moslora_torch peft_lora ours ours_merged \
         --out "$OUT"
+fi
+
+# --- experts ---------------------------------------------------------------
+if wants experts; then
+    PYTHONPATH="$REPO" run_step experts 60 "$PYTHON" benchmarks/latency.py --device cuda --moe-only \
+        --tokens 4096 --ranks 16 --reps 10 --moe-experts 8 64 128 --out "$OUT"
 fi
 
 finish

@@ -34,7 +34,9 @@ forward and in one backward, at N/4 and at N tokens.
     python benchmarks/latency.py                    # all shapes, ranks and token counts
     python benchmarks/latency.py --device cuda      # bf16 and fp16 on the GPU
     python benchmarks/latency.py --quick --quantized  # adds a quantized-base (QLoRA) row per case
-    python benchmarks/latency.py --quick --moe        # adds a mixture-of-experts row (benchmarks/moe.py)
+    python benchmarks/latency.py --quick --moe        # adds mixture-of-experts rows, E = 8, 64, 128 (benchmarks/moe.py)
+    python benchmarks/latency.py --quick --moe-only   # those rows alone, to moe-<device>.json
+    OMP_NUM_THREADS=1 python benchmarks/latency.py --cpu-clock process ...  # steadier on a shared machine
     python benchmarks/latency.py --quick --mixed      # adds a mixed-adapter batch row per case
 
 Quantized-base row (--quantized, needs bitsandbytes): one bitsandbytes nf4
@@ -67,7 +69,8 @@ import torch
 from torch import nn
 
 import moslora_ext
-from timing import elapsed_seconds, inference_step, saved_bytes, synchronize, time_round_robin, training_step
+from timing import (elapsed_seconds, inference_step, profiler_activities, saved_bytes, synchronize, time_round_robin,
+                    training_step, use_process_time)
 
 # (in_features, out_features) of LLaMA-7B/8B projections.
 SHAPES = {
@@ -184,12 +187,9 @@ def build_contenders(base, r, lora_dropout, names):
 def launches(module, x, grad_y, device):
     """(forward, backward): how many operators (CPU) or CUDA kernels (GPU) the
     torch profiler records in one forward and in one backward of module."""
-    from torch.profiler import ProfilerActivity, profile
-    if device.type != "cuda":
-        # Counting CPU operators needs none of kineto's messages, which a CUDA build of torch prints on every
-        # profile (profiler_start/stop lines, and without a GPU "gpuGetDeviceCount failed"); read at its first use.
-        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    from torch.profiler import profile
+
+    activities = profiler_activities(device)
     counted = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     module(x).backward(grad_y)  # warm (torch.compile compiles for this shape)
     synchronize(device)
@@ -534,13 +534,22 @@ def parse_args(argv):
     parser.add_argument("--dropout", type=float, default=0.05, help="lora_dropout of the dropout columns")
     parser.add_argument("--reps", type=int, help="repetitions per contender (default 10 on CPU, 50 on CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cpu-clock", choices=["wall", "process"], default="wall",
+                        help="on a CPU, time steps by wall clock or by this process's CPU time (steadier on a "
+                        "shared machine; with OMP_NUM_THREADS=1 it is the step's compute time)")
     parser.add_argument("--out", default="benchmark-results", help="folder for the JSON and PNG")
     parser.add_argument("--quantized", action="store_true",
                         help="also a quantized-base row per case: bitsandbytes nf4, ours against PEFT's QLoRA")
     parser.add_argument("--quantized-dtype", choices=["bfloat16", "float32"],
                         help="compute and input dtype of the quantized row (default: see above)")
     parser.add_argument("--moe", action="store_true",
-                        help="also an MoE block row per (N, r): our expert adapters against PEFT's target_parameters")
+                        help="also MoE block rows per (N, r): our expert adapters against PEFT's target_parameters")
+    parser.add_argument("--moe-only", action="store_true",
+                        help="only the MoE rows (the dense cases' N and r still set theirs), to moe-<device>.json")
+    parser.add_argument("--moe-experts", nargs="+", type=int, default=[8, 64, 128],
+                        help="numbers of experts of the MoE rows (default: 8 64 128)")
+    parser.add_argument("--moe-hidden", type=int,
+                        help="hidden size and expert width of the MoE block (default 256 on CPU, 1024 on CUDA)")
     parser.add_argument("--mixed", action="store_true",
                         help="also a mixed-batch row per case: 4 adapters x N/4 rows, against 4 passes and PEFT's")
     parser.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # smoke test: tiny shapes
@@ -560,6 +569,10 @@ def parse_args(argv):
     args.dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16", "float16"] if on_cuda else ["float32"]))]
     args.reps = args.reps or (50 if on_cuda else 10)
     args.shrink = 32 if args.small else 1  # --small divides every shape by 32
+    args.moe_hidden = args.moe_hidden or (1024 if on_cuda else 256)
+    args.moe = args.moe or args.moe_only
+    if args.cpu_clock == "process":
+        use_process_time()
     return args
 
 
@@ -570,8 +583,8 @@ def main(argv=None):
     except ImportError:  # the progress bar is a nicety
         tqdm = None
     cases = [(s, n, r, dt) for dt in args.dtypes for s in args.shapes for n in args.tokens for r in args.ranks]
-    total = len(cases) * (3 * args.reps + 1 + (2 * args.reps if args.quantized else 0)
-                          + (args.reps if args.moe else 0) + (args.reps if args.mixed else 0))
+    total = len(cases) * ((0 if args.moe_only else 3 * args.reps + 1) + (2 * args.reps if args.quantized else 0)
+                          + (args.reps * len(args.moe_experts) if args.moe else 0) + (args.reps if args.mixed else 0))
     # The banner before the bar exists (else it lands inside the bar's line); the bar leaves no
     # final copy behind, the table rows written through it stay.
     print(f"moslora_ext {moslora_ext.__version__} on {args.device} ({processor_name()}, "
@@ -579,14 +592,14 @@ def main(argv=None):
     progress = tqdm(total=total, desc="latency", file=sys.stderr, leave=False) if tqdm else _NoProgress()
     results, quantized, moe, mixed = [], [], [], []
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"latency-{args.device.type}")
+    stem = os.path.join(args.out, f"{'moe' if args.moe_only else 'latency'}-{args.device.type}")
 
     def write_json():  # after every case, so that a run stopped early keeps what it measured
         with open(stem + ".json", "w") as f:
             json.dump({"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()},
                        "cases": results, "quantized": quantized, "moe": moe, "mixed": mixed}, f, indent=1)
 
-    for shape_name, tokens, r, dtype in cases:
+    for shape_name, tokens, r, dtype in () if args.moe_only else cases:
         results.append(measure_case(shape_name, tokens, r, dtype, args.device, args, progress))
         progress.write(format_case(results[-1]))
         if args.mixed:
@@ -597,17 +610,18 @@ def main(argv=None):
         quantized.append(measure_quantized(shape_name, tokens, r, args.device, args, progress))
         progress.write(format_quantized(quantized[-1]))
         write_json()
-    for tokens, r in dict.fromkeys((n, r) for _, n, r, _ in cases) if args.moe else ():
+    moe_cases = dict.fromkeys((n, r, e) for _, n, r, _ in cases for e in args.moe_experts) if args.moe else ()
+    for tokens, r, experts in moe_cases:
         from moe import format_moe, measure_moe
 
-        moe.append(measure_moe(tokens, r, args.device, args, progress))
+        moe.append(measure_moe(tokens, r, experts, args.device, args, progress))
         progress.write(format_moe(moe[-1]))
         write_json()
     progress.close()
     write_json()
     print(f"\nwrote {stem}.json")
     try:
-        if args.contenders != ["base"]:  # nothing to plot against the base alone
+        if results and args.contenders != ["base"]:  # nothing to plot against the base alone
             plot(results, stem + ".png")
             print(f"wrote {stem}.png")
     except ImportError:

@@ -1,6 +1,7 @@
 """Timing and memory measurements that the benchmarks share: interleaved repetitions (CUDA events on a
 GPU), one inference or training step of a module, and the bytes a forward saves for backward."""
 
+import os
 import random
 import statistics
 import time
@@ -13,8 +14,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+# The CPU's clock: wall time, or with use_process_time() the CPU time of this process, which other
+# processes on a shared machine disturb far less (for one thread: OMP_NUM_THREADS=1).
+cpu_clock = time.perf_counter
+
+
+def use_process_time():
+    global cpu_clock
+    cpu_clock = time.process_time
+
+
 def elapsed_seconds(fn, device):
-    """Wall time of one call of fn (CUDA events on a GPU)."""
+    """Seconds of one call of fn: CUDA events on a GPU, ``cpu_clock`` on a CPU."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -22,9 +33,9 @@ def elapsed_seconds(fn, device):
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
+    begin = cpu_clock()
     fn()
-    return time.perf_counter() - begin
+    return cpu_clock() - begin
 
 
 def time_round_robin(fns, reps, warmup, device, progress):
@@ -81,3 +92,15 @@ def saved_bytes(module, x):
         module(x)
     total = sum(storages.values())
     return total, total - storages.get(x.untyped_storage().data_ptr(), 0)
+
+
+def profiler_activities(device):
+    """The torch profiler's activities for counting on ``device``. On a CPU, kineto's messages are
+    turned off first: a CUDA build of torch prints them on every profile (profiler_start/stop lines,
+    and without a GPU "gpuGetDeviceCount failed"); kineto reads the setting at its first use."""
+    from torch.profiler import ProfilerActivity
+
+    if device.type != "cuda":
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+        return [ProfilerActivity.CPU]
+    return [ProfilerActivity.CPU, ProfilerActivity.CUDA]

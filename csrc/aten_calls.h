@@ -129,9 +129,43 @@ inline void addmm_out(const Tensor& out, const Tensor& self, const Tensor& a, co
   TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_addmm_out(out.get(), self.get(), a.get(), b.get(), beta, alpha));
 }
 
-// Rows [first, first + count) of t, a view (t.narrow(0, first, count)).
-inline Tensor row_range(Tensor t, int64_t first, int64_t count) {
-  return torch::stable::narrow(t, 0, first, count);
+// a @ b batched over the first dimension, into a new tensor (the out=
+// variant, which autocast leaves alone, as mm_out).
+inline Tensor bmm(const Tensor& a, const Tensor& b) {
+  auto out = torch::stable::new_empty(a, {a.size(0), a.size(1), b.size(2)});
+  call_aten("aten::bmm", "out", a, b, out);
+  return out;
+}
+
+// aten::_grouped_mm(a, b, offs): a's rows (or, for a 2-D b, a's columns and
+// b's rows) split into groups at the cumulative counts offs, each group
+// times its own matrix; throws std::runtime_error where ATen refuses.
+inline Tensor grouped_mm(const Tensor& a, const Tensor& b, const Tensor& offs) {
+  return call_aten("aten::_grouped_mm", "", a, b, std::optional<Tensor>(offs), std::optional<Tensor>(),
+                   std::optional<ScalarType>());
+}
+
+// s * t, a new tensor (the C shim's mul: the stable dispatcher call takes no Scalar at 2.11).
+inline Tensor scaled(const Tensor& t, double s) {
+  AtenTensorHandle result = nullptr;
+#ifdef WITH_CUDA
+  if (t.is_cuda()) {
+    TORCH_ERROR_CODE_CHECK(aoti_torch_cuda_mul_Scalar(t.get(), s, &result));
+    return Tensor(result);
+  }
+#endif
+  TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_mul_Scalar(t.get(), s, &result));
+  return Tensor(result);
+}
+
+// t.narrow(dim, first, count), a view (of a const t, which the stable narrow does not take).
+inline Tensor narrowed(Tensor t, int64_t dim, int64_t first, int64_t count) {
+  return torch::stable::narrow(t, dim, first, count);
+}
+
+// Rows [first, first + count) of t, a view.
+inline Tensor row_range(const Tensor& t, int64_t first, int64_t count) {
+  return narrowed(t, 0, first, count);
 }
 
 // dst.copy_(src), for a dst that is a temporary view (a narrow or select).

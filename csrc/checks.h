@@ -6,7 +6,9 @@
 #include "aten_calls.h"
 #include "dropout_math.h"
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 namespace moslora {
@@ -25,6 +27,16 @@ inline void check_floating_same_device(const Tensor& ref, const char* ref_name, 
                      " must be a floating point tensor, got dtype ", t.scalar_type());
   MOSLORA_CHECK_VALUE(t.device() == ref.device(), "moslora_ext: ", name, " is on ", device_name(t), " but ",
                       ref_name, " is on ", device_name(ref));
+}
+
+// `compute` is the dtype the op multiplies by scale in: scale must be finite there
+// too (1e40 overflows fp32 to inf, or makes ATen refuse alpha = 1e40 in addmm).
+inline void check_scale(double scale, ScalarType compute) {
+  MOSLORA_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
+  const double max = compute == ScalarType::Double ? std::numeric_limits<double>::max()
+                                                   : std::numeric_limits<float>::max();
+  MOSLORA_CHECK_VALUE(std::abs(scale) <= max, "moslora_ext: scale = ", scale, " overflows ", compute,
+                      ", the dtype this op computes in");
 }
 
 // The value of a dropout_seed tensor: a one-element int64 CPU tensor.

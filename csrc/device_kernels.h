@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <tuple>
 #include <type_traits>
 
@@ -101,16 +102,29 @@ void dropout_pair_rows(const Tensor& x, const Tensor& dropped, const Tensor& dx,
 #define ON_DEVICE(is_cuda, kernel, ...) ((void)(is_cuda), moslora::kernel<DeviceType::CPU>(__VA_ARGS__))
 #endif
 
-// The products under dropout (dropout_matmul.cpp, for either device), for
-// x (N, d) and lora_A (r, d) with unit column strides and du (N, r)
-// contiguous; accumulation in fp32 for half precision, rounded once.
-// u = dropout(x) lora_A^T (N, r).
-Tensor dropout_project_down(const Tensor& x, const Tensor& lora_A, const DropoutSpec& spec);
+// How the rows of x meet lora_A in the products under dropout: one A for
+// every row (the dense op) or one A per expert's rows (the expert op). Each
+// function is handed a tile of rows [first, first + rows) of x's N rows.
+struct RowProducts {
+  // out (rows, r) = tile lora_A^T
+  std::function<void(const Tensor& tile, int64_t first, const Tensor& out)> down;
+  // out (rows, d) = du_tile lora_A
+  std::function<void(const Tensor& du_tile, int64_t first, const Tensor& out)> up;
+  // dA += du_tile^T tile, the product in fp32 when fp32_result (dA is fp32 then)
+  std::function<void(Tensor& dA, const Tensor& du_tile_t, const Tensor& tile, int64_t first, bool fp32_result)>
+      add_grad_A;
+};
 
-// dA = du^T dropout(x) (r, d), returned when need_dA (else undefined), and
-// dx = dropout(du lora_A) written into dx (N, d, contiguous) when dx is defined.
-Tensor dropout_grads(const Tensor& x, const Tensor& du, const Tensor& lora_A, const Tensor& dx,
-                         bool need_dA, const DropoutSpec& spec);
+// The products under dropout (dropout_matmul.cpp, for either device), for
+// x (N, d) with unit column stride and du (N, r) contiguous; accumulation in
+// fp32 for half precision, rounded once.
+// u = dropout(x) lora_A^T (N, r).
+Tensor dropout_project_down(const Tensor& x, int64_t r, const DropoutSpec& spec, const RowProducts& products);
+
+// dA = du^T dropout(x) (of dA_sizes), returned when need_dA (else undefined),
+// and dx = dropout(du lora_A) written into dx (N, d, contiguous) when dx is defined.
+Tensor dropout_grads(const Tensor& x, const Tensor& du, const Tensor& dx, bool need_dA,
+                     torch::headeronly::IntHeaderOnlyArrayRef dA_sizes, const DropoutSpec& spec, const RowProducts& products);
 
 // Rows of x (cols columns of element_size bytes) per tile of the products
 // under dropout: on a CPU about 2^20 elements (a core's cache); on CUDA

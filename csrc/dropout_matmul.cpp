@@ -10,16 +10,16 @@
 
 namespace moslora {
 
-Tensor dropout_project_down(const Tensor& x, const Tensor& lora_A, const DropoutSpec& spec) {
+Tensor dropout_project_down(const Tensor& x, int64_t r, const DropoutSpec& spec, const RowProducts& products) {
   const bool cuda = x.is_cuda();
   const int64_t n = x.size(0), tile = dropout_tile_rows(cuda, x.size(1), x.element_size());
-  auto u = torch::stable::new_empty(x, {n, lora_A.size(0)});
+  auto u = torch::stable::new_empty(x, {n, r});
   auto dropped = torch::stable::new_empty(x, {std::min(tile, n), x.size(1)});
   for (int64_t first = 0; first < n; first += tile) {
     const int64_t rows = std::min(tile, n - first);
     auto dropped_tile = row_range(dropped, 0, rows);
     ON_DEVICE(cuda, dropout_rows, row_range(x, first, rows), dropped_tile, spec, first);
-    mm_out(row_range(u, first, rows), dropped_tile, t(lora_A));
+    products.down(dropped_tile, first, row_range(u, first, rows));
   }
   return u;
 }
@@ -30,15 +30,15 @@ Tensor dropout_project_down(const Tensor& x, const Tensor& lora_A, const Dropout
 // CUDA the tile stays in x's dtype and the GEMM returns fp32 (mm's
 // out_dtype, tensor cores); the CPU's GEMM has no such mode, so there the
 // tile is written in fp32.
-Tensor dropout_grads(const Tensor& x, const Tensor& du, const Tensor& lora_A, const Tensor& dx, bool need_dA,
-                     const DropoutSpec& spec) {
+Tensor dropout_grads(const Tensor& x, const Tensor& du, const Tensor& dx, bool need_dA,
+                     torch::headeronly::IntHeaderOnlyArrayRef dA_sizes, const DropoutSpec& spec, const RowProducts& products) {
   const bool cuda = x.is_cuda(), need_dx = dx.defined();
   const auto acc_type = opmath_type(x.scalar_type());
   const bool fp32_result_gemm = cuda && acc_type != x.scalar_type();
   const int64_t n = x.size(0), d = x.size(1), tile = dropout_tile_rows(cuda, d, x.element_size());
   Tensor dA, du_for_dA, dropped;
   if (need_dA) {
-    dA = torch::stable::new_zeros(x, {du.size(1), d}, acc_type);
+    dA = torch::stable::new_zeros(x, dA_sizes, acc_type);
     du_for_dA = fp32_result_gemm ? du : torch::stable::to(du, acc_type);
     dropped = torch::stable::new_empty(x, {std::min(tile, n), d}, fp32_result_gemm ? x.scalar_type() : acc_type);
   }
@@ -47,17 +47,11 @@ Tensor dropout_grads(const Tensor& x, const Tensor& du, const Tensor& lora_A, co
     Tensor dx_tile, dropped_tile;
     if (need_dx) {
       dx_tile = row_range(dx, first, rows);
-      mm_out(dx_tile, row_range(du, first, rows), lora_A);
+      products.up(row_range(du, first, rows), first, dx_tile);
     }
     if (need_dA) dropped_tile = row_range(dropped, 0, rows);
     ON_DEVICE(cuda, dropout_pair_rows, row_range(x, first, rows), dropped_tile, dx_tile, spec, first);
-    if (!need_dA) continue;
-    const auto du_tile = t(row_range(du_for_dA, first, rows));
-    if (fp32_result_gemm) {
-      dA = torch::stable::subtract(dA, mm(du_tile, dropped_tile, ScalarType::Float), -1.0);  // dA + the tile's
-    } else {
-      addmm_out(dA, dA, du_tile, dropped_tile, 1, 1);
-    }
+    if (need_dA) products.add_grad_A(dA, t(row_range(du_for_dA, first, rows)), dropped_tile, first, fp32_result_gemm);
   }
   return need_dA ? torch::stable::to(dA, x.scalar_type()) : dA;
 }

@@ -2,16 +2,16 @@
 // argument checks and the device-generic algorithm (ATen GEMMs through the
 // stable dispatcher, which are cuBLAS on CUDA), calling the device kernels of
 // device_kernels.h for the mixer step and the dropout mask.
-#include "linear_ops.h"
-
 #include "checks.h"
 #include "device_kernels.h"
+#include "op_guards.h"
 
 #include <torch/csrc/stable/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
 
 namespace moslora {
 namespace {
@@ -58,34 +58,6 @@ void check_input(const Tensor& x, const Tensor& lora_A) {
   MOSLORA_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == lora_A.size(1), "moslora_ext: x must have in_features = ",
                       lora_A.size(1), " in its last dimension (lora_A has shape ", lora_A.sizes(),
                       "), got x of shape ", x.sizes());
-}
-
-// Dropout is refused under CUDA-graph capture, where the seed, read on the
-// host, would be baked into the graph and every replay would apply one mask.
-// Asks about the current stream of x's device, not of whichever device was current.
-void refuse_capture(const Tensor& x, double p) {
-#ifdef WITH_CUDA
-  if (p == 0.0 || !x.is_cuda()) return;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  STD_CUDA_CHECK(cudaStreamIsCapturing(current_cuda_stream(x.get_device_index()), &status));
-  MOSLORA_CHECK(status == cudaStreamCaptureStatusNone,
-                "moslora_ext: dropout (p = ", p, ") cannot be captured in a CUDA graph: its mask seed is read "
-                "on the host, so every replay would apply the same mask. Capture with lora_dropout = 0 (or "
-                "the layer in eval mode), or run without CUDA graphs (torch.compile without "
-                "mode=\"reduce-overhead\")");
-#else
-  (void)x, (void)p;
-#endif
-}
-
-// `compute` is the dtype the op multiplies by scale in: scale must be finite there
-// too (1e40 overflows fp32 to inf, or makes ATen refuse alpha = 1e40 in addmm).
-void check_scale(double scale, ScalarType compute) {
-  MOSLORA_CHECK_VALUE(std::isfinite(scale), "moslora_ext: scale must be finite, got ", scale);
-  const double max = compute == ScalarType::Double ? std::numeric_limits<double>::max()
-                                                   : std::numeric_limits<float>::max();
-  MOSLORA_CHECK_VALUE(std::abs(scale) <= max, "moslora_ext: scale = ", scale, " overflows ", compute,
-                      ", the dtype this op computes in");
 }
 
 // The checks forward and backward share; returns their dropout mask spec.
@@ -135,7 +107,19 @@ bool same_sizes(const Tensor& t, const std::vector<int64_t>& sizes) {
   return s.size() == sizes.size() && std::equal(s.begin(), s.end(), sizes.begin());
 }
 
-}  // namespace
+// The products under dropout with one lora_A (r, d) for every row.
+RowProducts dense_products(const Tensor& lora_A) {
+  return RowProducts{
+      [lora_A](const Tensor& tile, int64_t, const Tensor& out) { mm_out(out, tile, t(lora_A)); },
+      [lora_A](const Tensor& du_tile, int64_t, const Tensor& out) { mm_out(out, du_tile, lora_A); },
+      [](Tensor& dA, const Tensor& du_tile_t, const Tensor& tile, int64_t, bool fp32_result) {
+        if (fp32_result) {
+          dA = torch::stable::subtract(dA, mm(du_tile_t, tile, ScalarType::Float), -1.0);  // dA + the tile's
+        } else {
+          addmm_out(dA, dA, du_tile_t, tile, 1, 1);
+        }
+      }};
+}
 
 // ---------------------------------------------------------------------------
 // Operators
@@ -172,7 +156,8 @@ std::tuple<Tensor, Tensor> forward(const Tensor& x, const std::optional<Tensor>&
   const bool cuda = x.is_cuda();
   const auto u = dropout_p == 0.0
                      ? mm(x2, t(lora_A))
-                     : dropout_project_down(unit_column_rows(x2), torch::stable::contiguous(lora_A), dropout);
+                     : dropout_project_down(unit_column_rows(x2), lora_A.size(0), dropout,
+                                            dense_products(torch::stable::contiguous(lora_A)));
   const auto v = ON_DEVICE(cuda, mixer_forward, u, torch::stable::contiguous(mixer));
   // y is allocated in its final shape and filled through a 2-D view, so the op
   // returns a tensor of its own rather than a view: callers may change it in
@@ -240,7 +225,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
       if (need_dx) mm_out(dx2, du, lora_A);
     } else {
       // The mask of forward, regenerated: dA = dU^T dropout(X), dX = dropout(dU A).
-      dA = dropout_grads(unit_column_rows(x2), du, torch::stable::contiguous(lora_A), dx2, need_dA, dropout);
+      dA = dropout_grads(unit_column_rows(x2), du, dx2, need_dA, lora_A.sizes(), dropout,
+                         dense_products(torch::stable::contiguous(lora_A)));
     }
   }
   // As in forward, the base GEMM accumulates into the adapter's part; without
@@ -248,8 +234,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_out, cons
   if (need_dx && weight.defined()) addmm_out(dx2, dx2, g, weight, 1, 1);
   return {dx, dA, dmixer, dB};
 }
-
-namespace {
 
 // The adapter may have another floating dtype than the weight (fp32 adapters
 // on a bf16 base): it is read in the accumulation precision, the weight's own

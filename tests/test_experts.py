@@ -11,6 +11,7 @@ from moslora_ext.ops import experts as expert_ops
 from moslora_ext.layers.experts import Experts
 from moslora_ext.formats.peft_lora_experts import PEFT_REMAPPED_LEAF_NAMES
 from moslora_ext.layers.routers import RouterWeight
+from conftest import CUDA_SKIP
 from reference import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")
@@ -178,6 +179,80 @@ def test_expert_op_compiles_without_graph_breaks(device):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+EXPERT_COUNTS = {  # rows per expert: one expert; 8 with empty ones among them; 64, most of them empty
+    "E=1": (5,), "E=8": (3, 0, 4, 0, 0, 6, 1, 0), "E=64": tuple((e * 7) % 5 if e % 3 else 0 for e in range(64))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("counts", EXPERT_COUNTS.values(), ids=EXPERT_COUNTS.keys())
+def test_expert_op_matches_a_per_expert_reference_for_any_number_of_experts(counts, dtype, device):
+    """float32 runs torch's grouped GEMM, float64 the loop over experts (torch's grouped GEMM has no
+    float64); r = 3 and d = 5 give rows that grouped GEMM cannot read in place (16-byte strides)."""
+    case = expert_case(dtype, counts=counts, r=3, d=5, k=6, device=device)
+    y = expert_ops.add_experts_moslora(*case, scale=0.7)
+    grad = torch.randn_like(y)
+    got = [y, *torch.autograd.grad(y, [case[i] for i in (0, 1, 3, 4, 5)], grad)]
+    wide = [t.detach().double().requires_grad_() if t.is_floating_point() else t for t in case]
+    y_ref = reference_experts(*wide, 0.7)
+    want = [y_ref, *torch.autograd.grad(y_ref, [wide[i] for i in (0, 1, 3, 4, 5)], grad.double())]
+    for g, w in zip(got, want, strict=True):
+        assert_close_to_reference(g, w, dtype)
+    empty = torch.tensor(counts, device=device) == 0
+    for g in got[3:]:  # experts no row was routed to get zero gradients
+        assert g[empty].abs().sum() == 0
+
+
+def test_expert_op_runs_on_fake_tensors_forward_and_backward():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        case = expert_case(torch.float32, counts=(3, 0, 4, 5))
+        y = expert_ops.add_experts_moslora(*case, scale=0.7, dropout_p=0.1)
+        grads = torch.autograd.grad(y.sum(), [case[i] for i in (1, 3, 4, 5)])
+    assert y.shape == (12, 6) and [tuple(g.shape) for g in grads] == [(12, 5), (4, 2, 5), (4, 2, 2), (4, 6, 2)]
+
+
+def gemm_calls_of_a_training_step(experts, r=4, d=16, k=16, rows_each=4):
+    """The outermost GEMM operators (those not inside another) that one forward and backward of the
+    expert op with ``experts`` experts issues, counted by the torch profiler."""
+    from torch.profiler import profile
+
+    base, x, offsets, A, M, B = expert_case(torch.float32, counts=(rows_each,) * experts, r=r, d=d, k=k)
+    gemms = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::_grouped_mm"}
+    expert_ops.add_experts_moslora(base, x, offsets, A, M, B, 0.7).sum().backward()  # chooses the path
+    with profile() as prof:
+        expert_ops.add_experts_moslora(base, x, offsets, A, M, B, 0.7).sum().backward()
+
+    def inside_a_gemm(event):
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in gemms:
+            parent = parent.cpu_parent
+        return parent is not None
+
+    return sum(e.name in gemms and not inside_a_gemm(e) for e in prof.events())
+
+
+def test_expert_op_issues_as_many_gemms_for_64_experts_as_for_2():
+    """One grouped pass: the GEMM calls of a step do not grow with the number of experts (each is one
+    kernel on a GPU). The per-expert loop issued six per expert."""
+    assert 0 < gemm_calls_of_a_training_step(2) == gemm_calls_of_a_training_step(64)
+
+
+@CUDA_SKIP
+def test_expert_op_reads_no_offsets_on_the_host_on_a_gpu():
+    """A host read of the routing offsets is a device sync, which the sync debug mode turns into an
+    error (bfloat16: the dtype torch's grouped GEMM kernels take on every GPU they support)."""
+    case = [t.detach().to("cuda", torch.bfloat16 if t.is_floating_point() else t.dtype).requires_grad_(
+        t.is_floating_point()) for t in expert_case(torch.float32, counts=(16, 0, 32, 16), r=8, d=64, k=64)]
+    expert_ops.add_experts_moslora(*case, scale=0.7).sum().backward()  # the first call chooses the path
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        expert_ops.add_experts_moslora(*case, scale=0.7).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_expert_op_refuses_double_backward(device):
     """A second backward through the expert op's backward gave zero gradients
     (its backward op has no derivative) where the per-expert reference gives
@@ -202,7 +277,7 @@ def test_an_adapted_moe_model_compiles_as_one_graph_like_its_base():
 
 def test_expert_dropout_masks_differ_between_experts():
     # Two experts with identical rows and identity factors, so y is the dropped x itself: one seed per
-    # call, but each expert draws its own mask (the dense op numbers each expert's rows from 0).
+    # call, one mask over all routed rows, each row its own.
     eye = torch.eye(64).expand(2, 64, 64).contiguous()
     y = expert_ops.add_experts_moslora(torch.zeros(8, 64), torch.ones(8, 64), torch.tensor([4, 8]), eye, eye, eye,
                                        1.0, dropout_p=0.5)

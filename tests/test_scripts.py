@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,14 +82,28 @@ def test_latency_benchmark_writes_table_json_and_plot(tmp_path, capsys):
         assert "quantized base (nf4, bfloat16)" in table
 
 
-def test_tiny_llama_example_trains_saves_reloads_and_merges(tmp_path):
-    pytest.importorskip("transformers")
-    result = subprocess.run([sys.executable, str(REPO / "examples" / "finetune_tiny_llama.py"), "--steps", "3",
-                             "--batch-size", "2", "--length", "32", "--out", str(tmp_path)],
+# example: (the packages it needs, its arguments for a short run, what it prints, the file it saves)
+EXAMPLES = {
+    "finetune_tiny_llama.py": (["transformers"], ["--steps", "3", "--batch-size", "2", "--length", "32"],
+                               ["reloaded adapter gives the same logits: True"], "adapter_model.safetensors"),
+    "finetune_tiny_sdxl.py": (["diffusers", "peft"], ["--steps", "3"],
+                              ["as a MoSLoRAConfig: same latents: True", "fuse_lora gives the unfused latents: True"],
+                              "pytorch_lora_weights.safetensors"),
+}
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_trains_saves_reloads_and_merges(tmp_path, example):
+    needs, arguments, printed, saved = EXAMPLES[example]
+    for package in needs:
+        pytest.importorskip(package)
+    if "peft" in needs and not moslora_ext.supported_peft_installed():
+        pytest.skip(moslora_ext.unsupported_peft_reason())
+    result = subprocess.run([sys.executable, str(REPO / "examples" / example), *arguments, "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "reloaded adapter gives the same logits: True" in result.stdout
-    assert (tmp_path / "adapter_model.safetensors").exists()
+    assert all(line in result.stdout for line in printed), result.stdout
+    assert (tmp_path / saved).exists()
 
 
 TINY_QUALITY_RUN = ["--pretrain-steps", "3", "--steps", "2", "--eval-every", "1", "--seeds", "2", "--batch", "2"]
@@ -179,7 +194,7 @@ def test_mann_whitney_matches_scipy(a, b):
 # results fit what a device run may send back (at most 8 files, no subfolders).
 GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 GPU_CHECK_FILES = {"env.txt", "summary.txt", "gpu_check.log", "tests.xml", "sanitizer.log", "latency-cuda.json",
-                   "latency-cuda.png"}
+                   "latency-cuda.png", "moe-cuda.json"}
 
 
 def run_gpu_check(out, **env):
@@ -232,6 +247,25 @@ def test_gpu_check_sanitizer_refused_by_the_device_is_a_skip(tmp_path):
     assert lines[0].startswith("preflight  PASS") and len(lines) == 2
     assert lines[1].startswith("sanitizer  SKIP") and "refuses compute-sanitizer" in lines[1]
     assert "Device not supported" in (out / "sanitizer.log").read_text()
+
+
+def test_moe_sweep_reports_each_number_of_experts_and_gemm_calls_that_do_not_grow_with_it(tmp_path, capsys):
+    pytest.importorskip("peft")
+    latency = load_script("latency")
+    latency.main(["--small", "--device", "cpu", "--tokens", "32", "--ranks", "2", "--reps", "1", "--warmup", "0",
+                  "--moe-only", "--moe-experts", "2", "8", "--cpu-clock", "process", "--out", str(tmp_path)])
+    timing = sys.modules["timing"]
+    clock, timing.cpu_clock = timing.cpu_clock, time.perf_counter  # later benchmark tests time by wall clock
+    assert clock is time.process_time  # steps timed by this process's CPU time
+    rows = json.loads((tmp_path / "moe-cpu.json").read_text())["moe"]
+    assert [row["experts"] for row in rows] == [2, 8] and not (tmp_path / "latency-cpu.json").exists()
+    contenders = {"moe_base", "moe_peft", "moe_ours", "moe_ours_mixer"}
+    for row in rows:
+        assert set(row["training_s"]) == set(row["gemm_calls"]) == contenders
+    # Ours: one grouped pass per expert layer, as many outermost GEMM calls for 8 experts as for 2.
+    calls = [{name: row["gemm_calls"][name]["outermost"] for name in contenders} for row in rows]
+    assert calls[0]["moe_ours"] == calls[1]["moe_ours"] > calls[0]["moe_base"] > 0
+    assert "8 experts" in capsys.readouterr().out
 
 
 def test_latency_benchmark_on_cpu_prints_no_profiler_messages(tmp_path):

@@ -20,7 +20,7 @@ from ..layers.linear import Linear
 from ..layers.routers import RouterWeight
 from ..model.adapters import FORMAT, refuse_peft_model, saved_modules
 from ..model.targets import inside_any, matching_names, split_target
-from ..peft.folder import MOSLORA_PEFT_TYPE, RECORD_FIELD
+from ..peft.folder import MOSLORA_PEFT_TYPE, RECORD_FIELD, RELEASED_MIXER_NAME
 from . import engines
 from . import peft_lora_experts as peft_experts
 from .files import CONFIG_NAME, WEIGHTS_NAME, check_folder, read_json, read_tensors, write_folder
@@ -37,7 +37,7 @@ from .loading import (
 
 PEFT_PREFIX = "base_model.model."  # what PEFT's PeftModel puts before the base model's names
 # PEFT's tensor names (and the released MoSLoRA code's lora_AB, the mixer) -> ours.
-FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", "lora_AB": "lora_mixer",
+FROM_PEFT_NAMES = {"lora_A": "lora_A", "lora_embedding_A": "lora_A", RELEASED_MIXER_NAME: "lora_mixer",
                    "lora_mixer": "lora_mixer",  # moslora_ext.MoSLoRAConfig's folders
                    "lora_B": "lora_B", "lora_embedding_B": "lora_B"}
 

@@ -149,8 +149,9 @@ def check_expert_adapter(x, lora_A, mixer, lora_B):
 
 
 def check_offsets(offsets, x, experts):
-    """Their metadata; their values (non-decreasing, ending at x's rows) only the op can read. The op
-    copies them to the host from any device; a meta one beside real arguments is refused."""
+    """Their metadata; their values (non-decreasing, ending at x's rows) only the op can read, and it
+    reads them only on the CPU. The op moves them to x's device; a meta one beside real arguments is
+    refused."""
     torch._check_value(offsets.dim() == 1 and offsets.shape[0] == experts and not offsets.is_floating_point(),
                        lambda: "moslora_ext: offsets must be a 1-D integer tensor with one entry per expert "
                        f"({experts}), got dtype {dtype_name(offsets.dtype)} and shape {_sizes(offsets)}")
@@ -159,9 +160,8 @@ def check_offsets(offsets, x, experts):
 
 
 def check_expert_rows(x, tensors, lora_A, mixer, lora_B, scale, dropout_p, dropout_seed):
-    """What the dense op checks on each expert's rows: dtypes and devices of x, the adapter and
-    ``tensors`` ({name: tensor} of x's dtype and device), the scale and the dropout. The expert op
-    checks its seed itself first."""
+    """What the expert op checks as the dense op does: dtypes and devices of x, the adapter and
+    ``tensors`` ({name: tensor} of x's dtype and device), the scale and the dropout, its seed first."""
     if dropout_seed is not None:
         check_seed(dropout_seed)
     check_floating(x, "x")

@@ -29,10 +29,11 @@ def add_experts_moslora(base_out, x, offsets, lora_A, mixer, lora_B, scale, drop
         scale, dropout_p: as ``moslora_ext.ops.moslora_linear``.
 
     Differentiable in x (the adapter's part; base_out's gradient passes
-    through), lora_A, mixer and lora_B. Each expert's rows go through the
-    dense fused op, so the dropout mask is regenerated in backward (nothing
-    S x in is saved) and experts draw independent masks. Adapter matrices of
-    another floating dtype (fp32 adapters on a bf16 model) are cast to x's.
+    through), lora_A, mixer and lora_B. One pass over all experts: grouped
+    GEMMs over the routed rows and batched GEMMs for the mixer steps, with
+    no host read of the offsets on a GPU; the dropout mask is regenerated in
+    backward (nothing S x in is saved). Adapter matrices of another floating
+    dtype (fp32 adapters on a bf16 model) are cast to x's.
     """
     if (dtype := autocast_dtype(x.device.type)) is not None:
         x, base_out = autocast_to(x, dtype), autocast_to(base_out, dtype)
@@ -64,7 +65,7 @@ def merge_experts_(weight, lora_A, mixer, lora_B, scale, transposed=False):
 
 
 # Each fake runs the checks of its C++ op (ops/checks.py), with its exception types: the expert op's
-# own, then those of the dense op on each expert's rows.
+# shapes, then the dtypes, devices, scale and dropout it checks as the dense op does.
 
 
 @torch.library.register_fake("moslora_ext::experts_forward")

@@ -12,9 +12,13 @@ and the reasons its record lists.
 
 import json
 import os
+import re
 
 MOSLORA_PEFT_TYPE = "MOSLORA"  # the peft_type of MoSLoRAConfig's folders (PEFT route)
 RECORD_FIELD = "MOSLORA_adapter_import_moslora_ext_before_loading"  # MoSLoRAConfig's field of that name
+# The mixer's tensor name in the released MoSLoRA code's files (a PEFT fork: lora_AB = nn.Linear(r, r), whose
+# weight is M in B M A); the route's files name it lora_mixer.
+RELEASED_MIXER_NAME = "lora_AB"
 INSTALL = 'pip install --no-build-isolation "moslora_ext[peft]"'
 NOTE = (f"This adapter is MoSLoRA (LoRA with an r x r mixer, peft_type MOSLORA), written by moslora_ext's PEFT "
         f"route. PEFT and transformers read it only after `import moslora_ext` (without it they raise "
@@ -41,6 +45,17 @@ def record():
     from .._version import __version__
 
     return {"note": NOTE, "install": INSTALL, "version": __version__}
+
+
+def with_route_mixer_names(state_dict):
+    """``state_dict`` ({PEFT key: tensor}) with the released MoSLoRA code's mixer keys (``<layer>.lora_AB.weight``)
+    named as the route names them (``<layer>.lora_mixer.weight``); ValueError for a layer that has both."""
+    renamed = {re.sub(rf"\.{RELEASED_MIXER_NAME}(?=\.)", ".lora_mixer", key): key for key in state_dict}
+    if len(renamed) < len(state_dict):
+        both = sorted(set(state_dict) - set(renamed.values()))
+        raise ValueError(f"the adapter's state dict holds both {RELEASED_MIXER_NAME} and lora_mixer tensors of a "
+                         f"layer (such as {both[0]}): one mixer per layer, keep one of the two")
+    return {new: state_dict[old] for new, old in renamed.items()}
 
 
 def write_card_section(folder):

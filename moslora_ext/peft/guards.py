@@ -32,6 +32,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.tuners.lora.model import _adapter_names_pre_forward_hook, _get_encoder  # noqa: E402
 from peft.utils.other import AuxiliaryTrainingWrapper  # noqa: E402
 
+from .folder import with_route_mixer_names  # noqa: E402
 from .injection import Snapshot  # noqa: E402
 from .layers import MoSLoRALayer, refuse_stock_lora_layers  # noqa: E402
 
@@ -143,6 +144,9 @@ def guard_transformers_load_adapter():
 
     @functools.wraps(load_adapter)
     def guarded_load_adapter(self, *args, **kwargs):
+        if isinstance(kwargs.get("peft_config"), MoSLoRAConfig) and kwargs.get("adapter_state_dict") is not None:
+            # diffusers' text encoders: the released MoSLoRA code's lora_AB mixers (moslora_ext.peft.diffusers)
+            kwargs["adapter_state_dict"] = with_route_mixer_names(kwargs["adapter_state_dict"])
         held = set(getattr(self, "peft_config", None) or ())
         before = Snapshot(list(self.modules()))
         reports = []

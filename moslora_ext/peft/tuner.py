@@ -108,6 +108,13 @@ class MoSLoRAModel(TunerGuards, AllOrNothingInjection, lora.LoraModel):
                                    if isinstance(getattr(layer.base_layer, "weight", None), nn.Parameter)
                                    and quantized_kind(layer.base_layer) is None})
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # The released MoSLoRA code's files (which diffusers' loaders read, moslora_ext.peft.diffusers) name the
+        # mixer lora_AB: renamed before PEFT puts the adapter name in, as PEFT asks of renamed keys.
+        state_dict = peft_folder.with_route_mixer_names(state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
     def add_weighted_adapter(self, *args, **kwargs):
         raise NotImplementedError("add_weighted_adapter combines LoRA factors without their mixers; it is not "
                                   "supported for MoSLoRA adapters")
