@@ -81,7 +81,9 @@ bool grouped_mm_runs(const Tensor& x) {
 // as the stable dispatcher call takes no Scalar at 2.11 and ATen subtracts
 // from an integer tensor only with an integer alpha.
 Tensor clipped_offsets(const Tensor& offsets, int64_t first, int64_t count) {
-  const auto number = [](int64_t v) { return torch::stable::full({}, static_cast<double>(v), ScalarType::Double); };
+  const auto number = [&offsets](int64_t v) {  // on offsets' device, as every operand of clamp
+    return torch::stable::full({}, static_cast<double>(v), ScalarType::Double, std::nullopt, offsets.device());
+  };
   const auto shifted = torch::stable::subtract(torch::stable::to(offsets, ScalarType::Double), number(first));
   const auto clipped =
       call_aten("aten::clamp", "Tensor", shifted, std::optional<Tensor>(number(0)), std::optional<Tensor>(number(count)));

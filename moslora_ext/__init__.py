@@ -22,10 +22,6 @@ from importlib import metadata
 import torch
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_REBUILD_HINT = (
-    "rebuild it against the installed torch with `pip install --no-build-isolation .` "
-    "from the moslora_ext source tree"
-)
 
 
 def _not_built_error():
@@ -65,7 +61,8 @@ try:
 except ImportError as exc:
     if not glob.glob(os.path.join(_PACKAGE_DIR, "_C.*")):
         raise _not_built_error() from None
-    raise ImportError(f"moslora_ext's compiled extension failed to load ({exc}); {_REBUILD_HINT}") from exc
+    raise ImportError(f"moslora_ext's compiled extension failed to load ({exc}); rebuild it with "
+                      "`pip install --no-build-isolation .` from the moslora_ext source tree") from exc
 
 from . import ops  # noqa: E402
 from ._version import __version__  # noqa: E402
