@@ -12,7 +12,7 @@ routed rows, identity frozen mixer so the two compute the same function;
 moe_ours_mixer with a trained mixer). Reported per contender: the median
 (and minimum) training-step time (forward + backward) as a ratio to the
 frozen block's, the bytes saved for backward beyond x, and the GEMM calls of
-one step: on the CPU the operators aten::mm, addmm, bmm, baddbmm and
+one step: on the CPU the operators aten::mm, addmm(_), bmm, baddbmm(_) and
 _grouped_mm the profiler records, all of them (torch's CPU grouped GEMM is a
 loop of mm calls, one per expert, nested in it) and the outermost ones (those
 not inside another: what a GPU launches as one kernel each); on CUDA the
